@@ -1,0 +1,301 @@
+"""The aggregator role: rounds, uploads, journal, and the leader-driven aggregation.
+
+DESIGN.md, "Processes" and "Rounds". One :class:`Aggregator` per party process. HTTP
+handlers call the synchronous methods (:meth:`open_round`, :meth:`receive_share`, ...);
+:meth:`serve_commands` runs for the life of the process and performs, identically on every
+party, each aggregation the leader broadcasts::
+
+    leader: close requested -> broadcast ("close", round)   followers: await the broadcast
+    all:    CLOSING -> exchange views -> agree_client_set -> subtract dropped -> AGGREGATING
+            -> reveal_sum -> DONE        (any failure -> FAILED, nothing revealed)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mpc_agg.config.schema import Topology
+from mpc_agg.core import codec
+from mpc_agg.core.field import FieldArray
+from mpc_agg.core.rounds import (
+    TERMINAL,
+    PartyView,
+    Round,
+    RoundState,
+    agree_client_set,
+    upload_digest,
+)
+from mpc_agg.core.sharing import Share, ShareKind
+from mpc_agg.errors import (
+    AgreementFailed,
+    InvalidRequest,
+    NotLeader,
+    ResultNotReady,
+    RoundAborted,
+    RoundConflict,
+    RoundFull,
+    UnknownRound,
+)
+from mpc_agg.mpc.network import PartyNetwork
+from mpc_agg.mpc.reveal import reveal_sum
+from mpc_agg.transport.journal import RoundJournal
+
+log = logging.getLogger("mpc_agg.aggregator")
+
+LEADER = 0
+
+
+class Aggregator:
+    """Aggregator ``index`` of ``topology``; ``network`` links it to the other parties.
+
+    ``clock`` (seconds, monotonic) is injected so tests can control timings.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        index: int,
+        network: PartyNetwork,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.topology = topology
+        self.index = index
+        self.network = network
+        self.clock = clock
+        self.rounds: dict[str, Round] = {}
+        self._journals: dict[str, RoundJournal] = {}
+        self._close_queue: asyncio.Queue[str] = asyncio.Queue()
+        self._close_requested: set[str] = set()
+        self.metrics: dict[str, int] = {
+            "uploads_accepted": 0,
+            "uploads_retried": 0,
+            "uploads_refused": 0,
+            "bytes_accepted": 0,
+            "rounds_opened": 0,
+            "rounds_done": 0,
+            "rounds_failed": 0,
+        }
+
+    @property
+    def is_leader(self) -> bool:
+        return self.index == LEADER
+
+    # -- requests from clients and the collector ----------------------------------------
+
+    def open_round(self, round_id: str, dim: int, min_clients: int | None = None) -> bool:
+        """Open a round of vectors of length ``dim``; True if created, False if it exists
+        with the same parameters (idempotent). ``min_clients`` may raise the topology's."""
+        codec.check_id("round", round_id)
+        policy = self.topology.rounds
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= policy.max_dim:
+            raise InvalidRequest(f"dim must be an integer in 1..{policy.max_dim}, got {dim!r}")
+        if min_clients is None:
+            min_clients = policy.min_clients
+        if (
+            isinstance(min_clients, bool)
+            or not isinstance(min_clients, int)
+            or not policy.min_clients <= min_clients <= policy.max_clients
+        ):
+            raise InvalidRequest(
+                f"min_clients must be an integer in {policy.min_clients}..{policy.max_clients} "
+                f"(the topology's bounds), got {min_clients!r}"
+            )
+        existing = self.rounds.get(round_id)
+        if existing is not None:
+            if (existing.dim, existing.min_clients) == (dim, min_clients):
+                return False
+            raise RoundConflict(
+                f"round {round_id!r} exists with dim={existing.dim}, "
+                f"min_clients={existing.min_clients}"
+            )
+        path = self.topology.aggregator_dir(self.index) / f"round-{round_id}.journal"
+        if path.exists():
+            raise RoundConflict(
+                f"round id {round_id!r} was used before at aggregator {self.index} "
+                f"(journal {path} exists); use a new round id"
+            )
+        self._journals[round_id] = RoundJournal(path, fsync=self.topology.fsync)
+        self.rounds[round_id] = Round(round_id, dim, min_clients, opened_at=self.clock())
+        self.metrics["rounds_opened"] += 1
+        log.info("round %s opened: dim=%d min_clients=%d", round_id, dim, min_clients)
+        return True
+
+    def _round(self, round_id: str) -> Round:
+        rnd = self.rounds.get(round_id)
+        if rnd is None:
+            raise UnknownRound(f"round {round_id!r} is unknown at aggregator {self.index}")
+        return rnd
+
+    def max_body_bytes(self, round_id: str | None) -> int:
+        """Largest upload body accepted for ``round_id`` (or for any round)."""
+        rnd = self.rounds.get(round_id) if round_id else None
+        dim = rnd.dim if rnd is not None else self.topology.rounds.max_dim
+        return codec.share_body_length(ShareKind.FULL, dim)
+
+    def receive_share(self, round_id: str, client_id: str, body: bytes) -> bool:
+        """Validate, journal and accumulate one upload.
+
+        Returns True when accepted (201), False for an identical retry (200). Raises a
+        :class:`~mpc_agg.errors.PeerError` otherwise; a refused upload changes nothing.
+        """
+        try:
+            codec.check_id("client", client_id)
+            rnd = self._round(round_id)
+            share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim)
+            digest = upload_digest(body)
+            if not rnd.check_upload(client_id, share, digest):
+                self.metrics["uploads_retried"] += 1
+                return False
+            if len(rnd.accepted) >= self.topology.rounds.max_clients:
+                raise RoundFull(
+                    f"round {round_id!r} already holds max_clients = "
+                    f"{self.topology.rounds.max_clients} clients"
+                )
+            vector = share.expand(round_id, client_id)
+        except Exception:
+            self.metrics["uploads_refused"] += 1
+            raise
+        ref = self._journals[round_id].append_share(client_id, body)
+        rnd.accept(client_id, share, digest, vector, ref=ref)
+        self.metrics["uploads_accepted"] += 1
+        self.metrics["bytes_accepted"] += len(body)
+        return True
+
+    def round_status(self, round_id: str) -> dict[str, Any]:
+        """JSON-ready status of a round."""
+        status = self._round(round_id).status()
+        status["aggregator"] = self.index
+        return status
+
+    def request_close(self, round_id: str) -> None:
+        """Collector asks the leader to close and aggregate ``round_id`` (idempotent)."""
+        if not self.is_leader:
+            leader = self.topology.leader
+            raise NotLeader(
+                f"aggregator {self.index} is not the leader; send close requests to "
+                f"aggregator 0 at {leader.url}"
+            )
+        self._round(round_id)
+        if round_id in self._close_requested:
+            return
+        self._close_requested.add(round_id)
+        self._close_queue.put_nowait(round_id)
+        log.info("round %s: close requested", round_id)
+
+    def result(self, round_id: str) -> bytes:
+        """The encoded result of a DONE round (see :func:`mpc_agg.core.codec.encode_result`)."""
+        rnd = self._round(round_id)
+        if rnd.state is RoundState.FAILED:
+            raise RoundAborted(rnd.failure or "unknown reason")
+        if rnd.state is not RoundState.DONE or rnd.total is None:
+            raise ResultNotReady(f"round {round_id!r} is {rnd.state.value}; no result yet")
+        meta = {
+            "round": round_id,
+            "num_clients": rnd.num_clients,
+            "dropped_clients": len(rnd.dropped_clients),
+            "epsilon": None,
+            "delta": None,
+            "frac_bits": self.topology.encoding.frac_bits,
+            "timings": rnd.timings,
+        }
+        return codec.encode_result(rnd.total, meta)
+
+    # -- the command loop run by every party ----------------------------------------------
+
+    async def serve_commands(self) -> None:
+        """Forever: receive the leader's next command and execute it with all parties."""
+        while True:
+            if self.is_leader:
+                round_id = await self._close_queue.get()
+                command = await self.network.broadcast(("close", round_id), sender=LEADER)
+            else:
+                command = await self.network.broadcast(None, sender=LEADER)
+            if not (isinstance(command, tuple) and len(command) == 2 and command[0] == "close"):
+                log.error("ignoring malformed command from the leader: %r", type(command))
+                continue
+            await self.aggregate(str(command[1]))
+
+    async def aggregate(self, round_id: str) -> None:
+        """Close, agree on the client set, and reveal ``round_id``; every party runs this."""
+        t0 = self.clock()
+        rnd = self.rounds.get(round_id)
+        if rnd is not None and rnd.state is RoundState.OPEN:
+            rnd.close()
+        live = rnd is not None and rnd.state is RoundState.CLOSING
+        view = (
+            round_id,
+            rnd.dim if live and rnd else None,
+            rnd.min_clients if live and rnd else 0,
+            sorted(rnd.accepted) if live and rnd else [],
+        )
+        try:
+            raw_views = await self.network.exchange(view)
+            views = [PartyView(v[0], v[1], frozenset(v[3])) for v in raw_views]
+            min_clients = max(int(v[2]) for v in raw_views)
+            agreement = agree_client_set(views, min_clients)
+            assert rnd is not None  # agree_client_set fails if any party lacks the round
+            dropped = [self._share_vector(rnd, c) for c in sorted(rnd.accepted.keys() - agreement.clients)]
+            rnd.agree(agreement.clients, dropped)
+            t_agreed = self.clock()
+            total = await reveal_sum(self.network, rnd.local_sum())
+            rnd.reveal(total)
+            t_done = self.clock()
+            rnd.timings.update(
+                {
+                    "open_s": round(t0 - rnd.opened_at, 6),
+                    "agree_s": round(t_agreed - t0, 6),
+                    "reveal_s": round(t_done - t_agreed, 6),
+                }
+            )
+            self.metrics["rounds_done"] += 1
+            log.info(
+                "round %s done: %d clients (%d dropped), agree %.3fs, reveal %.3fs",
+                round_id,
+                rnd.num_clients,
+                len(rnd.dropped_clients),
+                t_agreed - t0,
+                t_done - t_agreed,
+            )
+        except AgreementFailed as exc:
+            self._fail(rnd, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a round must end, whatever went wrong
+            log.exception("round %s: aggregation error", round_id)
+            self._fail(rnd, f"aggregation error at aggregator {self.index}: {exc}")
+        finally:
+            self._close_requested.discard(round_id)
+            if rnd is not None and rnd.state in TERMINAL:
+                journal = self._journals.pop(round_id, None)
+                if journal is not None:
+                    journal.discard()
+
+    def _fail(self, rnd: Round | None, reason: str) -> None:
+        if rnd is None:
+            log.warning("close of an unknown round failed: %s", reason)
+            return
+        if rnd.state not in TERMINAL:
+            rnd.fail(reason)
+            self.metrics["rounds_failed"] += 1
+        log.warning("round %s failed: %s", rnd.round_id, reason)
+
+    def _share_vector(self, rnd: Round, client_id: str) -> FieldArray:
+        """The expanded share of an accepted client (re-read from the journal if FULL)."""
+        accepted = rnd.accepted[client_id]
+        if accepted.kind is ShareKind.SEED:
+            assert accepted.seed is not None
+            return Share(self.index, ShareKind.SEED, rnd.dim, seed=accepted.seed).expand(
+                rnd.round_id, client_id
+            )
+        body = self._journals[rnd.round_id].read(accepted.ref)  # type: ignore[arg-type]
+        return codec.decode_share(body, aggregator=self.index, dim=rnd.dim).expand(
+            rnd.round_id, client_id
+        )
+
+    def close_journals(self) -> None:
+        """Close every open journal file (on shutdown; files stay for recovery)."""
+        for journal in self._journals.values():
+            journal.close()

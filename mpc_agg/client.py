@@ -1,0 +1,118 @@
+"""The client role: encode, share and upload one vector per round.
+
+DESIGN.md, "Client library". ``Client(topology, client_id).submit(round_id, vector)``
+clips and encodes the vector, splits it into one additive share per aggregator (one full
+share, the others 16-byte seeds) and uploads all of them concurrently. Retries resend the
+same bytes, so they are idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from mpc_agg.config.schema import Topology
+from mpc_agg.core import codec
+from mpc_agg.core.sharing import shard
+from mpc_agg.errors import RemoteRefusal, UploadRefused
+from mpc_agg.transport.http_client import AggregatorAPI, new_session, run_sync
+
+
+@dataclass(frozen=True)
+class SubmitReceipt:
+    """Outcome of a successful submission: every aggregator holds its share.
+
+    ``retries`` lists aggregators that answered "identical share already held" (200).
+    ``upload_bytes`` is the total sent to all aggregators.
+    """
+
+    round_id: str
+    client_id: str
+    retries: tuple[int, ...]
+    upload_bytes: int
+
+
+class Client:
+    """A data owner submitting vectors to the aggregators of ``topology``.
+
+    ``token``: per-client credential sent as a bearer token (authentication is enforced by a
+    later version of the aggregator). ``timeout_s``: per-request timeout. ``rng``: source of
+    rounding coins (default: a generator seeded from the OS); ``random_bytes``: seed source
+    (default: ``secrets.token_bytes``). Inject both only in tests.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        client_id: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        rng: np.random.Generator | None = None,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self.topology = topology
+        self.client_id = codec.check_id("client", client_id)
+        self.token = token
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._random_bytes = random_bytes
+
+    def __repr__(self) -> str:
+        return f"Client({self.client_id!r}, topology={self.topology.name!r})"
+
+    def prepare(self, round_id: str, vector: npt.ArrayLike) -> list[bytes]:
+        """Encode and shard ``vector``: the upload body for each aggregator, in index order."""
+        codec.check_id("round", round_id)
+        encoded = self.topology.encoding.encode(vector, self._rng)
+        shares = shard(
+            encoded, round_id, self.client_id, self.topology.m, random_bytes=self._random_bytes
+        )
+        return [codec.encode_share(s) for s in shares]
+
+    def submit(self, round_id: str, vector: npt.ArrayLike) -> SubmitReceipt:
+        """Encode, share and upload ``vector`` to every aggregator (blocking).
+
+        Raises :class:`~mpc_agg.errors.UploadRefused` when an aggregator refuses (a different
+        vector already submitted for this round, wrong dimension, round not open, ...), and
+        :class:`~mpc_agg.errors.AggregatorUnavailable` when one cannot be reached.
+        """
+        return run_sync(self.submit_async(round_id, vector), "submit")
+
+    async def submit_async(self, round_id: str, vector: npt.ArrayLike) -> SubmitReceipt:
+        """Asynchronous :meth:`submit`."""
+        bodies = self.prepare(round_id, vector)
+        return await self.upload(round_id, bodies)
+
+    async def upload(
+        self, round_id: str, bodies: list[bytes], aggregators: list[int] | None = None
+    ) -> SubmitReceipt:
+        """Upload prepared ``bodies`` concurrently to ``aggregators`` (default: all)."""
+        targets = list(range(self.topology.m)) if aggregators is None else aggregators
+        path = f"/v1/rounds/{round_id}/shares/{self.client_id}"
+        async with new_session(self.timeout_s) as session:
+            apis = {
+                i: AggregatorAPI(session, self.topology.aggregators[i], token=self.token,
+                                 retries=self.retries)
+                for i in targets
+            }
+            outcomes = await asyncio.gather(
+                *(apis[i].request("PUT", path, data=bodies[i]) for i in targets),
+                return_exceptions=True,
+            )
+        accepted = tuple(i for i, o in zip(targets, outcomes) if isinstance(o, tuple))
+        for o in outcomes:
+            if isinstance(o, RemoteRefusal):
+                raise UploadRefused(o.aggregator, o.status, o.code, o.detail, accepted=accepted)
+        for o in outcomes:
+            if isinstance(o, BaseException):  # AggregatorUnavailable, or a local bug
+                raise o
+        retries = tuple(i for i, o in zip(targets, outcomes) if isinstance(o, tuple) and o[0] == 200)
+        return SubmitReceipt(round_id, self.client_id, retries, sum(len(bodies[i]) for i in targets))

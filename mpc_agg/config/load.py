@@ -1,0 +1,198 @@
+"""YAML topology -> validated :class:`~mpc_agg.config.schema.Topology`.
+
+Unknown keys, missing fields, wrong types and unsafe combinations are refused with a
+:class:`~mpc_agg.errors.ConfigError` naming the YAML path (``aggregators[1].http_port``) and
+the value. Example document (``configs/local-3.yaml``)::
+
+    name: local-3
+    threshold: 1
+    aggregators:
+      - {host: 127.0.0.1, mpc_port: 11365, http_port: 8701}
+      - ...
+    rounds: {min_clients: 2, max_clients: 10000, max_dim: 10000000}
+    encoding: {frac_bits: 24, coord_clip: 1000.0, l2_clip: null}
+    data_dir: .mpc_agg-data/local-3
+    fsync: true
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mpc_agg.config.schema import AggregatorAddress, RoundPolicy, Topology
+from mpc_agg.core.codec import MAX_DIM
+from mpc_agg.core.encoding import FixedPointEncoding
+from mpc_agg.errors import ConfigError
+
+MAX_AGGREGATORS = 16
+
+_TOP_KEYS = {"name", "threshold", "aggregators", "rounds", "encoding", "data_dir", "fsync"}
+_AGG_KEYS = {"host", "mpc_port", "http_port"}
+_ROUND_KEYS = {"min_clients", "max_clients", "max_dim"}
+_ENC_KEYS = {"frac_bits", "coord_clip", "l2_clip"}
+_LATER = {
+    "dp": "differential-privacy noise is not available yet in this version",
+    "tls": "TLS settings are not available yet in this version",
+    "auth": "token authentication is not available yet in this version",
+}
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read, parse and validate the YAML file at ``path``."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read topology: {exc.strerror}", source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError("<yaml>", f"not valid YAML{where}: {problem}", source) from None
+    return build_topology(data, source=source)
+
+
+def build_topology(data: Any, source: str = "<dict>") -> Topology:
+    """Validate a parsed document; every check runs here, before any socket opens."""
+
+    def fail(path: str, detail: str) -> ConfigError:
+        return ConfigError(path, detail, source)
+
+    if not isinstance(data, dict):
+        raise fail("<root>", f"a topology is a mapping of keys, got {type(data).__name__}")
+    _reject_unknown(data, _TOP_KEYS, "", fail)
+
+    name = _get(data, "name", str, "", fail)
+    if not name or not all(c.isalnum() or c in "._-" for c in name):
+        raise fail("name", f"use letters, digits, '.', '_' or '-', got {name!r}")
+
+    aggs_raw = _get(data, "aggregators", list, "", fail)
+    if not 2 <= len(aggs_raw) <= MAX_AGGREGATORS:
+        raise fail(
+            "aggregators",
+            f"need 2..{MAX_AGGREGATORS} aggregators, got {len(aggs_raw)}: with one aggregator "
+            "there is nobody to split a secret with",
+        )
+    aggregators = []
+    for i, raw in enumerate(aggs_raw):
+        p = f"aggregators[{i}]"
+        if not isinstance(raw, dict):
+            raise fail(p, f"expected a mapping with {sorted(_AGG_KEYS)}, got {raw!r}")
+        _reject_unknown(raw, _AGG_KEYS, p + ".", fail)
+        host = _get(raw, "host", str, p + ".", fail)
+        if not host or any(c.isspace() or c in "/:@" for c in host):
+            raise fail(p + ".host", f"not a host name or IPv4 address: {host!r}")
+        ports = [_port(raw, k, p, fail) for k in ("mpc_port", "http_port")]
+        aggregators.append(AggregatorAddress(i, host, ports[0], ports[1]))
+    seen: dict[tuple[str, int], str] = {}
+    for a in aggregators:
+        for key, port in (("mpc_port", a.mpc_port), ("http_port", a.http_port)):
+            here = f"aggregators[{a.index}].{key}"
+            if (a.host, port) in seen:
+                raise fail(here, f"port {port} on {a.host} is already used by {seen[(a.host, port)]}")
+            seen[(a.host, port)] = here
+
+    m = len(aggregators)
+    threshold = _get(data, "threshold", int, "", fail, default=(m - 1) // 2)
+    if threshold < 0 or 2 * threshold >= m:
+        hint = (
+            " With m = 2 set threshold: 0 (MPyC then runs without secrecy between the two "
+            "parties, so only the additive path, a sum of client shares, is private)."
+            if m == 2
+            else f" The largest allowed threshold for {m} aggregators is {(m - 1) // 2}."
+        )
+        raise fail(
+            "threshold",
+            f"{threshold} with {m} aggregators: MPyC's Shamir secret sharing needs an honest "
+            f"majority, 2t < m.{hint}",
+        )
+
+    rounds_raw = _get(data, "rounds", dict, "", fail, default={})
+    _reject_unknown(rounds_raw, _ROUND_KEYS, "rounds.", fail)
+    defaults = RoundPolicy()
+    min_clients = _get(rounds_raw, "min_clients", int, "rounds.", fail, default=defaults.min_clients)
+    max_clients = _get(rounds_raw, "max_clients", int, "rounds.", fail, default=defaults.max_clients)
+    max_dim = _get(rounds_raw, "max_dim", int, "rounds.", fail, default=defaults.max_dim)
+    if min_clients < 1:
+        raise fail("rounds.min_clients", f"must be >= 1, got {min_clients}")
+    if max_clients < min_clients:
+        raise fail("rounds.max_clients", f"{max_clients} is below min_clients = {min_clients}")
+    if not 1 <= max_dim <= MAX_DIM:
+        raise fail("rounds.max_dim", f"must be in 1..{MAX_DIM}, got {max_dim}")
+    policy = RoundPolicy(min_clients, max_clients, max_dim)
+
+    enc_raw = _get(data, "encoding", dict, "", fail, default={})
+    _reject_unknown(enc_raw, _ENC_KEYS, "encoding.", fail)
+    enc_defaults = FixedPointEncoding()
+    enc_args = {
+        "frac_bits": _get(enc_raw, "frac_bits", int, "encoding.", fail, default=enc_defaults.frac_bits),
+        "coord_clip": _number(enc_raw, "coord_clip", fail, enc_defaults.coord_clip),
+        "l2_clip": _number(enc_raw, "l2_clip", fail, enc_defaults.l2_clip),
+    }
+    try:
+        encoding = FixedPointEncoding(**enc_args)
+        encoding.check_headroom(max_clients)
+    except ConfigError as exc:
+        raise fail(exc.path, exc.detail) from None
+
+    data_dir = Path(_get(data, "data_dir", str, "", fail, default=f".mpc_agg-data/{name}"))
+    fsync = _get(data, "fsync", bool, "", fail, default=True)
+    return Topology(
+        name=name,
+        aggregators=tuple(aggregators),
+        threshold=threshold,
+        rounds=policy,
+        encoding=encoding,
+        data_dir=data_dir,
+        fsync=fsync,
+        source=source,
+    )
+
+
+def _reject_unknown(raw: dict, allowed: set[str], prefix: str, fail: Any) -> None:
+    for key in raw:
+        if key not in allowed:
+            later = _LATER.get(key) if not prefix else None
+            why = f" ({later})" if later else f"; allowed keys: {', '.join(sorted(allowed))}"
+            raise fail(f"{prefix}{key}", f"unknown key {key!r}{why}")
+
+
+_MISSING = object()
+
+
+def _get(raw: dict, key: str, typ: type, prefix: str, fail: Any, default: Any = _MISSING) -> Any:
+    if key not in raw or raw[key] is None and default is not _MISSING:
+        if default is _MISSING:
+            raise fail(f"{prefix}{key}", "missing required key")
+        return default
+    value = raw[key]
+    # bool is an int in Python; refuse it where a number is wanted, and vice versa.
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        raise fail(f"{prefix}{key}", f"expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _number(raw: dict, key: str, fail: Any, default: float | None) -> float | None:
+    if key not in raw:
+        return default
+    value = raw[key]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise fail(f"encoding.{key}", f"expected a finite number or null, got {value!r}")
+    return float(value)
+
+
+def _port(raw: dict, key: str, prefix: str, fail: Any) -> int:
+    port = _get(raw, key, int, prefix + ".", fail)
+    if not 1 <= port <= 65535:
+        raise fail(f"{prefix}.{key}", f"port must be in 1..65535, got {port}")
+    return port

@@ -1,0 +1,98 @@
+"""Typed, frozen topology objects. Built and validated once, by :mod:`mpc_agg.config.load`.
+
+A topology names the aggregators (host, MPyC port, HTTP port), MPyC's Shamir threshold, the
+round limits and the fixed-point encoding. Every cross-field check (honest majority, unique
+ports, overflow headroom) runs in :func:`mpc_agg.config.load.build_topology`, before any
+socket opens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpc_agg.core.encoding import FixedPointEncoding
+
+
+@dataclass(frozen=True)
+class AggregatorAddress:
+    """Where aggregator ``index`` listens: MPyC party link and HTTP API."""
+
+    index: int
+    host: str
+    mpc_port: int
+    http_port: int
+
+    @property
+    def url(self) -> str:
+        """Base URL of this aggregator's HTTP API."""
+        return f"http://{self.host}:{self.http_port}"
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """Limits that apply to every round.
+
+    ``min_clients``: fewest clients whose total may be revealed (a round may ask for more).
+    ``max_clients``: most clients a round accepts; the overflow check assumes this many.
+    ``max_dim``: largest vector length a round may be opened with.
+    """
+
+    min_clients: int = 2
+    max_clients: int = 10_000
+    max_dim: int = 10_000_000
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A validated aggregator topology. Load one with :meth:`Topology.load`.
+
+    ``threshold`` is MPyC's Shamir threshold ``t`` (``2t < m``); ``m`` is the number of
+    aggregators; aggregator 0 is the leader. ``data_dir`` holds each aggregator's journals.
+    """
+
+    name: str
+    aggregators: tuple[AggregatorAddress, ...]
+    threshold: int
+    rounds: RoundPolicy
+    encoding: FixedPointEncoding
+    data_dir: Path
+    fsync: bool = True
+    source: str | None = None
+
+    @property
+    def m(self) -> int:
+        """Number of aggregators."""
+        return len(self.aggregators)
+
+    @property
+    def leader(self) -> AggregatorAddress:
+        """Aggregator 0, which decides when rounds close."""
+        return self.aggregators[0]
+
+    @property
+    def secure_arrays_available(self) -> bool:
+        """True when MPyC's Shamir sharing hides values from a single party (``t >= 1``).
+
+        With ``m = 2`` the threshold must be 0 and a "secret-shared" value is plain to both
+        parties; only the additive path (sums of client shares) is private then.
+        """
+        return self.threshold >= 1
+
+    @classmethod
+    def load(cls, path: str | Path) -> Topology:
+        """Load and validate a YAML topology; raises :class:`~mpc_agg.errors.ConfigError`."""
+        from mpc_agg.config.load import load_topology
+
+        return load_topology(path)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "<dict>") -> Topology:
+        """Validate an already-parsed YAML document (a dict)."""
+        from mpc_agg.config.load import build_topology
+
+        return build_topology(data, source=source)
+
+    def aggregator_dir(self, index: int) -> Path:
+        """The journal directory of aggregator ``index``."""
+        return self.data_dir / f"aggregator-{index}"

@@ -1,0 +1,149 @@
+"""Exact binary codecs: share uploads and revealed results.
+
+Share upload, version 1 (all integers little-endian)::
+
+    offset size  field
+    0      4     magic  b"MPAS"
+    4      1     version = 1
+    5      1     kind: 0 = FULL, 1 = SEED
+    6      1     aggregator index the share is for (0..254)
+    7      1     reserved, must be 0
+    8      4     dim (uint32): length of the round's vectors
+    12     ...   FULL: dim x uint64, each < p;  SEED: 16-byte seed
+
+Revealed result, version 1::
+
+    0      4     magic  b"MPAR"
+    4      1     version = 1
+    5      3     reserved, must be 0
+    8      4     dim (uint32)
+    12     4     meta_len (uint32): length of the UTF-8 JSON object that follows
+    16     ...   meta JSON, then dim x uint64 (the revealed total, each < p)
+
+Decoders check the header, then the exact length *before* touching the payload, and reject
+any leftover byte. Ids (round, client) travel in the URL and are checked by :func:`check_id`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import Any
+
+import numpy as np
+
+from mpc_agg.core import field
+from mpc_agg.core.field import FieldArray
+from mpc_agg.core.sharing import Share, ShareKind
+from mpc_agg.core.xof import SEED_BYTES
+from mpc_agg.errors import DimensionMismatch, InvalidRequest, MalformedUpload
+
+SHARE_MAGIC = b"MPAS"
+RESULT_MAGIC = b"MPAR"
+VERSION = 1
+SHARE_HEADER = struct.Struct("<4sBBBBI")
+RESULT_HEADER = struct.Struct("<4sB3sII")
+MAX_DIM = 2**32 - 1
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Return ``value`` if it is a valid round or client id, else raise InvalidRequest.
+
+    Ids are 1-128 characters of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit,
+    so they are safe in URLs, file names and logs.
+    """
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise InvalidRequest(
+            f"{kind} id {value!r} is invalid: use 1-128 characters of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def share_body_length(kind: ShareKind, dim: int) -> int:
+    """Exact byte length of an upload of ``kind`` for vectors of length ``dim``."""
+    return SHARE_HEADER.size + (8 * dim if kind is ShareKind.FULL else SEED_BYTES)
+
+
+def encode_share(share: Share) -> bytes:
+    """The upload body for ``share``."""
+    header = SHARE_HEADER.pack(SHARE_MAGIC, VERSION, int(share.kind), share.aggregator, 0, share.dim)
+    if share.kind is ShareKind.FULL:
+        assert share.vector is not None
+        return header + share.vector.astype("<u8", copy=False).tobytes()
+    assert share.seed is not None
+    return header + share.seed
+
+
+def decode_share(body: bytes, *, aggregator: int, dim: int) -> Share:
+    """Decode an upload meant for ``aggregator`` in a round of dimension ``dim``.
+
+    Raises :class:`MalformedUpload` (or its subclass ``DimensionMismatch``) naming the field.
+    A FULL share's vector is a read-only view of ``body`` (no copy).
+    """
+    if len(body) < SHARE_HEADER.size:
+        raise MalformedUpload(
+            f"body has {len(body)} bytes, shorter than the {SHARE_HEADER.size}-byte header"
+        )
+    magic, version, kind_byte, index, reserved, hdr_dim = SHARE_HEADER.unpack_from(body)
+    if magic != SHARE_MAGIC:
+        raise MalformedUpload(f"bad magic {magic!r}: expected {SHARE_MAGIC!r}")
+    if version != VERSION:
+        raise MalformedUpload(f"unsupported version {version}: this aggregator speaks {VERSION}")
+    try:
+        kind = ShareKind(kind_byte)
+    except ValueError:
+        raise MalformedUpload(f"unknown share kind {kind_byte}: expected 0 (full) or 1 (seed)") from None
+    if reserved != 0:
+        raise MalformedUpload(f"reserved header byte is {reserved}, must be 0")
+    if index != aggregator:
+        raise MalformedUpload(
+            f"share is addressed to aggregator {index}, but this is aggregator {aggregator}"
+        )
+    if hdr_dim != dim:
+        raise DimensionMismatch(f"share has dimension {hdr_dim}, but the round's dimension is {dim}")
+    expected = share_body_length(kind, dim)
+    if len(body) != expected:
+        raise MalformedUpload(
+            f"a {kind.name.lower()} share of dimension {dim} is {expected} bytes, got {len(body)}"
+        )
+    if kind is ShareKind.SEED:
+        return Share(aggregator, kind, dim, seed=bytes(body[SHARE_HEADER.size :]))
+    vector = np.frombuffer(body, dtype="<u8", offset=SHARE_HEADER.size, count=dim)
+    if not field.is_canonical(vector):
+        bad = int(np.flatnonzero(vector >= np.uint64(field.P))[0])
+        raise MalformedUpload(f"value at index {bad} is not below p = 2**61 - 1")
+    return Share(aggregator, kind, dim, vector=vector.view(np.uint64))
+
+
+def encode_result(total: FieldArray, meta: dict[str, Any]) -> bytes:
+    """The result body: header, JSON ``meta``, then the canonical ``total``."""
+    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header = RESULT_HEADER.pack(RESULT_MAGIC, VERSION, bytes(3), total.shape[0], len(meta_bytes))
+    return header + meta_bytes + total.astype("<u8", copy=False).tobytes()
+
+
+def decode_result(body: bytes) -> tuple[FieldArray, dict[str, Any]]:
+    """Inverse of :func:`encode_result`; raises :class:`MalformedUpload` on any defect."""
+    if len(body) < RESULT_HEADER.size:
+        raise MalformedUpload(f"result has {len(body)} bytes, shorter than its header")
+    magic, version, reserved, dim, meta_len = RESULT_HEADER.unpack_from(body)
+    if magic != RESULT_MAGIC or version != VERSION or reserved != bytes(3):
+        raise MalformedUpload("result header is not an mpc_agg v1 result")
+    expected = RESULT_HEADER.size + meta_len + 8 * dim
+    if len(body) != expected:
+        raise MalformedUpload(f"result of dimension {dim} should be {expected} bytes, got {len(body)}")
+    meta_end = RESULT_HEADER.size + meta_len
+    try:
+        meta = json.loads(body[RESULT_HEADER.size : meta_end].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedUpload(f"result metadata is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise MalformedUpload("result metadata is not a JSON object")
+    total = np.frombuffer(body, dtype="<u8", offset=meta_end, count=dim).astype(np.uint64)
+    if not field.is_canonical(total):
+        raise MalformedUpload("result holds a value not below p")
+    return total, meta

@@ -1,0 +1,129 @@
+"""Fixed-point encoding of float vectors into GF(p), and back.
+
+DESIGN.md, "Fixed-point encoding": clip (L2 norm and/or per-coordinate bound), scale by
+``2**frac_bits``, round to an integer *at random* so that the rounding is unbiased
+(``E[round(y)] = y``), embed in GF(p) two's-complement style. Decoding maps values above
+p/2 back to negatives and divides by ``2**frac_bits``.
+
+The silent wrap-around of a sum past p/2 would be the worst bug of this system, so
+:meth:`FixedPointEncoding.check_headroom` proves up front that ``max_clients`` encoded
+vectors (plus a noise tail) stay below p/2 in absolute value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from mpc_agg.core import field
+from mpc_agg.core.field import HALF, FieldArray
+from mpc_agg.errors import ConfigError, EncodingError
+
+MAX_FRAC_BITS = 40
+_FLOAT_EXACT = 2**52  # integers up to 2**53 are exact in float64; keep a bit of margin
+
+
+@dataclass(frozen=True)
+class FixedPointEncoding:
+    """How floats become field elements.
+
+    ``frac_bits``: fractional bits, 0..40; resolution ``2**-frac_bits``.
+    ``coord_clip``: each coordinate is clipped to ``[-coord_clip, coord_clip]`` (optional).
+    ``l2_clip``: the vector is scaled down to L2 norm ``<= l2_clip`` (optional).
+    At least one clip must be set: without a bound no overflow check is possible.
+    """
+
+    frac_bits: int = 24
+    coord_clip: float | None = 1000.0
+    l2_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= MAX_FRAC_BITS:
+            raise ConfigError(
+                "encoding.frac_bits", f"must be an integer in 0..{MAX_FRAC_BITS}, got {self.frac_bits!r}"
+            )
+        for name in ("coord_clip", "l2_clip"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"encoding.{name}", f"must be a positive finite number, got {v!r}")
+        if self.coord_clip is None and self.l2_clip is None:
+            raise ConfigError(
+                "encoding",
+                "set coord_clip and/or l2_clip: without a bound on each value, no overflow "
+                "check against max_clients is possible",
+            )
+        if self.max_abs_coordinate * 2.0**self.frac_bits >= _FLOAT_EXACT:
+            raise ConfigError(
+                "encoding.frac_bits",
+                f"clip bound {self.max_abs_coordinate} x 2**{self.frac_bits} reaches 2**52: "
+                "float64 could no longer round exactly; lower frac_bits or the clip",
+            )
+
+    @property
+    def scale(self) -> float:
+        """``2**frac_bits``: encoded units per float unit."""
+        return float(2**self.frac_bits)
+
+    @property
+    def max_abs_coordinate(self) -> float:
+        """The largest absolute value of one coordinate after clipping (float units)."""
+        bounds = [b for b in (self.coord_clip, self.l2_clip) if b is not None]
+        return float(min(bounds))
+
+    @property
+    def max_abs_encoded(self) -> int:
+        """The largest absolute value of one encoded coordinate (integer units).
+
+        Clipping bounds ``|x| <= b``, so ``|x * 2**f| <= b * 2**f`` and randomized rounding
+        moves it by less than one unit: ``|v| <= ceil(b * 2**f)``.
+        """
+        return math.ceil(self.max_abs_coordinate * self.scale)
+
+    def check_headroom(self, max_clients: int, noise_tail: int = 0, path: str = "rounds.max_clients") -> None:
+        """Raise :class:`ConfigError` unless ``max_clients`` vectors plus ``noise_tail``
+        (integer units) always sum to less than p/2 in absolute value."""
+        worst = max_clients * self.max_abs_encoded + noise_tail
+        if worst >= HALF:
+            raise ConfigError(
+                path,
+                f"{max_clients} clients x max |value| {self.max_abs_coordinate} x 2**{self.frac_bits}"
+                f" (+ noise tail {noise_tail}) = {worst:.3e} can reach p/2 = {HALF:.3e}: the sum "
+                "would wrap around silently; lower max_clients, the clip or frac_bits",
+            )
+
+    def clip(self, x: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Validate ``x`` (1-D, finite) and clip it: L2 norm first, then per coordinate."""
+        x = np.array(x, dtype=np.float64, copy=True)
+        if x.ndim != 1:
+            raise EncodingError(f"vector must be 1-dimensional, got shape {x.shape}")
+        if not np.all(np.isfinite(x)):
+            bad = int(np.flatnonzero(~np.isfinite(x))[0])
+            raise EncodingError(f"vector has a non-finite value {x[bad]} at index {bad}")
+        if self.l2_clip is not None:
+            norm = float(np.linalg.norm(x))
+            if norm > self.l2_clip:
+                x *= self.l2_clip / norm
+        if self.coord_clip is not None:
+            np.clip(x, -self.coord_clip, self.coord_clip, out=x)
+        return x
+
+    def encode(self, x: npt.ArrayLike, rng: np.random.Generator) -> FieldArray:
+        """Clip, scale and round ``x`` at random (unbiased); canonical field vector.
+
+        ``rng`` supplies the rounding coins; pass a generator seeded from the OS CSPRNG
+        (``np.random.default_rng()``) outside tests.
+        """
+        y = self.clip(x)
+        y *= self.scale
+        floor = np.floor(y)
+        frac = y - floor  # in [0, 1)
+        up = rng.random(y.shape[0]) < frac
+        v = floor.astype(np.int64) + up
+        return field.from_signed(v)
+
+    def decode(self, v: FieldArray) -> npt.NDArray[np.float64]:
+        """Field vector (a client's encoding or a sum of them) back to floats."""
+        return field.to_signed(v).astype(np.float64) / self.scale

@@ -1,0 +1,256 @@
+"""The round state machine and the client-set agreement, sans I/O.
+
+DESIGN.md, "Rounds". A round moves through one table of legal transitions::
+
+    OPEN --close--> CLOSING --agree--> AGGREGATING --reveal--> DONE
+      \\               \\                   \\
+       `----fail-------`-------fail--------`------> FAILED
+
+* OPEN: uploads are accepted into a running sum; an identical retry is a no-op,
+  a different share for the same client is refused.
+* CLOSING: the leader told every party to close; uploads are refused; the parties
+  exchange their accepted client sets.
+* AGGREGATING: the intersection is agreed (:func:`agree_client_set`) and at least
+  ``min_clients`` remain; clients missing at any aggregator are subtracted everywhere.
+* DONE: the total is revealed. FAILED: nothing is revealed; ``failure`` says why.
+
+An illegal event raises :class:`IllegalTransition` and changes nothing. The caller does the
+I/O (journal, network) and feeds decisions back in; nothing here blocks or reads a clock
+(times are passed in).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field as dc_field
+
+from mpc_agg.core.accumulator import Accumulator
+from mpc_agg.core.field import FieldArray
+from mpc_agg.core.sharing import Share, ShareKind
+from mpc_agg.errors import (
+    AgreementFailed,
+    ConflictingShare,
+    DimensionMismatch,
+    IllegalTransition,
+    RoundEnded,
+    RoundNotOpen,
+)
+
+
+class RoundState(enum.Enum):
+    """Where a round is in its life."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    AGGREGATING = "aggregating"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class RoundEvent(enum.Enum):
+    """What can happen to a round."""
+
+    CLOSE = "close"
+    AGREE = "agree"
+    REVEAL = "reveal"
+    FAIL = "fail"
+
+
+TRANSITIONS: dict[tuple[RoundState, RoundEvent], RoundState] = {
+    (RoundState.OPEN, RoundEvent.CLOSE): RoundState.CLOSING,
+    (RoundState.CLOSING, RoundEvent.AGREE): RoundState.AGGREGATING,
+    (RoundState.AGGREGATING, RoundEvent.REVEAL): RoundState.DONE,
+    (RoundState.OPEN, RoundEvent.FAIL): RoundState.FAILED,
+    (RoundState.CLOSING, RoundEvent.FAIL): RoundState.FAILED,
+    (RoundState.AGGREGATING, RoundEvent.FAIL): RoundState.FAILED,
+}
+"""Every legal (state, event) pair and the state it leads to; all others are illegal."""
+
+TERMINAL = frozenset({RoundState.DONE, RoundState.FAILED})
+
+
+def upload_digest(body: bytes) -> bytes:
+    """Digest identifying an upload body, to tell identical retries from conflicts."""
+    return hashlib.blake2b(body, digest_size=32).digest()
+
+
+@dataclass(frozen=True, repr=False)
+class AcceptedShare:
+    """What a round remembers of one accepted upload (not its vector).
+
+    ``seed`` is kept for SEED shares (16 bytes), ``ref`` locates a FULL share in the journal.
+    """
+
+    kind: ShareKind
+    digest: bytes
+    seed: bytes | None = None
+    ref: object = None
+
+    def __repr__(self) -> str:
+        return f"AcceptedShare(kind={self.kind.name})"
+
+
+@dataclass
+class Round:
+    """One aggregation round at one aggregator.
+
+    ``dim``: vector length, ``min_clients``: fewest clients whose total may be revealed.
+    """
+
+    round_id: str
+    dim: int
+    min_clients: int
+    opened_at: float
+    state: RoundState = RoundState.OPEN
+    accepted: dict[str, AcceptedShare] = dc_field(default_factory=dict)
+    failure: str | None = None
+    total: FieldArray | None = None
+    num_clients: int | None = None
+    dropped_clients: tuple[str, ...] = ()
+    timings: dict[str, float] = dc_field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sum = Accumulator(self.dim)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _apply(self, event: RoundEvent) -> None:
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise IllegalTransition(
+                f"round {self.round_id!r}: event {event.value!r} is illegal in state "
+                f"{self.state.value!r}"
+            )
+        self.state = nxt
+
+    def check_upload(self, client_id: str, share: Share, digest: bytes) -> bool:
+        """Decide on an upload without changing anything.
+
+        Returns True for a new share, False for an identical retry; raises
+        :class:`RoundNotOpen`/:class:`RoundEnded` when uploads are over,
+        :class:`DimensionMismatch` or :class:`ConflictingShare`.
+        """
+        if self.state in TERMINAL:
+            raise RoundEnded(f"round {self.round_id!r} has ended ({self.state.value})")
+        previous = self.accepted.get(client_id)
+        if previous is not None:
+            if previous.digest == digest:
+                return False
+            raise ConflictingShare(
+                f"client {client_id!r} already uploaded a different share to round "
+                f"{self.round_id!r}; the first upload stands"
+            )
+        if self.state is not RoundState.OPEN:
+            raise RoundNotOpen(f"round {self.round_id!r} is {self.state.value}: uploads are closed")
+        if share.dim != self.dim:
+            raise DimensionMismatch(
+                f"share has dimension {share.dim}, but round {self.round_id!r} has {self.dim}"
+            )
+        return True
+
+    def accept(
+        self, client_id: str, share: Share, digest: bytes, vector: FieldArray, ref: object = None
+    ) -> None:
+        """Record a share that :meth:`check_upload` called new; ``vector`` is its expansion."""
+        if not self.check_upload(client_id, share, digest):
+            raise ConflictingShare(f"client {client_id!r} was already accepted")
+        self.sum.add(vector)
+        self.accepted[client_id] = AcceptedShare(share.kind, digest, share.seed, ref)
+
+    def close(self) -> None:
+        """OPEN -> CLOSING: stop accepting uploads."""
+        self._apply(RoundEvent.CLOSE)
+
+    def agree(self, clients: frozenset[str], dropped_vectors: Sequence[FieldArray]) -> None:
+        """CLOSING -> AGGREGATING: keep ``clients``; subtract the shares of those dropped.
+
+        ``dropped_vectors`` are the expanded shares of ``accepted - clients``, in any order.
+        """
+        if not clients <= self.accepted.keys():
+            raise IllegalTransition("agreed clients must be a subset of the accepted ones")
+        expected = len(self.accepted) - len(clients)
+        if len(dropped_vectors) != expected:
+            raise IllegalTransition(f"{expected} dropped shares to subtract, got {len(dropped_vectors)}")
+        self._apply(RoundEvent.AGREE)
+        for v in dropped_vectors:
+            self.sum.subtract(v)
+        self.dropped_clients = tuple(sorted(self.accepted.keys() - clients))
+        self.num_clients = len(clients)
+
+    def reveal(self, total: FieldArray) -> None:
+        """AGGREGATING -> DONE with the revealed ``total``."""
+        self._apply(RoundEvent.REVEAL)
+        self.total = total
+
+    def fail(self, reason: str) -> None:
+        """Any live state -> FAILED; nothing will be revealed."""
+        self._apply(RoundEvent.FAIL)
+        self.failure = reason
+
+    def local_sum(self) -> FieldArray:
+        """This aggregator's share of the total (canonical)."""
+        return self.sum.value()
+
+    def status(self) -> dict[str, object]:
+        """A JSON-ready summary: state, counts, dimension, timings, failure."""
+        return {
+            "round": self.round_id,
+            "state": self.state.value,
+            "dim": self.dim,
+            "min_clients": self.min_clients,
+            "accepted": len(self.accepted),
+            "num_clients": self.num_clients,
+            "dropped_clients": len(self.dropped_clients),
+            "failure": self.failure,
+            "timings": dict(self.timings),
+        }
+
+
+@dataclass(frozen=True)
+class PartyView:
+    """What one aggregator reports at agreement time (sent to every other aggregator)."""
+
+    round_id: str
+    dim: int | None
+    """None when this aggregator does not know the round."""
+    clients: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The agreed client set and who is dropped."""
+
+    clients: frozenset[str]
+    dropped: frozenset[str]
+
+
+def agree_client_set(views: Sequence[PartyView], min_clients: int) -> Agreement:
+    """DESIGN.md, "Rounds": keep the clients every aggregator accepted.
+
+    Every aggregator computes this from the same ``views`` (one per aggregator, index order)
+    and so reaches the same decision. Raises :class:`AgreementFailed` when an aggregator does
+    not know the round, dimensions differ, or fewer than ``min_clients`` remain.
+    """
+    if not views:
+        raise AgreementFailed("no aggregator views to agree on")
+    round_id = views[0].round_id
+    for i, v in enumerate(views):
+        if v.round_id != round_id:
+            raise AgreementFailed(f"aggregator {i} answered for round {v.round_id!r}, not {round_id!r}")
+        if v.dim is None:
+            raise AgreementFailed(f"round {round_id!r} is unknown at aggregator {i}")
+    dims = {v.dim for v in views}
+    if len(dims) != 1:
+        listing = ", ".join(f"aggregator {i}: {v.dim}" for i, v in enumerate(views))
+        raise AgreementFailed(f"round {round_id!r} has different dimensions ({listing})")
+    common = frozenset.intersection(*(v.clients for v in views))
+    union = frozenset.union(*(v.clients for v in views))
+    if len(common) < min_clients:
+        partial = len(union) - len(common)
+        raise AgreementFailed(
+            f"only {len(common)} client(s) reached every aggregator ({partial} partial "
+            f"upload(s) dropped); min_clients is {min_clients}, so nothing is revealed"
+        )
+    return Agreement(common, union - common)

@@ -1,0 +1,207 @@
+"""One error hierarchy for mpc_agg.
+
+Two branches, as in h11's local/remote split:
+
+* :class:`LocalError`: the local caller did something wrong (bad configuration, misuse of
+  the API, a vector that cannot be encoded). Raised before anything is sent.
+* :class:`PeerError`: a remote peer sent something wrong (a malformed upload, a conflicting
+  share, a request for an unknown round). Each carries a stable ``code`` that travels in the
+  JSON error body; the HTTP status for each class lives in one table,
+  :data:`mpc_agg.transport.http_server.HTTP_STATUS`.
+
+Client-side outcomes of remote refusals (:class:`UploadRefused`, :class:`RoundFailed`, ...)
+derive from :class:`RemoteRefusal`.
+
+Messages name the parameter and its value; they never contain share, seed or token bytes.
+"""
+
+from __future__ import annotations
+
+
+class MpcAggError(Exception):
+    """Base class of every error raised by mpc_agg."""
+
+
+# --------------------------------------------------------------------------- local errors
+
+
+class LocalError(MpcAggError):
+    """The local caller did something wrong."""
+
+
+class ConfigError(LocalError, ValueError):
+    """A topology is invalid; ``path`` is the YAML path of the offending value."""
+
+    def __init__(self, path: str, detail: str, source: str | None = None) -> None:
+        self.path = path
+        self.detail = detail
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{path}: {detail}")
+
+
+class EncodingError(LocalError, ValueError):
+    """A vector cannot be encoded (wrong shape, NaN/inf, ...)."""
+
+
+class UsageError(LocalError):
+    """The API was used in a way it does not support."""
+
+
+# --------------------------------------------------------------------------- peer errors
+
+
+class PeerError(MpcAggError):
+    """A remote peer (client, collector or aggregator) sent something wrong.
+
+    ``code`` is the stable machine-readable name sent in the JSON error body.
+    """
+
+    code = "bad_request"
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)
+
+
+class MalformedUpload(PeerError):
+    """An upload body does not decode: bad header, wrong length, value >= p."""
+
+    code = "malformed"
+
+
+class DimensionMismatch(MalformedUpload):
+    """An upload's dimension differs from the round's."""
+
+    code = "wrong_dimension"
+
+
+class PayloadTooLarge(PeerError):
+    """A request body exceeds the configured limit."""
+
+    code = "too_large"
+
+
+class InvalidRequest(PeerError):
+    """A request's parameters (ids, JSON fields) are invalid."""
+
+    code = "invalid_request"
+
+
+class UnknownRound(PeerError):
+    """No round with this id exists at this aggregator."""
+
+    code = "unknown_round"
+
+
+class RoundConflict(PeerError):
+    """A round with this id exists with different parameters."""
+
+    code = "round_conflict"
+
+
+class ConflictingShare(PeerError):
+    """A different share was already accepted for the same (round, client)."""
+
+    code = "conflicting_share"
+
+
+class RoundNotOpen(PeerError):
+    """The round is closing or aggregating and accepts no more uploads."""
+
+    code = "round_not_open"
+
+
+class RoundEnded(RoundNotOpen):
+    """The round is DONE or FAILED."""
+
+    code = "round_ended"
+
+
+class ResultNotReady(PeerError):
+    """The round has no result yet."""
+
+    code = "result_not_ready"
+
+
+class RoundFull(PeerError):
+    """The round already holds ``max_clients`` clients (the overflow bound)."""
+
+    code = "round_full"
+
+
+class RoundAborted(PeerError):
+    """The round FAILED, so it has no result; the detail says why."""
+
+    code = "round_failed"
+
+
+class NotLeader(PeerError):
+    """A leader-only request reached a follower aggregator."""
+
+    code = "not_leader"
+
+
+class IllegalTransition(MpcAggError):
+    """A round state machine received an event that is illegal in its state.
+
+    The round is left unchanged.
+    """
+
+
+class AgreementFailed(MpcAggError):
+    """The aggregators could not agree on what to reveal; nothing is revealed."""
+
+
+# --------------------------------------------------------------------------- remote outcomes
+
+
+class RemoteRefusal(MpcAggError):
+    """An aggregator answered a request with an error.
+
+    ``aggregator`` is its index, ``status`` the HTTP status, ``code`` and ``detail`` the
+    JSON error body.
+    """
+
+    def __init__(self, aggregator: int, status: int, code: str, detail: str) -> None:
+        self.aggregator = aggregator
+        self.status = status
+        self.code = code
+        self.detail = detail
+        super().__init__(f"aggregator {aggregator} refused ({status} {code}): {detail}")
+
+
+class UploadRefused(RemoteRefusal):
+    """An upload was refused by at least one aggregator.
+
+    ``accepted`` lists the aggregators that did accept (a partial upload is dropped
+    everywhere at aggregation time, so it never skews the total).
+    """
+
+    def __init__(
+        self, aggregator: int, status: int, code: str, detail: str, accepted: tuple[int, ...] = ()
+    ) -> None:
+        super().__init__(aggregator, status, code, detail)
+        self.accepted = accepted
+
+
+class RoundFailed(MpcAggError):
+    """A round ended FAILED; ``reason`` says why. Nothing was revealed."""
+
+    def __init__(self, round_id: str, reason: str) -> None:
+        self.round_id = round_id
+        self.reason = reason
+        super().__init__(f"round {round_id!r} failed: {reason}")
+
+
+class AggregatorUnavailable(MpcAggError):
+    """An aggregator could not be reached after the configured retries."""
+
+    def __init__(self, aggregator: int, url: str, cause: str) -> None:
+        self.aggregator = aggregator
+        self.url = url
+        super().__init__(f"aggregator {aggregator} at {url} is unreachable: {cause}")
+
+
+class AggregationTimeout(MpcAggError, TimeoutError):
+    """A round did not reach DONE or FAILED within the caller's timeout."""

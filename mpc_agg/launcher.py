@@ -1,0 +1,159 @@
+"""Start every aggregator of a topology on this machine, and stop them all.
+
+Used by ``scripts/launch_local.py``, the demo and the integration tests. Each party is a
+separate process (``python -m mpc_agg.party --config C --index i``); its output is prefixed
+with ``[agg i]``. :meth:`LocalFederation.wait_ready` returns once every party's HTTP API
+answers and its MPyC links are connected.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import IO, TextIO
+
+from mpc_agg.config.schema import Topology
+
+
+class LaunchError(RuntimeError):
+    """A party exited early or did not become ready in time."""
+
+
+class LocalFederation:
+    """The aggregator processes of ``topology`` (read from ``config_path``)."""
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        *,
+        log_level: str = "info",
+        output: TextIO | None = None,
+        cwd: str | Path | None = None,
+    ) -> None:
+        self.config_path = Path(config_path).resolve()
+        self.topology = Topology.load(self.config_path)
+        self.log_level = log_level
+        self.output = output if output is not None else sys.stdout
+        self.cwd = Path(cwd) if cwd is not None else Path.cwd()
+        self.processes: list[subprocess.Popen[str]] = []
+        self._tails: list[deque[str]] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> LocalFederation:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Spawn one process per aggregator."""
+        for a in self.topology.aggregators:
+            cmd = [
+                sys.executable, "-u", "-m", "mpc_agg.party",
+                "--config", str(self.config_path), "--index", str(a.index),
+                "--log-level", self.log_level,
+            ]
+            proc = subprocess.Popen(
+                cmd, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, bufsize=1,
+            )
+            self.processes.append(proc)
+            tail: deque[str] = deque(maxlen=30)
+            self._tails.append(tail)
+            t = threading.Thread(
+                target=self._pump, args=(proc.stdout, f"[agg {a.index}] ", tail), daemon=True
+            )
+            t.start()
+            self._threads.append(t)
+
+    def _pump(self, stream: IO[str] | None, prefix: str, tail: deque[str]) -> None:
+        if stream is None:
+            return
+        for line in stream:
+            tail.append(line.rstrip("\n"))
+            with self._lock:
+                try:
+                    self.output.write(prefix + line)
+                    self.output.flush()
+                except ValueError:  # output closed while shutting down
+                    return
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until every party accepts uploads and is connected to the others."""
+        deadline = time.monotonic() + timeout_s
+        pending = set(range(self.topology.m))
+        while pending:
+            for i in sorted(pending):
+                proc = self.processes[i]
+                if proc.poll() is not None:
+                    time.sleep(0.2)  # let the pump thread catch the last lines
+                    last = "\n".join(self._tails[i]) or "(no output)"
+                    raise LaunchError(
+                        f"aggregator {i} exited with code {proc.returncode} before it was "
+                        f"ready; its last output:\n{last}"
+                    )
+                if self._is_ready(i):
+                    pending.discard(i)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"aggregators {sorted(pending)} not ready after {timeout_s} s "
+                    "(HTTP API not answering or MPyC links not connected)"
+                )
+            time.sleep(0.1)
+
+    def _is_ready(self, i: int) -> bool:
+        url = self.topology.aggregators[i].url + "/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                return json.loads(resp.read()).get("mpc") == "connected"
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every party, wait, then SIGKILL any that remain. Idempotent."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout_s
+        for proc in self.processes:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                proc.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for t in self._threads:
+            t.join(timeout=2.0)
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the parties, in index order."""
+        return [p.pid for p in self.processes]
+
+
+def describe(topology: Topology) -> str:
+    """One line naming each aggregator's URL."""
+    urls = ", ".join(f"{a.index}={a.url}" for a in topology.aggregators)
+    return f"{topology.m} aggregators of {topology.name} ({urls})"
+
+

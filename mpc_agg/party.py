@@ -1,0 +1,107 @@
+"""Aggregator party process: ``python parties/aggregator.py --config CONFIG --index I``.
+
+One asyncio event loop runs both the HTTP API (uploads are accepted at once, even while the
+MPyC links are still connecting) and the MPyC runtime connected to the other aggregators.
+SIGTERM or Ctrl-C stops the party: the HTTP server closes, journals are closed, links drop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from mpc_agg.config.schema import Topology
+from mpc_agg.errors import ConfigError
+
+log = logging.getLogger("mpc_agg.party")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="aggregator",
+        description=(
+            "Run one aggregator party of an mpc_agg topology: an HTTP server accepting client "
+            "shares and the MPyC runtime linking it to the other aggregators. Start one per "
+            "aggregator index (scripts/launch_local.py starts all of a local topology)."
+        ),
+    )
+    parser.add_argument("--config", required=True, help="topology YAML, e.g. configs/local-3.yaml")
+    parser.add_argument("--index", required=True, type=int, help="this aggregator's index, 0..m-1")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="log verbosity (default: info)",
+    )
+    return parser.parse_args(argv)
+
+
+async def serve(topology: Topology, index: int, network: object) -> None:
+    """Run the party until SIGTERM/SIGINT."""
+    from mpc_agg.aggregator import Aggregator
+    from mpc_agg.transport.http_server import build_app
+
+    aggregator = Aggregator(topology, index, network)  # type: ignore[arg-type]
+    address = topology.aggregators[index]
+    runner = web.AppRunner(build_app(aggregator), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, address.host, address.http_port)
+    await site.start()
+    log.info("aggregator %d: HTTP API on %s", index, address.url)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def connect_and_serve() -> None:
+        log.info("aggregator %d: connecting to %d other parties over MPyC", index, topology.m - 1)
+        await network.start()  # type: ignore[attr-defined]
+        log.info("aggregator %d: all %d parties connected", index, topology.m)
+        await aggregator.serve_commands()
+
+    commands = asyncio.ensure_future(connect_and_serve())
+    stopped = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({commands, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if commands in done and commands.exception() is not None:
+        log.error("aggregator %d: party network failed: %r", index, commands.exception())
+    log.info("aggregator %d: stopping", index)
+    commands.cancel()
+    stopped.cancel()
+    await runner.cleanup()
+    aggregator.close_journals()
+    await network.stop()  # type: ignore[attr-defined]
+    log.info("aggregator %d: stopped", index)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format=f"%(asctime)s agg{args.index} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    try:
+        topology = Topology.load(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not 0 <= args.index < topology.m:
+        print(f"error: --index must be in 0..{topology.m - 1} for {topology.name}, got {args.index}",
+              file=sys.stderr)
+        return 2
+
+    from mpc_agg.mpc.argv import mpyc_argv
+    from mpc_agg.mpc.runtime import MpycNetwork
+
+    mpc_level = "info" if args.log_level == "debug" else "warning"
+    network = MpycNetwork(mpyc_argv(topology, args.index, log_level=mpc_level))
+    network.run(serve(topology, args.index, network))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""HTTP calls to one aggregator, with safe retries (aiohttp client side).
+
+Retries happen only on connection failures, timeouts and 5xx answers, and always resend the
+same bytes, so a retry of an upload is idempotent (the aggregator answers 200 to an
+identical share it already holds). 4xx answers are final and raise :class:`RemoteRefusal`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from mpc_agg.config.schema import AggregatorAddress
+from mpc_agg.errors import AggregatorUnavailable, RemoteRefusal
+
+
+class AggregatorAPI:
+    """Requests to the aggregator at ``address`` through a shared ``session``."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        address: AggregatorAddress,
+        *,
+        token: str | None = None,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self.session = session
+        self.address = address
+        self.token = token
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def __repr__(self) -> str:
+        return f"AggregatorAPI({self.address.index}, {self.address.url})"
+
+    async def request(
+        self, method: str, path: str, *, data: bytes | None = None, json_body: Any = None
+    ) -> tuple[int, bytes]:
+        """Send a request; return ``(status, body)`` for 2xx, raise otherwise."""
+        url = self.address.url + path
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if data is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        last = "no attempt made"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                async with self.session.request(
+                    method, url, data=data, json=json_body, headers=headers
+                ) as resp:
+                    body = await resp.read()
+                    if resp.status < 300:
+                        return resp.status, body
+                    if resp.status >= 500:
+                        last = f"HTTP {resp.status}"
+                        continue
+                    code, detail = parse_error(resp.status, body)
+                    raise RemoteRefusal(self.address.index, resp.status, code, detail)
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise AggregatorUnavailable(self.address.index, url, f"{last} (after {self.retries + 1} attempts)")
+
+
+def parse_error(status: int, body: bytes) -> tuple[str, str]:
+    """``(code, detail)`` from a JSON error body, tolerating non-JSON bodies."""
+    try:
+        data = json.loads(body)
+        return str(data["error"]), str(data["detail"])
+    except (ValueError, KeyError, TypeError):
+        text = body[:200].decode("utf-8", "replace")
+        return f"http_{status}", text or f"HTTP {status}"
+
+
+def new_session(timeout_s: float) -> aiohttp.ClientSession:
+    """A client session with a total per-request timeout of ``timeout_s`` seconds."""
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+
+def run_sync(coro: Any, what: str) -> Any:
+    """Run ``coro`` for a synchronous API call; refuse inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise RuntimeError(f"{what} was called inside a running event loop; await {what}_async instead")

@@ -1,0 +1,194 @@
+"""The HTTP API of an aggregator (DESIGN.md, "HTTP API"), on aiohttp.
+
+| call | answer |
+|---|---|
+| ``PUT  /v1/rounds/{round}`` JSON ``{"dim": d, "min_clients": k?}`` | 201 opened, 200 exists |
+| ``GET  /v1/rounds/{round}`` | 200 JSON status |
+| ``PUT  /v1/rounds/{round}/shares/{client}`` binary | 201 accepted, 200 identical retry |
+| ``POST /v1/rounds/{round}/close`` (leader only) | 202 |
+| ``GET  /v1/rounds/{round}/result`` | 200 binary result (``mpc_agg.core.codec``) |
+| ``GET  /healthz``, ``GET /metrics`` | liveness JSON; Prometheus text |
+
+Every error is ``{"error": code, "detail": text}`` with the status from :data:`HTTP_STATUS`.
+Handlers do no I/O beyond the request: decisions come from :class:`~mpc_agg.aggregator.Aggregator`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from mpc_agg.aggregator import Aggregator
+from mpc_agg.errors import (
+    ConflictingShare,
+    DimensionMismatch,
+    InvalidRequest,
+    MalformedUpload,
+    NotLeader,
+    PayloadTooLarge,
+    PeerError,
+    ResultNotReady,
+    RoundAborted,
+    RoundConflict,
+    RoundEnded,
+    RoundFull,
+    RoundNotOpen,
+    UnknownRound,
+)
+
+log = logging.getLogger("mpc_agg.http")
+
+HTTP_STATUS: dict[type[PeerError], int] = {
+    PeerError: 400,
+    MalformedUpload: 400,
+    DimensionMismatch: 400,
+    InvalidRequest: 400,
+    PayloadTooLarge: 413,
+    UnknownRound: 404,
+    RoundConflict: 409,
+    ConflictingShare: 409,
+    RoundNotOpen: 409,
+    RoundFull: 409,
+    NotLeader: 409,
+    ResultNotReady: 409,
+    RoundEnded: 410,
+    RoundAborted: 410,
+}
+"""The one table from peer error to HTTP status (most specific class wins)."""
+
+MAX_JSON_BYTES = 4096
+
+
+def status_for(exc: PeerError) -> int:
+    """HTTP status of ``exc``: the entry of its most specific class in :data:`HTTP_STATUS`."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]  # type: ignore[index]
+    return 400
+
+
+def error_response(status: int, code: str, detail: str) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except PeerError as exc:
+        status = status_for(exc)
+        log.info("%s %s -> %d %s: %s", request.method, request.path, status, exc.code, exc.detail)
+        return error_response(status, exc.code, exc.detail)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status, "http_error"
+        )
+        return error_response(exc.status, code, exc.reason)
+    except Exception:
+        log.exception("%s %s: internal error", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the aggregator's log")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """Read at most ``limit`` bytes; refuse larger bodies before reading them."""
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise MalformedUpload(
+                f"body ended after {len(exc.partial)} of {length} announced bytes"
+            ) from None
+    chunks, size = [], 0
+    while chunk := await request.content.read(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    body = await _read_body(request, MAX_JSON_BYTES)
+    try:
+        data = json.loads(body or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object")
+    return data
+
+
+def build_app(aggregator: Aggregator) -> web.Application:
+    """The aiohttp application serving ``aggregator``."""
+    app = web.Application(middlewares=[_errors], client_max_size=aggregator.max_body_bytes(None) + 1)
+
+    async def open_round(request: web.Request) -> web.Response:
+        data = await _read_json(request)
+        unknown = set(data) - {"dim", "min_clients"}
+        if unknown:
+            raise InvalidRequest(f"unknown field(s) {sorted(unknown)}; expected dim, min_clients")
+        if "dim" not in data:
+            raise InvalidRequest("missing field 'dim'")
+        round_id = request.match_info["round"]
+        created = aggregator.open_round(round_id, data["dim"], data.get("min_clients"))
+        return web.json_response(aggregator.round_status(round_id), status=201 if created else 200)
+
+    async def round_status(request: web.Request) -> web.Response:
+        return web.json_response(aggregator.round_status(request.match_info["round"]))
+
+    async def put_share(request: web.Request) -> web.Response:
+        round_id = request.match_info["round"]
+        body = await _read_body(request, aggregator.max_body_bytes(round_id))
+        created = aggregator.receive_share(round_id, request.match_info["client"], body)
+        return web.json_response(
+            {"accepted": True, "retry": not created}, status=201 if created else 200
+        )
+
+    async def close_round(request: web.Request) -> web.Response:
+        round_id = request.match_info["round"]
+        aggregator.request_close(round_id)
+        return web.json_response(aggregator.round_status(round_id), status=202)
+
+    async def result(request: web.Request) -> web.Response:
+        body = aggregator.result(request.match_info["round"])
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "ok",
+                "aggregator": aggregator.index,
+                "mpc": "connected" if aggregator.network.connected else "connecting",
+            }
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        lines = []
+        for name, value in sorted(aggregator.metrics.items()):
+            lines.append(f"# TYPE mpc_agg_{name}_total counter")
+            lines.append(f'mpc_agg_{name}_total{{aggregator="{aggregator.index}"}} {value}')
+        by_state: dict[str, int] = {}
+        for rnd in aggregator.rounds.values():
+            by_state[rnd.state.value] = by_state.get(rnd.state.value, 0) + 1
+        lines.append("# TYPE mpc_agg_rounds gauge")
+        for state, count in sorted(by_state.items()):
+            lines.append(f'mpc_agg_rounds{{aggregator="{aggregator.index}",state="{state}"}} {count}')
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    app.router.add_put("/v1/rounds/{round}", open_round)
+    app.router.add_get("/v1/rounds/{round}", round_status)
+    app.router.add_put("/v1/rounds/{round}/shares/{client}", put_share)
+    app.router.add_post("/v1/rounds/{round}/close", close_round)
+    app.router.add_get("/v1/rounds/{round}/result", result)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
