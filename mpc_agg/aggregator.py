@@ -240,7 +240,7 @@ class Aggregator:
             agreement = agree_client_set(views, min_clients)
             assert rnd is not None  # agree_client_set fails if any party lacks the round
             dropped = [self._share_vector(rnd, c) for c in sorted(rnd.accepted.keys() - agreement.clients)]
-            rnd.agree(agreement.clients, dropped)
+            rnd.agree(agreement.clients, dropped, agreement.dropped)
             t_agreed = self.clock()
             total = await reveal_sum(self.network, rnd.local_sum())
             rnd.reveal(total)

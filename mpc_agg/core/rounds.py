@@ -163,10 +163,17 @@ class Round:
         """OPEN -> CLOSING: stop accepting uploads."""
         self._apply(RoundEvent.CLOSE)
 
-    def agree(self, clients: frozenset[str], dropped_vectors: Sequence[FieldArray]) -> None:
+    def agree(
+        self,
+        clients: frozenset[str],
+        dropped_vectors: Sequence[FieldArray],
+        dropped_elsewhere: frozenset[str] = frozenset(),
+    ) -> None:
         """CLOSING -> AGGREGATING: keep ``clients``; subtract the shares of those dropped.
 
         ``dropped_vectors`` are the expanded shares of ``accepted - clients``, in any order.
+        ``dropped_elsewhere`` names partial uploads this aggregator never saw, so that
+        ``dropped_clients`` lists every client left out, at every aggregator alike.
         """
         if not clients <= self.accepted.keys():
             raise IllegalTransition("agreed clients must be a subset of the accepted ones")
@@ -176,7 +183,7 @@ class Round:
         self._apply(RoundEvent.AGREE)
         for v in dropped_vectors:
             self.sum.subtract(v)
-        self.dropped_clients = tuple(sorted(self.accepted.keys() - clients))
+        self.dropped_clients = tuple(sorted((self.accepted.keys() - clients) | dropped_elsewhere))
         self.num_clients = len(clients)
 
     def reveal(self, total: FieldArray) -> None:

@@ -101,6 +101,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     if length is not None:
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
+        if length == 0:
+            return b""
         try:
             return await request.content.readexactly(length)
         except asyncio.IncompleteReadError as exc:
