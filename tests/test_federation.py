@@ -274,3 +274,24 @@ def test_health_and_metrics(federation3):
     status, text = http("GET", f"{a.url}/metrics")
     assert status == 200
     assert b'mpc_agg_uploads_accepted_total{aggregator="2"}' in text
+
+
+def test_aggregators_that_disagree_on_the_round_reveal_nothing(federation3, round_id):
+    topo = federation3.topology
+    a0, a1, a2 = (a.url for a in topo.aggregators)
+    # Round A is open at aggregators 0 and 1 only; round B has another dimension at 2.
+    for url in (a0, a1):
+        assert http("PUT", f"{url}/v1/rounds/{round_id}-a", b'{"dim": 4}')[0] == 201
+    for url, dim in ((a0, 4), (a1, 4), (a2, 5)):
+        assert http("PUT", f"{url}/v1/rounds/{round_id}-b", f'{{"dim": {dim}}}'.encode())[0] == 201
+    collector = Collector(topo)
+    with pytest.raises(RoundFailed, match="unknown at aggregator 2"):
+        collector.aggregate(f"{round_id}-a", timeout=60)
+    with pytest.raises(RoundFailed, match="different dimensions"):
+        collector.aggregate(f"{round_id}-b", timeout=60)
+    # The party network is still in step: the next round works.
+    collector.open_round(round_id, 4)
+    data = integer_vectors(2, 4, seed=10)
+    for i, x in enumerate(data):
+        Client(topo, f"after{i}").submit(round_id, x)
+    np.testing.assert_array_equal(collector.aggregate(round_id, timeout=60).total, data.sum(axis=0))

@@ -1,0 +1,82 @@
+"""The launcher and party entry programs as users run them: ready line, clean stop, no
+orphans, clear errors for bad configs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT, pid_alive, start_launcher, stop_launcher, topology_doc, write_topology
+
+pytestmark = pytest.mark.processes
+
+
+def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return [p for p in pids if pid_alive(p)]
+
+
+def test_sigterm_stops_every_party(tmp_path):
+    fed = start_launcher(write_topology(tmp_path, topology_doc(3, 1, name="stopme")), cwd=tmp_path)
+    try:
+        assert len(fed.party_pids) == 3
+        assert all(pid_alive(p) for p in fed.party_pids)
+        fed.launcher.send_signal(signal.SIGTERM)
+        assert fed.launcher.wait(timeout=30) == 0
+        assert wait_gone(fed.party_pids) == []
+        assert any("stopping 3 aggregators" in line for line in fed.lines)
+        assert any(line.startswith("[agg 2] ") for line in fed.lines)
+    finally:
+        stop_launcher(fed.launcher, fed.party_pids)
+
+
+def test_a_dying_party_stops_the_rest(tmp_path):
+    fed = start_launcher(write_topology(tmp_path, topology_doc(2, 0, name="dies")), cwd=tmp_path)
+    try:
+        os.kill(fed.party_pids[1], signal.SIGKILL)
+        assert fed.launcher.wait(timeout=30) == 1
+        assert wait_gone(fed.party_pids) == []
+    finally:
+        stop_launcher(fed.launcher, fed.party_pids)
+
+
+def test_launcher_refuses_bad_config(tmp_path):
+    doc = topology_doc(2, 1, name="bad")  # 2t >= m
+    path = write_topology(tmp_path, doc)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "launch_local.py"), str(path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "threshold" in out.stderr and "2t < m" in out.stderr
+
+
+def test_party_cli_help_and_bad_index(tmp_path):
+    script = str(ROOT / "parties" / "aggregator.py")
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert "--config" in out.stdout and "--index" in out.stdout
+    path = write_topology(tmp_path, topology_doc(2, 0, name="idx"))
+    out = subprocess.run(
+        [sys.executable, script, "--config", str(path), "--index", "5"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "--index must be in 0..1" in out.stderr
+
+
+def test_importing_mpc_agg_does_not_import_mpyc():
+    code = "import sys, mpc_agg, mpc_agg.aggregator, mpc_agg.launcher; print('mpyc' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
