@@ -239,7 +239,9 @@ class Aggregator:
             min_clients = max(int(v[2]) for v in raw_views)
             agreement = agree_client_set(views, min_clients)
             assert rnd is not None  # agree_client_set fails if any party lacks the round
-            dropped = [self._share_vector(rnd, c) for c in sorted(rnd.accepted.keys() - agreement.clients)]
+            dropped = [
+                self._share_vector(rnd, c) for c in sorted(rnd.accepted.keys() - agreement.clients)
+            ]
             rnd.agree(agreement.clients, dropped, agreement.dropped)
             t_agreed = self.clock()
             total = await reveal_sum(self.network, rnd.local_sum())

@@ -99,20 +99,27 @@ class Client:
         path = f"/v1/rounds/{round_id}/shares/{self.client_id}"
         async with new_session(self.timeout_s) as session:
             apis = {
-                i: AggregatorAPI(session, self.topology.aggregators[i], token=self.token,
-                                 retries=self.retries)
+                i: AggregatorAPI(
+                    session, self.topology.aggregators[i], token=self.token, retries=self.retries
+                )
                 for i in targets
             }
             outcomes = await asyncio.gather(
                 *(apis[i].request("PUT", path, data=bodies[i]) for i in targets),
                 return_exceptions=True,
             )
-        accepted = tuple(i for i, o in zip(targets, outcomes) if isinstance(o, tuple))
+        accepted = tuple(i for i, o in zip(targets, outcomes, strict=True) if isinstance(o, tuple))
         for o in outcomes:
             if isinstance(o, RemoteRefusal):
                 raise UploadRefused(o.aggregator, o.status, o.code, o.detail, accepted=accepted)
         for o in outcomes:
             if isinstance(o, BaseException):  # AggregatorUnavailable, or a local bug
                 raise o
-        retries = tuple(i for i, o in zip(targets, outcomes) if isinstance(o, tuple) and o[0] == 200)
-        return SubmitReceipt(round_id, self.client_id, retries, sum(len(bodies[i]) for i in targets))
+        retries = tuple(
+            i
+            for i, o in zip(targets, outcomes, strict=True)
+            if isinstance(o, tuple) and o[0] == 200
+        )
+        return SubmitReceipt(
+            round_id, self.client_id, retries, sum(len(bodies[i]) for i in targets)
+        )

@@ -86,8 +86,10 @@ class Collector:
             body["min_clients"] = min_clients
         async with new_session(self.timeout_s) as session:
             await asyncio.gather(
-                *(api.request("PUT", f"/v1/rounds/{round_id}", json_body=body)
-                  for api in self._apis(session))
+                *(
+                    api.request("PUT", f"/v1/rounds/{round_id}", json_body=body)
+                    for api in self._apis(session)
+                )
             )
 
     # -- status ----------------------------------------------------------------------

@@ -64,13 +64,24 @@ class LocalFederation:
         """Spawn one process per aggregator."""
         for a in self.topology.aggregators:
             cmd = [
-                sys.executable, "-u", "-m", "mpc_agg.party",
-                "--config", str(self.config_path), "--index", str(a.index),
-                "--log-level", self.log_level,
+                sys.executable,
+                "-u",
+                "-m",
+                "mpc_agg.party",
+                "--config",
+                str(self.config_path),
+                "--index",
+                str(a.index),
+                "--log-level",
+                self.log_level,
             ]
             proc = subprocess.Popen(
-                cmd, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, bufsize=1,
+                cmd,
+                cwd=self.cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
             )
             self.processes.append(proc)
             tail: deque[str] = deque(maxlen=30)
@@ -155,5 +166,3 @@ def describe(topology: Topology) -> str:
     """One line naming each aggregator's URL."""
     urls = ", ".join(f"{a.index}={a.url}" for a in topology.aggregators)
     return f"{topology.m} aggregators of {topology.name} ({urls})"
-
-

@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="topology YAML, e.g. configs/local-3.yaml")
     parser.add_argument("--index", required=True, type=int, help="this aggregator's index, 0..m-1")
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
         help="log verbosity (default: info)",
     )
     return parser.parse_args(argv)
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not 0 <= args.index < topology.m:
-        print(f"error: --index must be in 0..{topology.m - 1} for {topology.name}, got {args.index}",
-              file=sys.stderr)
+        print(
+            f"error: --index must be in 0..{topology.m - 1} for {topology.name}, got {args.index}",
+            file=sys.stderr,
+        )
         return 2
 
     from mpc_agg.mpc.argv import mpyc_argv

@@ -29,33 +29,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Run one local secure-aggregation round and check it against the true sum.",
     )
-    parser.add_argument("--config", default=str(ROOT / "configs" / "local-3.yaml"),
-                        help="topology YAML (default: configs/local-3.yaml)")
+    parser.add_argument(
+        "--config",
+        default=str(ROOT / "configs" / "local-3.yaml"),
+        help="topology YAML (default: configs/local-3.yaml)",
+    )
     parser.add_argument("--clients", type=int, default=20, help="simulated clients (default 20)")
     parser.add_argument("--dim", type=int, default=100_000, help="vector length (default 100000)")
-    parser.add_argument("--concurrency", type=int, default=4,
-                        help="clients uploading at the same time (default 4)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed for the simulated data (not for shares, which use the OS CSPRNG)")
-    parser.add_argument("--quiet-parties", action="store_true",
-                        help="show only warnings from the aggregator processes")
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="clients uploading at the same time (default 4)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for the simulated data (not for shares, which use the OS CSPRNG)",
+    )
+    parser.add_argument(
+        "--quiet-parties",
+        action="store_true",
+        help="show only warnings from the aggregator processes",
+    )
     return parser.parse_args(argv)
 
 
 def progress(done: int, total: int, started: float, nbytes: int) -> None:
+    """A progress bar redrawn in place on a terminal; every 25 % otherwise (logs, CI)."""
+    tty = sys.stderr.isatty()
+    if not tty and done not in (0, total) and (4 * done // total) == (4 * (done - 1) // total):
+        return
     elapsed = max(time.perf_counter() - started, 1e-9)
     width = 30
     filled = width * done // total
     bar = "#" * filled + "." * (width - filled)
     sys.stderr.write(
-        f"\r  uploading [{bar}] {done}/{total} clients  {nbytes / elapsed / 1e6:7.1f} MB/s"
+        f"{chr(13) if tty else ''}  uploading [{bar}] {done}/{total} clients"
+        f"  {nbytes / elapsed / 1e6:7.1f} MB/s"
     )
-    if done == total:
+    if done == total or not tty:
         sys.stderr.write("\n")
     sys.stderr.flush()
 
 
-async def run_clients(clients: list[Client], round_id: str, data: np.ndarray, concurrency: int) -> int:
+async def run_clients(
+    clients: list[Client], round_id: str, data: np.ndarray, concurrency: int
+) -> int:
     gate = asyncio.Semaphore(concurrency)
     done = 0
     nbytes = 0
@@ -82,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     print(f"Starting the aggregators of {args.config} ...", flush=True)
     try:
-        federation = LocalFederation(args.config, log_level="warning" if args.quiet_parties else "info")
+        federation = LocalFederation(
+            args.config, log_level="warning" if args.quiet_parties else "info"
+        )
     except MpcAggError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -114,20 +134,30 @@ def main(argv: list[str] | None = None) -> int:
 
     error = np.abs(result.total - true_sum)
     print()
-    print(f"clients aggregated : {result.num_clients} (dropped partial uploads: {result.dropped_clients})")
+    print(
+        f"clients aggregated : {result.num_clients} (dropped partial uploads: "
+        f"{result.dropped_clients})"
+    )
     print(f"dimension          : {args.dim}")
     print(f"revealed total[:3] : {np.array2string(result.total[:3], precision=6)}")
     print(f"true sum[:3]       : {np.array2string(true_sum[:3], precision=6)}")
-    print(f"max abs error      : {error.max():.3e}  (encoding resolution 2^-{topology.encoding.frac_bits}"
-          f" = {2.0**-topology.encoding.frac_bits:.1e} per client)")
+    f = topology.encoding.frac_bits
+    print(
+        f"max abs error      : {error.max():.3e}  (encoding resolution 2^-{f} = {2.0**-f:.1e}"
+        " per client)"
+    )
     print(f"mean abs error     : {error.mean():.3e}")
     print("timings")
     print(f"  start parties    : {t_ready:8.3f} s")
-    print(f"  encode+share+upload: {t_upload:6.3f} s  ({nbytes / 1e6:.1f} MB sent, "
-          f"{args.clients / t_upload:.1f} clients/s)")
-    print(f"  close+agree+reveal: {t_aggregate:7.3f} s  (leader: agree "
-          f"{result.timings.get('agree_s', float('nan')):.3f} s, reveal "
-          f"{result.timings.get('reveal_s', float('nan')):.3f} s)")
+    print(
+        f"  encode+share+upload: {t_upload:6.3f} s  ({nbytes / 1e6:.1f} MB sent, "
+        f"{args.clients / t_upload:.1f} clients/s)"
+    )
+    print(
+        f"  close+agree+reveal: {t_aggregate:7.3f} s  (leader: agree "
+        f"{result.timings.get('agree_s', float('nan')):.3f} s, reveal "
+        f"{result.timings.get('reveal_s', float('nan')):.3f} s)"
+    )
     print(f"  plaintext numpy sum: {t_plain:6.4f} s  (baseline)")
     ok = result.num_clients == args.clients and error.max() <= 1e-3
     print("OK" if ok else "MISMATCH: the revealed total is not the true sum")

@@ -31,11 +31,21 @@ def main(argv: list[str] | None = None) -> int:
         description="Start all aggregator parties of an mpc_agg topology on this machine; "
         "Ctrl-C stops them all.",
     )
-    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
-                        help="topology YAML (default: configs/local-3.yaml)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--ready-timeout", type=float, default=60.0,
-                        help="seconds to wait for all parties to be ready (default 60)")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=str(DEFAULT_CONFIG),
+        help="topology YAML (default: configs/local-3.yaml)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for all parties to be ready (default 60)",
+    )
     args = parser.parse_args(argv)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -55,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             for i, proc in enumerate(federation.processes):
                 if proc.poll() is not None:
-                    print(f"aggregator {i} exited with code {proc.returncode}; stopping all",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"aggregator {i} exited with code {proc.returncode}; stopping all",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return 1
             time.sleep(0.2)
     except _Stop as stop:

@@ -82,7 +82,11 @@ def start_launcher(config: Path, cwd: Path, timeout_s: float = 60.0) -> RunningF
     """Run the launcher on ``config`` and wait (bounded) for its ready line."""
     proc = subprocess.Popen(
         [sys.executable, "-u", str(LAUNCHER), str(config), "--log-level", "info"],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
     )
     lines: list[str] = []
     ready: queue.Queue[str] = queue.Queue()

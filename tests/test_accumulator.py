@@ -38,11 +38,11 @@ def run(ops: list[tuple[str, list[int]]]) -> tuple[Accumulator, list[int], int]:
     for kind, v in ops:
         if kind == "add":
             acc.add(arr(v))
-            ref = [r + x for r, x in zip(ref, v)]
+            ref = [r + x for r, x in zip(ref, v, strict=True)]
             count += 1
         else:
             acc.subtract(arr(v))
-            ref = [r - x for r, x in zip(ref, v)]
+            ref = [r - x for r, x in zip(ref, v, strict=True)]
             count -= 1
     return acc, [r % P_REF for r in ref], count
 

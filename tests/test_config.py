@@ -105,8 +105,16 @@ def test_defaults_fill_optional_sections():
         (doc(aggregators__1__port=5), "aggregators[1].port", "unknown key"),
         (doc(name=DELETE), "name", "missing required key"),
         (doc(aggregators__0__http_port=DELETE), "aggregators[0].http_port", "missing"),
-        (doc(aggregators__2__http_port=2001), "aggregators[2].http_port", "already used by aggregators[0].http_port"),
-        (doc(aggregators__1__mpc_port=2003), "aggregators[2].http_port", "already used by aggregators[1].mpc_port"),
+        (
+            doc(aggregators__2__http_port=2001),
+            "aggregators[2].http_port",
+            "already used by aggregators[0].http_port",
+        ),
+        (
+            doc(aggregators__1__mpc_port=2003),
+            "aggregators[2].http_port",
+            "already used by aggregators[1].mpc_port",
+        ),
         (doc(aggregators__0__mpc_port=70000), "aggregators[0].mpc_port", "1..65535"),
         (doc(aggregators__0__mpc_port="1001"), "aggregators[0].mpc_port", "expected int, got str"),
         (doc(threshold=True), "threshold", "expected int, got bool"),

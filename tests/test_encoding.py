@@ -59,7 +59,7 @@ def test_round_trip_error_at_most_resolution(frac_bits: int, data: st.DataObject
     assert v.dtype == np.uint64 and v.shape == (len(xs),)
     assert field.is_canonical(v)
     back = enc.decode(v)
-    for x, y, w in zip(xs, back, signed_ints(v)):
+    for x, y, w in zip(xs, back, signed_ints(v), strict=True):
         assert abs(float(y) - x) <= 2.0**-frac_bits
         # The integer is floor or ceil of x * 2**f, nothing else.
         scaled = Fraction(x) * 2**frac_bits
@@ -153,23 +153,12 @@ def test_both_clips_and_encoded_bound(xs: list[float]) -> None:
     assert max(abs(w) for w in signed_ints(v_up)) <= enc.max_abs_encoded
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: encoding.clip computes the L2 norm as sqrt(x.x), which overflows to inf "
-    "for finite vectors with entries above ~1e154, and then scales the vector to all zeros",
-)
 def test_l2_clip_of_huge_finite_vector_keeps_direction() -> None:
     enc = FixedPointEncoding(frac_bits=10, coord_clip=None, l2_clip=1.0)
     y = enc.clip([1e200, 1e200])
     np.testing.assert_allclose(y, [math.sqrt(0.5), math.sqrt(0.5)], rtol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: L2 scaling x *= l2_clip / norm can overshoot l2_clip by one ulp "
-    "(189.05849255410402 with l2_clip=3.0 gives 3.0000000000000004), so with only l2_clip "
-    "set an encoded value can exceed max_abs_encoded by 1 and check_headroom's bound",
-)
 def test_l2_only_clip_respects_max_abs_encoded() -> None:
     enc = FixedPointEncoding(frac_bits=24, coord_clip=None, l2_clip=3.0)
     x = [189.05849255410402]
@@ -183,8 +172,12 @@ def test_l2_only_clip_respects_max_abs_encoded() -> None:
 
 @pytest.mark.parametrize(
     ("x", "index"),
-    [([0.0, 1.0, float("nan")], 2), ([float("inf")], 0), ([1.0, 2.0, 3.0, float("-inf")], 3),
-     ([1.0, float("nan"), float("inf")], 1)],
+    [
+        ([0.0, 1.0, float("nan")], 2),
+        ([float("inf")], 0),
+        ([1.0, 2.0, 3.0, float("-inf")], 3),
+        ([1.0, float("nan"), float("inf")], 1),
+    ],
 )
 def test_non_finite_raises_with_index(x: list[float], index: int) -> None:
     enc = FixedPointEncoding()
@@ -310,8 +303,15 @@ def test_sum_at_largest_accepted_max_clients_does_not_wrap() -> None:
     expected_units = [n * w for w in signed_ints(one)]
     assert signed_ints(total) == expected_units
     assert signed_ints(total)[0] == n * 3000 * 2**40
-    assert list(enc.decode(total)) == [n * 3000.0, -n * 3000.0, n * 2999.5, -n * 2999.5, 0.0,
-                                       n * 3000.0, -n * 3000.0]
+    assert list(enc.decode(total)) == [
+        n * 3000.0,
+        -n * 3000.0,
+        n * 2999.5,
+        -n * 2999.5,
+        0.0,
+        n * 3000.0,
+        -n * 3000.0,
+    ]
     # One more client and the worst case passes p/2: the decoded sum has the wrong sign.
     over = field.sum_vectors([one] * limit)
     assert enc.decode(over)[0] < 0
@@ -326,7 +326,7 @@ def test_decode_of_random_sums_at_limit() -> None:
     encoded = [enc.encode(row, rng) for row in xs]
     got = enc.decode(field.sum_vectors(encoded))
     exact = [sum(Fraction(float(a)) for a in col) for col in xs.T]
-    for g, e in zip(got, exact):
+    for g, e in zip(got, exact, strict=True):
         assert abs(Fraction(float(g)) - e) <= n * Fraction(1, 2**40) + abs(e) * Fraction(
             1, 2**50
         ), seed

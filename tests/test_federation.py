@@ -66,7 +66,9 @@ def test_many_clients_exact_total(federation3, round_id):
     data = integer_vectors(40, 500, seed=2)
 
     async def submit_all() -> None:
-        await asyncio.gather(*(Client(topo, f"k{i}").submit_async(round_id, x) for i, x in enumerate(data)))
+        await asyncio.gather(
+            *(Client(topo, f"k{i}").submit_async(round_id, x) for i, x in enumerate(data))
+        )
 
     asyncio.run(submit_all())
     result = collector.aggregate(round_id, timeout=60)
@@ -105,9 +107,11 @@ def test_partial_uploads_are_excluded_everywhere(federation3, round_id):
         (_client_with_full_share_at(3, 0, "halfB"), [0, 1]),
         (_client_with_full_share_at(3, 2, "halfC"), [2]),
     ]
-    for (cid, targets), x in zip(plans, partial):
+    for (cid, targets), x in zip(plans, partial, strict=True):
         client = Client(topo, cid)
-        receipt = asyncio.run(client.upload(round_id, client.prepare(round_id, x), aggregators=targets))
+        receipt = asyncio.run(
+            client.upload(round_id, client.prepare(round_id, x), aggregators=targets)
+        )
         assert receipt.upload_bytes > 0
     assert accepted_counts(collector, round_id) == [5, 6, 6]  # 4 whole + partials
     result = collector.aggregate(round_id, timeout=60)
@@ -174,7 +178,11 @@ def test_malformed_bodies_get_400_json_and_round_stays_correct(federation3, roun
         "other aggregator": (body[:6] + b"\x02" + body[7:], "malformed", "aggregator 2"),
         "header only": (body[:5], "malformed", "header"),
         "empty": (b"", "malformed", "header"),
-        "wrong dim": (body[:8] + struct.pack("<I", d + 1) + body[12:], "wrong_dimension", "dimension"),
+        "wrong dim": (
+            body[:8] + struct.pack("<I", d + 1) + body[12:],
+            "wrong_dimension",
+            "dimension",
+        ),
     }
     url = f"{topo.aggregators[0].url}/v1/rounds/{round_id}/shares/{cid}"
     for name, (bad, code, words) in cases.items():
@@ -245,7 +253,9 @@ def test_round_lifecycle_errors(federation3, round_id):
     collector.open_round(round_id, 8)
     collector.open_round(round_id, 8)  # idempotent
     status, answer = http(
-        "PUT", f"{leader}/v1/rounds/{round_id}", json.dumps({"dim": 9}).encode(),
+        "PUT",
+        f"{leader}/v1/rounds/{round_id}",
+        json.dumps({"dim": 9}).encode(),
         {"Content-Type": "application/json"},
     )
     assert (status, answer["error"]) == (409, "round_conflict")

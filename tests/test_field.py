@@ -17,8 +17,21 @@ P_REF = 2**61 - 1  # written out, not imported: the test must not trust field.P
 U64_MAX = 2**64 - 1
 HALF_REF = P_REF // 2
 
-EDGE_U64 = [0, 1, 2, P_REF - 2, P_REF - 1, P_REF, P_REF + 1, 2**61, 2**61 + 6, 2**62, 2**63,
-            U64_MAX - 1, U64_MAX]
+EDGE_U64 = [
+    0,
+    1,
+    2,
+    P_REF - 2,
+    P_REF - 1,
+    P_REF,
+    P_REF + 1,
+    2**61,
+    2**61 + 6,
+    2**62,
+    2**63,
+    U64_MAX - 1,
+    U64_MAX,
+]
 EDGE_CANONICAL = [0, 1, 2, HALF_REF - 1, HALF_REF, HALF_REF + 1, P_REF - 2, P_REF - 1]
 
 any_u64 = st.one_of(st.sampled_from(EDGE_U64), st.integers(0, U64_MAX))
@@ -54,7 +67,7 @@ def test_fold_is_congruent_and_bounded(xs: list[int]) -> None:
     x = arr(xs)
     out = field.fold(x)
     assert out.dtype == np.uint64
-    for orig, got in zip(xs, ints(out)):
+    for orig, got in zip(xs, ints(out), strict=True):
         assert got % P_REF == orig % P_REF
         assert got <= 2**61 + 6
     assert ints(x) == xs  # fold without ``out`` must not touch its input
@@ -142,13 +155,12 @@ def test_sum_vectors_worst_case_no_overflow(n: int) -> None:
 @settings(max_examples=60)
 @given(
     st.integers(1, 4).flatmap(
-        lambda d: st.lists(st.lists(any_canonical, min_size=d, max_size=d), min_size=1,
-                           max_size=40)
+        lambda d: st.lists(st.lists(any_canonical, min_size=d, max_size=d), min_size=1, max_size=40)
     )
 )
 def test_sum_vectors_matches_python(rows: list[list[int]]) -> None:
     got = field.sum_vectors([arr(r) for r in rows])
-    expected = [sum(col) % P_REF for col in zip(*rows)]
+    expected = [sum(col) % P_REF for col in zip(*rows, strict=True)]
     assert ints(got) == expected
 
 
@@ -162,8 +174,16 @@ def test_sum_vectors_empty_raises() -> None:
 
 @pytest.mark.parametrize(
     ("values", "expected"),
-    [([], True), ([0], True), ([P_REF - 1], True), ([0, P_REF - 1, 5], True),
-     ([P_REF], False), ([0, P_REF], False), ([2**61], False), ([U64_MAX], False)],
+    [
+        ([], True),
+        ([0], True),
+        ([P_REF - 1], True),
+        ([0, P_REF - 1, 5], True),
+        ([P_REF], False),
+        ([0, P_REF], False),
+        ([2**61], False),
+        ([U64_MAX], False),
+    ],
 )
 def test_is_canonical(values: list[int], expected: bool) -> None:
     assert field.is_canonical(arr(values)) is expected

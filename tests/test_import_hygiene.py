@@ -50,8 +50,7 @@ def run_child(modules: str, cwd: Path) -> dict:
 
 @pytest.mark.parametrize(
     "modules",
-    [CORE_MODULES, "mpc_agg.core.xof, mpc_agg.core.encoding, mpc_agg.core.accumulator",
-     "mpc_agg"],
+    [CORE_MODULES, "mpc_agg.core.xof, mpc_agg.core.encoding, mpc_agg.core.accumulator", "mpc_agg"],
 )
 def test_import_leaves_mpyc_out(modules: str, tmp_path: Path) -> None:
     out = run_child(modules, tmp_path)

@@ -55,7 +55,10 @@ def test_launcher_refuses_bad_config(tmp_path):
     path = write_topology(tmp_path, doc)
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "launch_local.py"), str(path)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert out.returncode == 2
     assert "threshold" in out.stderr and "2t < m" in out.stderr
@@ -63,13 +66,18 @@ def test_launcher_refuses_bad_config(tmp_path):
 
 def test_party_cli_help_and_bad_index(tmp_path):
     script = str(ROOT / "parties" / "aggregator.py")
-    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0
     assert "--config" in out.stdout and "--index" in out.stdout
     path = write_topology(tmp_path, topology_doc(2, 0, name="idx"))
     out = subprocess.run(
         [sys.executable, script, "--config", str(path), "--index", "5"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert out.returncode == 2
     assert "--index must be in 0..1" in out.stderr

@@ -146,7 +146,7 @@ def test_shard_reproducible_with_injected_random_bytes() -> None:
     a = sharing.shard(x, "r", "alice", 4, random_bytes=counter_bytes())
     b = sharing.shard(x, "r", "alice", 4, random_bytes=counter_bytes())
     c = sharing.shard(x, "r", "alice", 4, random_bytes=counter_bytes(start=100))
-    for sa, sb in zip(a, b):
+    for sa, sb in zip(a, b, strict=True):
         assert sa.kind == sb.kind and sa.seed == sb.seed
         assert np.array_equal(sa.expand("r", "alice"), sb.expand("r", "alice"))
     # The seeds really come from the injected source, in aggregator order.
@@ -172,8 +172,11 @@ def test_seed_share_expands_to_its_context() -> None:
     moved = Share(2, ShareKind.SEED, 3, seed=s.seed)  # same seed sent to another aggregator
     assert not np.array_equal(own, moved.expand("round-1", "client-1"))
     # Expanding in the wrong context breaks reconstruction.
-    wrong = [shares[0].expand("round-1", "client-1"), s.expand("round-2", "client-1"),
-             shares[2].expand("round-1", "client-1")]
+    wrong = [
+        shares[0].expand("round-1", "client-1"),
+        s.expand("round-2", "client-1"),
+        shares[2].expand("round-1", "client-1"),
+    ]
     assert [int(v) for v in sharing.unshard(wrong)] != [7, 8, 9]
 
 

@@ -173,9 +173,14 @@ def test_masking_keeps_values_just_below_p() -> None:
     assert [int(v) for v in out] == [P_REF - 1, P_REF - 1, 0, 0]
 
 
-@given(st.lists(st.one_of(st.sampled_from([REJECT_A, REJECT_B, REJECT_C]),
-                          st.integers(0, 2**64 - 1)), min_size=1, max_size=40),
-       st.integers(0, 10))
+@given(
+    st.lists(
+        st.one_of(st.sampled_from([REJECT_A, REJECT_B, REJECT_C]), st.integers(0, 2**64 - 1)),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(0, 10),
+)
 def test_rejection_matches_reference(words: list[int], d: int) -> None:
     kept = [w & MASK61 for w in words if w & MASK61 != P_REF]
     if len(kept) < d:

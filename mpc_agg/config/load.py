@@ -96,7 +96,9 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         for key, port in (("mpc_port", a.mpc_port), ("http_port", a.http_port)):
             here = f"aggregators[{a.index}].{key}"
             if (a.host, port) in seen:
-                raise fail(here, f"port {port} on {a.host} is already used by {seen[(a.host, port)]}")
+                raise fail(
+                    here, f"port {port} on {a.host} is already used by {seen[(a.host, port)]}"
+                )
             seen[(a.host, port)] = here
 
     m = len(aggregators)
@@ -117,8 +119,12 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
     rounds_raw = _get(data, "rounds", dict, "", fail, default={})
     _reject_unknown(rounds_raw, _ROUND_KEYS, "rounds.", fail)
     defaults = RoundPolicy()
-    min_clients = _get(rounds_raw, "min_clients", int, "rounds.", fail, default=defaults.min_clients)
-    max_clients = _get(rounds_raw, "max_clients", int, "rounds.", fail, default=defaults.max_clients)
+    min_clients = _get(
+        rounds_raw, "min_clients", int, "rounds.", fail, default=defaults.min_clients
+    )
+    max_clients = _get(
+        rounds_raw, "max_clients", int, "rounds.", fail, default=defaults.max_clients
+    )
     max_dim = _get(rounds_raw, "max_dim", int, "rounds.", fail, default=defaults.max_dim)
     if min_clients < 1:
         raise fail("rounds.min_clients", f"must be >= 1, got {min_clients}")
@@ -132,7 +138,9 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
     _reject_unknown(enc_raw, _ENC_KEYS, "encoding.", fail)
     enc_defaults = FixedPointEncoding()
     enc_args = {
-        "frac_bits": _get(enc_raw, "frac_bits", int, "encoding.", fail, default=enc_defaults.frac_bits),
+        "frac_bits": _get(
+            enc_raw, "frac_bits", int, "encoding.", fail, default=enc_defaults.frac_bits
+        ),
         "coord_clip": _number(enc_raw, "coord_clip", fail, enc_defaults.coord_clip),
         "l2_clip": _number(enc_raw, "l2_clip", fail, enc_defaults.l2_clip),
     }
@@ -176,7 +184,9 @@ def _get(raw: dict, key: str, typ: type, prefix: str, fail: Any, default: Any = 
     # bool is an int in Python; refuse it where a number is wanted, and vice versa.
     ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
     if not ok:
-        raise fail(f"{prefix}{key}", f"expected {typ.__name__}, got {type(value).__name__} {value!r}")
+        raise fail(
+            f"{prefix}{key}", f"expected {typ.__name__}, got {type(value).__name__} {value!r}"
+        )
     return value
 
 

@@ -70,7 +70,9 @@ def share_body_length(kind: ShareKind, dim: int) -> int:
 
 def encode_share(share: Share) -> bytes:
     """The upload body for ``share``."""
-    header = SHARE_HEADER.pack(SHARE_MAGIC, VERSION, int(share.kind), share.aggregator, 0, share.dim)
+    header = SHARE_HEADER.pack(
+        SHARE_MAGIC, VERSION, int(share.kind), share.aggregator, 0, share.dim
+    )
     if share.kind is ShareKind.FULL:
         assert share.vector is not None
         return header + share.vector.astype("<u8", copy=False).tobytes()
@@ -96,7 +98,9 @@ def decode_share(body: bytes, *, aggregator: int, dim: int) -> Share:
     try:
         kind = ShareKind(kind_byte)
     except ValueError:
-        raise MalformedUpload(f"unknown share kind {kind_byte}: expected 0 (full) or 1 (seed)") from None
+        raise MalformedUpload(
+            f"unknown share kind {kind_byte}: expected 0 (full) or 1 (seed)"
+        ) from None
     if reserved != 0:
         raise MalformedUpload(f"reserved header byte is {reserved}, must be 0")
     if index != aggregator:
@@ -104,7 +108,9 @@ def decode_share(body: bytes, *, aggregator: int, dim: int) -> Share:
             f"share is addressed to aggregator {index}, but this is aggregator {aggregator}"
         )
     if hdr_dim != dim:
-        raise DimensionMismatch(f"share has dimension {hdr_dim}, but the round's dimension is {dim}")
+        raise DimensionMismatch(
+            f"share has dimension {hdr_dim}, but the round's dimension is {dim}"
+        )
     expected = share_body_length(kind, dim)
     if len(body) != expected:
         raise MalformedUpload(
@@ -135,12 +141,14 @@ def decode_result(body: bytes) -> tuple[FieldArray, dict[str, Any]]:
         raise MalformedUpload("result header is not an mpc_agg v1 result")
     expected = RESULT_HEADER.size + meta_len + 8 * dim
     if len(body) != expected:
-        raise MalformedUpload(f"result of dimension {dim} should be {expected} bytes, got {len(body)}")
+        raise MalformedUpload(
+            f"result of dimension {dim} should be {expected} bytes, got {len(body)}"
+        )
     meta_end = RESULT_HEADER.size + meta_len
     try:
         meta = json.loads(body[RESULT_HEADER.size : meta_end].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedUpload(f"result metadata is not JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MalformedUpload(f"result metadata is not JSON: {type(exc).__name__}") from None
     if not isinstance(meta, dict):
         raise MalformedUpload("result metadata is not a JSON object")
     total = np.frombuffer(body, dtype="<u8", offset=meta_end, count=dim).astype(np.uint64)

@@ -43,12 +43,15 @@ class FixedPointEncoding:
     def __post_init__(self) -> None:
         if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= MAX_FRAC_BITS:
             raise ConfigError(
-                "encoding.frac_bits", f"must be an integer in 0..{MAX_FRAC_BITS}, got {self.frac_bits!r}"
+                "encoding.frac_bits",
+                f"must be an integer in 0..{MAX_FRAC_BITS}, got {self.frac_bits!r}",
             )
         for name in ("coord_clip", "l2_clip"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ConfigError(f"encoding.{name}", f"must be a positive finite number, got {v!r}")
+                raise ConfigError(
+                    f"encoding.{name}", f"must be a positive finite number, got {v!r}"
+                )
         if self.coord_clip is None and self.l2_clip is None:
             raise ConfigError(
                 "encoding",
@@ -82,15 +85,18 @@ class FixedPointEncoding:
         """
         return math.ceil(self.max_abs_coordinate * self.scale)
 
-    def check_headroom(self, max_clients: int, noise_tail: int = 0, path: str = "rounds.max_clients") -> None:
+    def check_headroom(
+        self, max_clients: int, noise_tail: int = 0, path: str = "rounds.max_clients"
+    ) -> None:
         """Raise :class:`ConfigError` unless ``max_clients`` vectors plus ``noise_tail``
         (integer units) always sum to less than p/2 in absolute value."""
         worst = max_clients * self.max_abs_encoded + noise_tail
         if worst >= HALF:
             raise ConfigError(
                 path,
-                f"{max_clients} clients x max |value| {self.max_abs_coordinate} x 2**{self.frac_bits}"
-                f" (+ noise tail {noise_tail}) = {worst:.3e} can reach p/2 = {HALF:.3e}: the sum "
+                f"{max_clients} clients x max |value| {self.max_abs_coordinate}"
+                f" x 2**{self.frac_bits} (+ noise tail {noise_tail}) = {worst:.3e}"
+                f" can reach p/2 = {HALF:.3e}: the sum "
                 "would wrap around silently; lower max_clients, the clip or frac_bits",
             )
 
@@ -102,12 +108,16 @@ class FixedPointEncoding:
         if not np.all(np.isfinite(x)):
             bad = int(np.flatnonzero(~np.isfinite(x))[0])
             raise EncodingError(f"vector has a non-finite value {x[bad]} at index {bad}")
-        if self.l2_clip is not None:
-            norm = float(np.linalg.norm(x))
+        if self.l2_clip is not None and x.size:
+            # Norm of x / max|x|, times max|x|: no overflow for finite entries near 1e308.
+            peak = float(np.max(np.abs(x)))
+            norm = peak * float(np.linalg.norm(x / peak)) if peak > 0 else 0.0
             if norm > self.l2_clip:
                 x *= self.l2_clip / norm
-        if self.coord_clip is not None:
-            np.clip(x, -self.coord_clip, self.coord_clip, out=x)
+        # The L2 scaling may overshoot by one ulp; clipping every coordinate to the bound the
+        # overflow check uses makes ``|x_i| <= max_abs_coordinate`` exact.
+        bound = self.max_abs_coordinate
+        np.clip(x, -bound, bound, out=x)
         return x
 
     def encode(self, x: npt.ArrayLike, rng: np.random.Generator) -> FieldArray:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 from mpc_agg.core.accumulator import Accumulator
 from mpc_agg.core.field import FieldArray
@@ -179,7 +180,11 @@ class Round:
             raise IllegalTransition("agreed clients must be a subset of the accepted ones")
         expected = len(self.accepted) - len(clients)
         if len(dropped_vectors) != expected:
-            raise IllegalTransition(f"{expected} dropped shares to subtract, got {len(dropped_vectors)}")
+            raise IllegalTransition(
+                f"{expected} dropped shares to subtract, got {len(dropped_vectors)}"
+            )
+        if any(v.shape != (self.dim,) for v in dropped_vectors):
+            raise IllegalTransition(f"every dropped share must have shape ({self.dim},)")
         self._apply(RoundEvent.AGREE)
         for v in dropped_vectors:
             self.sum.subtract(v)
@@ -245,7 +250,9 @@ def agree_client_set(views: Sequence[PartyView], min_clients: int) -> Agreement:
     round_id = views[0].round_id
     for i, v in enumerate(views):
         if v.round_id != round_id:
-            raise AgreementFailed(f"aggregator {i} answered for round {v.round_id!r}, not {round_id!r}")
+            raise AgreementFailed(
+                f"aggregator {i} answered for round {v.round_id!r}, not {round_id!r}"
+            )
         if v.dim is None:
             raise AgreementFailed(f"round {round_id!r} is unknown at aggregator {i}")
     dims = {v.dim for v in views}

@@ -92,6 +92,8 @@ def shard(
     """
     if m < 2:
         raise ValueError(f"sharing needs m >= 2 aggregators, got {m}")
+    if x.dtype != np.uint64 or x.ndim != 1:
+        raise ValueError(f"x must be a 1-D uint64 field vector, got {x.dtype} of shape {x.shape}")
     if not field.is_canonical(x):
         raise ValueError("x must be canonical (every value below p)")
     d = int(x.shape[0])

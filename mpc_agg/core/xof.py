@@ -3,7 +3,7 @@
 DESIGN.md, "Additive sharing with seed compression" (after the XOF of Prio3/DAP,
 draft-irtf-cfrg-vdaf section 6.2). Construction:
 
-* ``key = SHA-256("mpc_agg/xof/v1" || len(context) || context || seed)[:16]``: the context
+* ``key = SHA-256("mpc_agg/xof/v1" || u32le(len(context)) || context || seed)[:16]``: the context
   (round id, client id, aggregator index) is bound into the key, so the same seed expands
   to an unrelated stream in any other context and a seed share cannot be replayed elsewhere.
 * the stream is AES-128-CTR under ``key`` from a zero counter block (``cryptography``/OpenSSL);
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from mpc_agg.core.field import P, FieldArray
+from mpc_agg.core.field import FieldArray, P
 
 SEED_BYTES = 16
 """Length of a seed share, in bytes."""
@@ -42,8 +42,12 @@ def share_context(round_id: str, client_id: str, aggregator: int) -> bytes:
     """
     r = round_id.encode("utf-8")
     c = client_id.encode("utf-8")
-    return struct.pack("<H", len(r)) + r + struct.pack("<H", len(c)) + c + struct.pack(
-        "<H", aggregator
+    return (
+        struct.pack("<H", len(r))
+        + r
+        + struct.pack("<H", len(c))
+        + c
+        + struct.pack("<H", aggregator)
     )
 
 

@@ -64,7 +64,9 @@ class AggregatorAPI:
                     raise RemoteRefusal(self.address.index, resp.status, code, detail)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise AggregatorUnavailable(self.address.index, url, f"{last} (after {self.retries + 1} attempts)")
+        raise AggregatorUnavailable(
+            self.address.index, url, f"{last} (after {self.retries + 1} attempts)"
+        )
 
 
 def parse_error(status: int, body: bytes) -> tuple[str, str]:

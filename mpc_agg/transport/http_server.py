@@ -131,7 +131,9 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
 
 def build_app(aggregator: Aggregator) -> web.Application:
     """The aiohttp application serving ``aggregator``."""
-    app = web.Application(middlewares=[_errors], client_max_size=aggregator.max_body_bytes(None) + 1)
+    app = web.Application(
+        middlewares=[_errors], client_max_size=aggregator.max_body_bytes(None) + 1
+    )
 
     async def open_round(request: web.Request) -> web.Response:
         data = await _read_json(request)
@@ -183,7 +185,9 @@ def build_app(aggregator: Aggregator) -> web.Application:
             by_state[rnd.state.value] = by_state.get(rnd.state.value, 0) + 1
         lines.append("# TYPE mpc_agg_rounds gauge")
         for state, count in sorted(by_state.items()):
-            lines.append(f'mpc_agg_rounds{{aggregator="{aggregator.index}",state="{state}"}} {count}')
+            lines.append(
+                f'mpc_agg_rounds{{aggregator="{aggregator.index}",state="{state}"}} {count}'
+            )
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     app.router.add_put("/v1/rounds/{round}", open_round)

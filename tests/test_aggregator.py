@@ -1,0 +1,190 @@
+"""All roles in one process, without sockets: three Aggregator objects linked by an
+in-memory party network (FIFO per link, like MPyC's program-counter matching when every
+party makes the same calls), fed with real client upload bodies."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mpc_agg import Client, Topology
+from mpc_agg.aggregator import Aggregator
+from mpc_agg.core.codec import decode_result
+from mpc_agg.core.field import to_signed
+from mpc_agg.core.rounds import RoundState
+from mpc_agg.errors import ConflictingShare, NotLeader, ResultNotReady, RoundAborted, RoundFull
+
+from .conftest import topology_doc
+
+
+class InMemoryNetwork:
+    """One party's end of an in-memory, FIFO-per-link party network."""
+
+    def __init__(self, pid: int, links: dict[tuple[int, int], asyncio.Queue]) -> None:
+        self.pid = pid
+        self.m = int(len(links) ** 0.5)
+        self._links = links
+        self.connected = True
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def broadcast(self, obj: Any, sender: int) -> Any:
+        if self.pid == sender:
+            for j in range(self.m):
+                if j != sender:
+                    self._links[(sender, j)].put_nowait(obj)
+            return obj
+        return await self._links[(sender, self.pid)].get()
+
+    async def exchange(self, obj: Any) -> list[Any]:
+        for j in range(self.m):
+            if j != self.pid:
+                self._links[(self.pid, j)].put_nowait(obj)
+        return [
+            obj if j == self.pid else await self._links[(j, self.pid)].get() for j in range(self.m)
+        ]
+
+
+def make_federation(tmp_path: Path, m: int = 3, **doc_changes: Any) -> list[Aggregator]:
+    doc = topology_doc(m, (m - 1) // 2, name="inproc")
+    doc["data_dir"] = str(tmp_path / "data")
+    doc.update(doc_changes)
+    topo = Topology.from_dict(doc)
+    links = {(i, j): asyncio.Queue() for i in range(m) for j in range(m)}
+    return [Aggregator(topo, i, InMemoryNetwork(i, links)) for i in range(m)]
+
+
+async def run_round(aggs: list[Aggregator], round_id: str) -> None:
+    """Run every party's command loop until ``round_id`` ends everywhere (bounded)."""
+    tasks = [asyncio.ensure_future(a.serve_commands()) for a in aggs]
+    try:
+        aggs[0].request_close(round_id)
+        for _ in range(1000):
+            if all(
+                a.rounds[round_id].state in (RoundState.DONE, RoundState.FAILED)
+                for a in aggs
+                if round_id in a.rounds
+            ):
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("round did not end")
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def submit(
+    aggs: list[Aggregator],
+    round_id: str,
+    client_id: str,
+    x: np.ndarray,
+    to: list[int] | None = None,
+) -> None:
+    bodies = Client(aggs[0].topology, client_id).prepare(round_id, x)
+    for i in to if to is not None else range(len(aggs)):
+        assert aggs[i].receive_share(round_id, client_id, bodies[i]) is True
+
+
+def ints(n: int, d: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1000, 1001, size=(n, d)).astype(np.float64)
+
+
+def total_of(agg: Aggregator, round_id: str) -> np.ndarray:
+    field_total, meta = decode_result(agg.result(round_id))
+    return to_signed(field_total) / 2.0 ** meta["frac_bits"]
+
+
+def test_round_with_partial_clients(tmp_path):
+    async def go() -> None:
+        aggs = make_federation(tmp_path)
+        for a in aggs:
+            assert a.open_round("r", 16) is True
+            assert a.open_round("r", 16) is False
+        data = ints(5, 16, seed=1)
+        for i in range(3):
+            submit(aggs, "r", f"c{i}", data[i])
+        submit(aggs, "r", "partial-a", data[3], to=[0, 1])
+        submit(aggs, "r", "partial-b", data[4], to=[2])
+        with pytest.raises(ResultNotReady):
+            aggs[0].result("r")
+        await run_round(aggs, "r")
+        for a in aggs:
+            assert a.rounds["r"].state is RoundState.DONE
+            assert a.rounds["r"].dropped_clients == ("partial-a", "partial-b")
+            np.testing.assert_array_equal(total_of(a, "r"), data[:3].sum(axis=0))
+            assert not (a.topology.aggregator_dir(a.index) / "round-r.journal").exists()
+            assert a.metrics["rounds_done"] == 1
+
+    asyncio.run(go())
+
+
+def test_too_few_complete_clients_fails_everywhere(tmp_path):
+    async def go() -> None:
+        aggs = make_federation(tmp_path)
+        for a in aggs:
+            a.open_round("r", 4)
+        data = ints(2, 4, seed=2)
+        submit(aggs, "r", "c0", data[0])
+        submit(aggs, "r", "c1", data[1], to=[0, 2])
+        await run_round(aggs, "r")
+        for a in aggs:
+            assert a.rounds["r"].state is RoundState.FAILED
+            assert a.rounds["r"].total is None
+            with pytest.raises(RoundAborted, match="min_clients is 2"):
+                a.result("r")
+
+    asyncio.run(go())
+
+
+def test_refused_uploads_change_nothing(tmp_path):
+    async def go() -> None:
+        aggs = make_federation(
+            tmp_path, rounds={"min_clients": 1, "max_clients": 2, "max_dim": 100}
+        )
+        for a in aggs:
+            a.open_round("r", 4)
+        data = ints(4, 4, seed=3)
+        submit(aggs, "r", "c0", data[0])
+        before = [a.rounds["r"].local_sum().copy() for a in aggs]
+        other = Client(aggs[0].topology, "c0").prepare("r", data[1])
+        for a in aggs:
+            with pytest.raises(ConflictingShare):
+                a.receive_share("r", "c0", other[a.index])
+        np.testing.assert_array_equal([a.rounds["r"].local_sum() for a in aggs], before)
+        submit(aggs, "r", "c1", data[2])
+        full = Client(aggs[0].topology, "c2").prepare("r", data[3])
+        with pytest.raises(RoundFull, match="max_clients = 2"):
+            aggs[0].receive_share("r", "c2", full[0])
+        assert aggs[0].metrics["uploads_refused"] == 2
+        with pytest.raises(NotLeader, match="aggregator 0"):
+            aggs[1].request_close("r")
+        await run_round(aggs, "r")
+        np.testing.assert_array_equal(total_of(aggs[1], "r"), data[0] + data[2])
+
+    asyncio.run(go())
+
+
+def test_rounds_run_one_after_another_on_one_network(tmp_path):
+    async def go() -> None:
+        aggs = make_federation(tmp_path, m=2, threshold=0)
+        for rid in ("a", "b"):
+            for a in aggs:
+                a.open_round(rid, 3)
+        data = ints(4, 3, seed=4)
+        for i in range(2):
+            submit(aggs, "a", f"x{i}", data[i])
+            submit(aggs, "b", f"x{i}", data[i + 2])
+        await run_round(aggs, "a")
+        await run_round(aggs, "b")
+        np.testing.assert_array_equal(total_of(aggs[0], "a"), data[:2].sum(axis=0))
+        np.testing.assert_array_equal(total_of(aggs[1], "b"), data[2:].sum(axis=0))
+
+    asyncio.run(go())
