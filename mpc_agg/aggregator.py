@@ -34,6 +34,7 @@ from mpc_agg.errors import (
     AgreementFailed,
     InvalidRequest,
     NotLeader,
+    PartyLinkLost,
     ResultNotReady,
     RoundAborted,
     RoundConflict,
@@ -131,11 +132,17 @@ class Aggregator:
             raise UnknownRound(f"round {round_id!r} is unknown at aggregator {self.index}")
         return rnd
 
-    def max_body_bytes(self, round_id: str | None) -> int:
-        """Largest upload body accepted for ``round_id`` (or for any round)."""
-        rnd = self.rounds.get(round_id) if round_id else None
-        dim = rnd.dim if rnd is not None else self.topology.rounds.max_dim
-        return codec.share_body_length(ShareKind.FULL, dim)
+    def max_body_bytes(self) -> int:
+        """Largest upload body of any round (a FULL share of ``max_dim``)."""
+        return codec.share_body_length(ShareKind.FULL, self.topology.rounds.max_dim)
+
+    def upload_limit(self, round_id: str, client_id: str) -> int:
+        """Checks that need no body (ids, round known): the largest body worth reading.
+
+        Called before the body is read, so a bad request costs no upload bandwidth.
+        """
+        codec.check_id("client", client_id)
+        return codec.share_body_length(ShareKind.FULL, self._round(round_id).dim)
 
     def receive_share(self, round_id: str, client_id: str, body: bytes) -> bool:
         """Validate, journal and accumulate one upload.
@@ -180,8 +187,8 @@ class Aggregator:
                 f"aggregator {self.index} is not the leader; send close requests to "
                 f"aggregator 0 at {leader.url}"
             )
-        self._round(round_id)
-        if round_id in self._close_requested:
+        rnd = self._round(round_id)
+        if rnd.state in TERMINAL or round_id in self._close_requested:
             return
         self._close_requested.add(round_id)
         self._close_queue.put_nowait(round_id)
@@ -212,16 +219,31 @@ class Aggregator:
         while True:
             if self.is_leader:
                 round_id = await self._close_queue.get()
-                command = await self.network.broadcast(("close", round_id), sender=LEADER)
+                try:
+                    command = await self.network.broadcast(("close", round_id), sender=LEADER)
+                except PartyLinkLost as exc:
+                    self._close_requested.discard(round_id)
+                    self._fail(self.rounds.get(round_id), f"cannot close: {exc}")
+                    continue
             else:
-                command = await self.network.broadcast(None, sender=LEADER)
+                try:
+                    command = await self.network.broadcast(None, sender=LEADER)
+                except PartyLinkLost as exc:
+                    log.error("waiting for the leader: %s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
             if not (isinstance(command, tuple) and len(command) == 2 and command[0] == "close"):
                 log.error("ignoring malformed command from the leader: %r", type(command))
                 continue
             await self.aggregate(str(command[1]))
 
     async def aggregate(self, round_id: str) -> None:
-        """Close, agree on the client set, and reveal ``round_id``; every party runs this."""
+        """Close, agree on the client set, and reveal ``round_id``; every party runs this.
+
+        Every party makes the same two exchanges whatever happens locally (a local failure
+        after agreement is announced in the second exchange), so the parties never fall out
+        of step, and every party reaches the same verdict.
+        """
         t0 = self.clock()
         rnd = self.rounds.get(round_id)
         if rnd is not None and rnd.state is RoundState.OPEN:
@@ -234,17 +256,28 @@ class Aggregator:
             sorted(rnd.accepted) if live and rnd else [],
         )
         try:
-            raw_views = await self.network.exchange(view)
-            views = [PartyView(v[0], v[1], frozenset(v[3])) for v in raw_views]
-            min_clients = max(int(v[2]) for v in raw_views)
-            agreement = agree_client_set(views, min_clients)
+            try:
+                raw_views = await self.network.exchange(view)  # exchange 1: client sets
+                views = [PartyView(v[0], v[1], frozenset(v[3])) for v in raw_views]
+                agreement = agree_client_set(views, max(int(v[2]) for v in raw_views))
+            except AgreementFailed as exc:  # same views everywhere: same verdict everywhere
+                self._fail(rnd, str(exc))
+                return
             assert rnd is not None  # agree_client_set fails if any party lacks the round
-            dropped = [
-                self._share_vector(rnd, c) for c in sorted(rnd.accepted.keys() - agreement.clients)
-            ]
-            rnd.agree(agreement.clients, dropped, agreement.dropped)
+            local: FieldArray | None = None
+            try:
+                gone = sorted(rnd.accepted.keys() - agreement.clients)
+                dropped = [self._share_vector(rnd, c) for c in gone]
+                rnd.agree(agreement.clients, dropped, agreement.dropped)
+                local = rnd.local_sum()
+            except Exception:  # noqa: BLE001 - announced to all parties in exchange 2
+                log.exception("round %s: cannot compute this aggregator's sum share", round_id)
             t_agreed = self.clock()
-            total = await reveal_sum(self.network, rnd.local_sum())
+            try:
+                total = await reveal_sum(self.network, local, rnd.dim)  # exchange 2: sums
+            except AgreementFailed as exc:
+                self._fail(rnd, str(exc))
+                return
             rnd.reveal(total)
             t_done = self.clock()
             rnd.timings.update(
@@ -263,11 +296,10 @@ class Aggregator:
                 t_agreed - t0,
                 t_done - t_agreed,
             )
-        except AgreementFailed as exc:
-            self._fail(rnd, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a round must end, whatever went wrong
+        except Exception as exc:  # noqa: BLE001 - e.g. a party link lost: the round must end
             log.exception("round %s: aggregation error", round_id)
-            self._fail(rnd, f"aggregation error at aggregator {self.index}: {exc}")
+            detail = str(exc) if isinstance(exc, PartyLinkLost) else "see the aggregators' logs"
+            self._fail(rnd, f"aggregation error at aggregator {self.index}: {detail}")
         finally:
             self._close_requested.discard(round_id)
             if rnd is not None and rnd.state in TERMINAL:

@@ -64,6 +64,7 @@ class Client:
         self.retries = retries
         self._rng = rng if rng is not None else np.random.default_rng()
         self._random_bytes = random_bytes
+        self._prepared: dict[str, tuple[bytes, list[bytes]]] = {}
 
     def __repr__(self) -> str:
         return f"Client({self.client_id!r}, topology={self.topology.name!r})"
@@ -87,8 +88,20 @@ class Client:
         return run_sync(self.submit_async(round_id, vector), "submit")
 
     async def submit_async(self, round_id: str, vector: npt.ArrayLike) -> SubmitReceipt:
-        """Asynchronous :meth:`submit`."""
-        bodies = self.prepare(round_id, vector)
+        """Asynchronous :meth:`submit`.
+
+        Submitting the same vector to the same round again (say, after an aggregator was
+        unreachable) resends the very same shares, so aggregators that already hold them
+        answer "identical retry" and the others accept them: retries are idempotent.
+        """
+        key = np.ascontiguousarray(vector, dtype=np.float64).tobytes()
+        cached = self._prepared.get(round_id)
+        if cached is not None and cached[0] == key:
+            bodies = cached[1]
+        else:
+            bodies = self.prepare(round_id, vector)
+            self._prepared.clear()  # keep only the latest round's shares (O(d) memory)
+            self._prepared[round_id] = (key, bodies)
         return await self.upload(round_id, bodies)
 
     async def upload(

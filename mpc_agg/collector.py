@@ -119,23 +119,29 @@ class Collector:
     async def aggregate_async(self, round_id: str, timeout: float = 120.0) -> AggregateResult:
         codec.check_id("round", round_id)
         deadline = time.monotonic() + timeout
+        late = f"round {round_id!r} did not finish within {timeout} s"
         async with new_session(self.timeout_s) as session:
             leader = self._apis(session)[0]
-            await leader.request("POST", f"/v1/rounds/{round_id}/close")
+            try:
+                await leader.request("POST", f"/v1/rounds/{round_id}/close", deadline=deadline)
+            except AggregationTimeout as exc:
+                raise AggregationTimeout(f"{late}: {exc}") from None
             delay = 0.02
             while True:
                 try:
-                    _, body = await leader.request("GET", f"/v1/rounds/{round_id}/result")
+                    _, body = await leader.request(
+                        "GET", f"/v1/rounds/{round_id}/result", deadline=deadline
+                    )
                     break
+                except AggregationTimeout as exc:
+                    raise AggregationTimeout(f"{late}: {exc}") from None
                 except RemoteRefusal as exc:
                     if exc.code == "round_failed":
                         raise RoundFailed(round_id, exc.detail) from None
                     if exc.code != "result_not_ready":
                         raise
                 if time.monotonic() + delay > deadline:
-                    raise AggregationTimeout(
-                        f"round {round_id!r} did not finish within {timeout} s"
-                    )
+                    raise AggregationTimeout(late)
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
         total, meta = codec.decode_result(body)

@@ -82,6 +82,12 @@ class PayloadTooLarge(PeerError):
     code = "too_large"
 
 
+class RequestTimeout(PeerError):
+    """A request body did not arrive in time."""
+
+    code = "timeout"
+
+
 class InvalidRequest(PeerError):
     """A request's parameters (ids, JSON fields) are invalid."""
 
@@ -147,6 +153,10 @@ class IllegalTransition(MpcAggError):
 
     The round is left unchanged.
     """
+
+
+class PartyLinkLost(MpcAggError):
+    """The link to another aggregator is down; no MPC step can run until it is back."""
 
 
 class AgreementFailed(MpcAggError):

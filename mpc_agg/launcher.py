@@ -23,6 +23,21 @@ from typing import IO, TextIO
 from mpc_agg.config.schema import Topology
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the launcher dies, even by
+    SIGKILL, so no party outlives its launcher. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class LaunchError(RuntimeError):
     """A party exited early or did not become ready in time."""
 
@@ -49,8 +64,8 @@ class LocalFederation:
         self._lock = threading.Lock()
 
     def __enter__(self) -> LocalFederation:
-        self.start()
         try:
+            self.start()
             self.wait_ready()
         except BaseException:
             self.stop()
@@ -77,6 +92,7 @@ class LocalFederation:
             ]
             proc = subprocess.Popen(
                 cmd,
+                preexec_fn=_die_with_parent,
                 cwd=self.cwd,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -48,7 +48,8 @@ async def serve(topology: Topology, index: int, network: object) -> None:
 
     aggregator = Aggregator(topology, index, network)  # type: ignore[arg-type]
     address = topology.aggregators[index]
-    runner = web.AppRunner(build_app(aggregator), access_log=None)
+    # shutdown_timeout: a stalled upload must not hold up SIGTERM for aiohttp's default 60 s.
+    runner = web.AppRunner(build_app(aggregator), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.http_port)
     await site.start()

@@ -5,6 +5,7 @@ party makes the same calls), fed with real client upload bodies."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from mpc_agg.aggregator import Aggregator
 from mpc_agg.core.codec import decode_result
 from mpc_agg.core.field import to_signed
 from mpc_agg.core.rounds import RoundState
+from mpc_agg.core.sharing import full_share_index
 from mpc_agg.errors import ConflictingShare, NotLeader, ResultNotReady, RoundAborted, RoundFull
 
 from .conftest import topology_doc
@@ -147,7 +149,7 @@ def test_too_few_complete_clients_fails_everywhere(tmp_path):
 def test_refused_uploads_change_nothing(tmp_path):
     async def go() -> None:
         aggs = make_federation(
-            tmp_path, rounds={"min_clients": 1, "max_clients": 2, "max_dim": 100}
+            tmp_path, rounds={"min_clients": 2, "max_clients": 2, "max_dim": 100}
         )
         for a in aggs:
             a.open_round("r", 4)
@@ -186,5 +188,34 @@ def test_rounds_run_one_after_another_on_one_network(tmp_path):
         await run_round(aggs, "b")
         np.testing.assert_array_equal(total_of(aggs[0], "a"), data[:2].sum(axis=0))
         np.testing.assert_array_equal(total_of(aggs[1], "b"), data[2:].sum(axis=0))
+
+    asyncio.run(go())
+
+
+def test_local_failure_after_agreement_fails_everywhere_and_keeps_parties_in_step(tmp_path):
+    async def go() -> None:
+        aggs = make_federation(tmp_path)
+        for a in aggs:
+            a.open_round("r", 8)
+            a.open_round("next", 8)
+        data = ints(4, 8, seed=5)
+        for i in range(3):
+            submit(aggs, "r", f"c{i}", data[i])
+        # A partial client whose FULL share reached only aggregator 1 (so 1 must re-read it
+        # from its journal to subtract it), then that journal loses its bytes.
+        cid = next(f"p{k}" for k in range(100) if full_share_index(f"p{k}", 3) == 1)
+        submit(aggs, "r", cid, data[3], to=[1])
+        journal = aggs[1].topology.aggregator_dir(1) / "round-r.journal"
+        os.truncate(journal, 10)
+        await run_round(aggs, "r")
+        for a in aggs:
+            assert a.rounds["r"].state is RoundState.FAILED
+            assert "aggregator(s) [1] could not compute" in a.rounds["r"].failure
+            assert a.rounds["r"].total is None
+        for i in range(2):
+            submit(aggs, "next", f"n{i}", data[i])
+        await run_round(aggs, "next")
+        for a in aggs:
+            np.testing.assert_array_equal(total_of(a, "next"), data[:2].sum(axis=0))
 
     asyncio.run(go())

@@ -120,7 +120,12 @@ def test_defaults_fill_optional_sections():
         (doc(threshold=True), "threshold", "expected int, got bool"),
         (doc(threshold=2), "threshold", "2t < m"),
         (doc(threshold=-1), "threshold", "honest majority"),
-        (doc(rounds__min_clients=0), "rounds.min_clients", ">= 1"),
+        (doc(rounds__min_clients=1), "rounds.min_clients", ">= 2"),
+        (
+            doc(aggregators__1__host="localhost", aggregators__1__mpc_port=1001),
+            "aggregators[1].mpc_port",
+            "already used by aggregators[0].mpc_port",
+        ),
         (doc(rounds__max_clients=1), "rounds.max_clients", "below min_clients"),
         (doc(rounds__max_dim=0), "rounds.max_dim", "1.."),
         (doc(encoding__frac_bits=41), "encoding.frac_bits", "0..40"),

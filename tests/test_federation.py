@@ -136,10 +136,14 @@ def test_duplicate_and_conflicting_uploads(federation3, round_id):
     assert refused.value.status == 409
     assert refused.value.code == "conflicting_share"
     assert "first upload stands" in refused.value.detail
-    Client(topo, "bob").submit(round_id, other)
+    bob = Client(topo, "bob")
+    bob.submit(round_id, other)
+    assert bob.submit(round_id, other).retries == (0, 1, 2)  # same vector: same bytes resent
     assert accepted_counts(collector, round_id) == [2, 2, 2]
     result = collector.aggregate(round_id, timeout=60)
     np.testing.assert_array_equal(result.total, x + other)
+    # A retry that arrives after the round ended still learns its share was held.
+    assert asyncio.run(alice.upload(round_id, bodies)).retries == (0, 1, 2)
 
 
 def test_wrong_dimension_is_refused_and_nothing_is_accepted(federation3, round_id):
@@ -259,7 +263,8 @@ def test_round_lifecycle_errors(federation3, round_id):
         {"Content-Type": "application/json"},
     )
     assert (status, answer["error"]) == (409, "round_conflict")
-    for bad in (b"not json", b'{"dim": 0}', b'{"dim": "8"}', b'{"dim": 8, "x": 1}', b"{}"):
+    deep = b"[" * 2000 + b"]" * 2000
+    for bad in (b"not json", b'{"dim": 0}', b'{"dim": "8"}', b'{"dim": 8, "x": 1}', b"{}", deep):
         status, answer = http("PUT", f"{leader}/v1/rounds/other-{round_id}", bad)
         assert (status, answer["error"]) == (400, "invalid_request"), bad
     status, answer = http("POST", f"{follower}/v1/rounds/{round_id}/close")

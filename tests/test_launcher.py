@@ -88,3 +88,40 @@ def test_importing_mpc_agg_does_not_import_mpyc():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_parties_do_not_outlive_a_killed_launcher(tmp_path):
+    fed = start_launcher(write_topology(tmp_path, topology_doc(2, 0, name="orphans")), cwd=tmp_path)
+    try:
+        fed.launcher.kill()  # SIGKILL: the launcher cannot clean up itself
+        fed.launcher.wait(timeout=10)
+        assert wait_gone(fed.party_pids) == []
+    finally:
+        stop_launcher(fed.launcher, fed.party_pids)
+
+
+def test_lost_party_link_fails_the_round_cleanly(tmp_path):
+    import urllib.request
+
+    from mpc_agg import Collector, RoundFailed
+    from mpc_agg.launcher import LocalFederation
+
+    config = write_topology(tmp_path, topology_doc(3, 1, name="linkloss"))
+    with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
+        fed.processes[2].kill()
+        fed.processes[2].wait(timeout=10)
+        leader = fed.topology.aggregators[0].url
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{leader}/healthz", timeout=5) as resp:
+                if b'"connecting"' in resp.read():
+                    break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the leader still reports all links connected")
+        for a in fed.topology.aggregators[:2]:
+            req = urllib.request.Request(f"{a.url}/v1/rounds/r", data=b'{"dim": 4}', method="PUT")
+            assert urllib.request.urlopen(req, timeout=5).status == 201
+        with pytest.raises(RoundFailed, match=r"link to aggregator\(s\) \[2\] is down"):
+            Collector(fed.topology).aggregate("r", timeout=30)
+        assert fed.processes[0].poll() is None and fed.processes[1].poll() is None

@@ -158,20 +158,23 @@ def test_check_upload_new_and_identical_retry() -> None:
     assert r.accepted["alice"].kind is ShareKind.FULL
 
 
-@pytest.mark.parametrize("state", [RoundState.CLOSING, RoundState.AGGREGATING])
+@pytest.mark.parametrize(
+    "state", [RoundState.CLOSING, RoundState.AGGREGATING, RoundState.DONE, RoundState.FAILED]
+)
 def test_identical_retry_after_close_is_a_no_op(state: RoundState) -> None:
-    """A client retrying an upload that was accepted before close gets 'already have it'."""
+    """A client retrying an upload that was accepted before close gets 'already have it',
+    also once the round ended: its share was held (and counted, if the round is DONE)."""
     r = round_in(state)
     share = full([1, 2, P_REF - 1])
     assert r.check_upload("alice", share, upload_digest(codec.encode_share(share))) is False
 
 
 @pytest.mark.parametrize("state", [RoundState.DONE, RoundState.FAILED])
-def test_identical_retry_after_end_is_round_ended(state: RoundState) -> None:
+def test_new_or_different_upload_after_end_is_round_ended(state: RoundState) -> None:
     r = round_in(state)
-    share = full([1, 2, P_REF - 1])
-    with pytest.raises(RoundEnded, match=state.value):
-        r.check_upload("alice", share, upload_digest(codec.encode_share(share)))
+    for client, share in (("alice", full([9, 9, 9])), ("zoe", full([1, 2, 3]))):
+        with pytest.raises(RoundEnded, match=state.value):
+            r.check_upload(client, share, upload_digest(codec.encode_share(share)))
 
 
 @pytest.mark.parametrize("state", [RoundState.CLOSING, RoundState.AGGREGATING])

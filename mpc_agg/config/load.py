@@ -29,6 +29,8 @@ from mpc_agg.core.encoding import FixedPointEncoding
 from mpc_agg.errors import ConfigError
 
 MAX_AGGREGATORS = 16
+_LOOPBACK = "127.0.0.1"
+_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "localhost.localdomain", "::1", "ip6-localhost"}
 
 _TOP_KEYS = {"name", "threshold", "aggregators", "rounds", "encoding", "data_dir", "fsync"}
 _AGG_KEYS = {"host", "mpc_port", "http_port"}
@@ -93,13 +95,12 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         aggregators.append(AggregatorAddress(i, host, ports[0], ports[1]))
     seen: dict[tuple[str, int], str] = {}
     for a in aggregators:
+        host = _LOOPBACK if a.host.lower() in _LOOPBACK_NAMES else a.host.lower()
         for key, port in (("mpc_port", a.mpc_port), ("http_port", a.http_port)):
             here = f"aggregators[{a.index}].{key}"
-            if (a.host, port) in seen:
-                raise fail(
-                    here, f"port {port} on {a.host} is already used by {seen[(a.host, port)]}"
-                )
-            seen[(a.host, port)] = here
+            if (host, port) in seen:
+                raise fail(here, f"port {port} on {a.host} is already used by {seen[(host, port)]}")
+            seen[(host, port)] = here
 
     m = len(aggregators)
     threshold = _get(data, "threshold", int, "", fail, default=(m - 1) // 2)
@@ -126,8 +127,11 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         rounds_raw, "max_clients", int, "rounds.", fail, default=defaults.max_clients
     )
     max_dim = _get(rounds_raw, "max_dim", int, "rounds.", fail, default=defaults.max_dim)
-    if min_clients < 1:
-        raise fail("rounds.min_clients", f"must be >= 1, got {min_clients}")
+    if min_clients < 2:
+        raise fail(
+            "rounds.min_clients",
+            f"must be >= 2, got {min_clients}: the total of one client is that client's vector",
+        )
     if max_clients < min_clients:
         raise fail("rounds.max_clients", f"{max_clients} is below min_clients = {min_clients}")
     if not 1 <= max_dim <= MAX_DIM:

@@ -133,12 +133,12 @@ class Round:
         :class:`RoundNotOpen`/:class:`RoundEnded` when uploads are over,
         :class:`DimensionMismatch` or :class:`ConflictingShare`.
         """
+        previous = self.accepted.get(client_id)
+        if previous is not None and previous.digest == digest:
+            return False  # an identical retry, whatever the state: the share is held
         if self.state in TERMINAL:
             raise RoundEnded(f"round {self.round_id!r} has ended ({self.state.value})")
-        previous = self.accepted.get(client_id)
         if previous is not None:
-            if previous.digest == digest:
-                return False
             raise ConflictingShare(
                 f"client {client_id!r} already uploaded a different share to round "
                 f"{self.round_id!r}; the first upload stands"

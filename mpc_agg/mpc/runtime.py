@@ -12,6 +12,8 @@ import asyncio
 import sys
 from typing import Any
 
+from mpc_agg.errors import PartyLinkLost
+
 
 def load_runtime(argv: list[str]) -> Any:
     """Import MPyC with ``argv`` as its options and return its runtime ``mpc``."""
@@ -37,7 +39,17 @@ class MpycNetwork:
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        """True once started and while every link to another party is up."""
+        return self._connected and not self._lost_links()
+
+    def _lost_links(self) -> list[int]:
+        return [p.pid for p in self._mpc.parties if p.pid != self.pid and p.protocol is None]
+
+    def _check_links(self) -> None:
+        # MPyC would fail inside a callback and stop the event loop; refuse cleanly instead.
+        lost = self._lost_links()
+        if lost:
+            raise PartyLinkLost(f"the link to aggregator(s) {lost} is down")
 
     def run(self, coro: Any) -> Any:
         """Run ``coro`` to completion on MPyC's event loop."""
@@ -53,9 +65,11 @@ class MpycNetwork:
         self._connected = True
 
     async def broadcast(self, obj: Any, sender: int) -> Any:
+        self._check_links()
         return await self._mpc.transfer(obj if self.pid == sender else None, senders=sender)
 
     async def exchange(self, obj: Any) -> list[Any]:
+        self._check_links()
         return await self._mpc.transfer(obj)
 
     async def stop(self) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
 
 from mpc_agg.config.schema import AggregatorAddress
-from mpc_agg.errors import AggregatorUnavailable, RemoteRefusal
+from mpc_agg.errors import AggregationTimeout, AggregatorUnavailable, RemoteRefusal
 
 
 class AggregatorAPI:
@@ -39,9 +40,19 @@ class AggregatorAPI:
         return f"AggregatorAPI({self.address.index}, {self.address.url})"
 
     async def request(
-        self, method: str, path: str, *, data: bytes | None = None, json_body: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        data: bytes | None = None,
+        json_body: Any = None,
+        deadline: float | None = None,
     ) -> tuple[int, bytes]:
-        """Send a request; return ``(status, body)`` for 2xx, raise otherwise."""
+        """Send a request; return ``(status, body)`` for 2xx, raise otherwise.
+
+        ``deadline`` (``time.monotonic()`` seconds) bounds all attempts together; past it,
+        :class:`AggregationTimeout` is raised.
+        """
         url = self.address.url + path
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         if data is not None:
@@ -50,9 +61,21 @@ class AggregatorAPI:
         for attempt in range(self.retries + 1):
             if attempt:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+            # The session's own timeout applies unless the deadline is nearer (passing None
+            # to aiohttp would mean "no timeout at all").
+            timeout = self.session.timeout
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AggregationTimeout(
+                        f"no answer from aggregator {self.address.index} ({last})"
+                    )
+                timeout = aiohttp.ClientTimeout(
+                    total=min(remaining, self.session.timeout.total or remaining)
+                )
             try:
                 async with self.session.request(
-                    method, url, data=data, json=json_body, headers=headers
+                    method, url, data=data, json=json_body, headers=headers, timeout=timeout
                 ) as resp:
                     body = await resp.read()
                     if resp.status < 300:

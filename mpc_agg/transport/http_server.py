@@ -31,6 +31,7 @@ from mpc_agg.errors import (
     NotLeader,
     PayloadTooLarge,
     PeerError,
+    RequestTimeout,
     ResultNotReady,
     RoundAborted,
     RoundConflict,
@@ -48,6 +49,7 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     DimensionMismatch: 400,
     InvalidRequest: 400,
     PayloadTooLarge: 413,
+    RequestTimeout: 408,
     UnknownRound: 404,
     RoundConflict: 409,
     ConflictingShare: 409,
@@ -61,6 +63,8 @@ HTTP_STATUS: dict[type[PeerError], int] = {
 """The one table from peer error to HTTP status (most specific class wins)."""
 
 MAX_JSON_BYTES = 4096
+BODY_TIMEOUT_S = 120.0
+"""A request body must arrive within this many seconds (slow uploads are cut off)."""
 
 
 def status_for(exc: PeerError) -> int:
@@ -96,7 +100,15 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes; refuse larger bodies before reading them."""
+    """Read at most ``limit`` bytes within :data:`BODY_TIMEOUT_S`; refuse larger bodies
+    before reading them."""
+    try:
+        return await asyncio.wait_for(_read_body_unbounded(request, limit), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"body not received within {BODY_TIMEOUT_S:.0f} s") from None
+
+
+async def _read_body_unbounded(request: web.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None:
         if length > limit:
@@ -122,8 +134,8 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
     body = await _read_body(request, MAX_JSON_BYTES)
     try:
         data = json.loads(body or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"body is not JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"body is not JSON: {type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object")
     return data
@@ -131,9 +143,7 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
 
 def build_app(aggregator: Aggregator) -> web.Application:
     """The aiohttp application serving ``aggregator``."""
-    app = web.Application(
-        middlewares=[_errors], client_max_size=aggregator.max_body_bytes(None) + 1
-    )
+    app = web.Application(middlewares=[_errors], client_max_size=aggregator.max_body_bytes() + 1)
 
     async def open_round(request: web.Request) -> web.Response:
         data = await _read_json(request)
@@ -150,9 +160,9 @@ def build_app(aggregator: Aggregator) -> web.Application:
         return web.json_response(aggregator.round_status(request.match_info["round"]))
 
     async def put_share(request: web.Request) -> web.Response:
-        round_id = request.match_info["round"]
-        body = await _read_body(request, aggregator.max_body_bytes(round_id))
-        created = aggregator.receive_share(round_id, request.match_info["client"], body)
+        round_id, client_id = request.match_info["round"], request.match_info["client"]
+        body = await _read_body(request, aggregator.upload_limit(round_id, client_id))
+        created = aggregator.receive_share(round_id, client_id, body)
         return web.json_response(
             {"accepted": True, "retry": not created}, status=201 if created else 200
         )

@@ -30,10 +30,9 @@ class RoundJournal:
         self.fsync = fsync
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        self._end = os.fstat(self._fd).st_size
 
     def __repr__(self) -> str:
-        return f"RoundJournal({str(self.path)!r}, {self._end} bytes)"
+        return f"RoundJournal({str(self.path)!r})"
 
     def append_share(self, client_id: str, body: bytes) -> tuple[int, int]:
         """Append one accepted upload; return ``(offset, length)`` of ``body`` in the file."""
@@ -41,12 +40,15 @@ class RoundJournal:
         head = bytes([RECORD_SHARE]) + struct.pack("<H", len(cid)) + cid
         crc = zlib.crc32(body, zlib.crc32(head))
         record_len = len(head) + len(body)
-        offset = self._end + _LEN.size + len(head)
-        os.writev(self._fd, [_LEN.pack(record_len), head, body, _CRC.pack(crc)])
+        start = os.lseek(self._fd, 0, os.SEEK_END)  # the true end, even after a failed append
+        parts = [_LEN.pack(record_len), head, body, _CRC.pack(crc)]
+        written = os.writev(self._fd, parts)
+        if written != sum(len(x) for x in parts):
+            # A short write leaves a torn record (its CRC tells a reader); refuse the upload.
+            raise OSError(f"short write to journal {self.path}: {written} bytes")
         if self.fsync:
             os.fsync(self._fd)
-        self._end += _LEN.size + record_len + _CRC.size
-        return offset, len(body)
+        return start + _LEN.size + len(head), len(body)
 
     def read(self, ref: tuple[int, int]) -> bytes:
         """The body stored at ``ref`` (as returned by :meth:`append_share`)."""
