@@ -137,22 +137,26 @@ def stop_launcher(proc: subprocess.Popen[str], party_pids: list[int]) -> None:
             os.kill(p, signal.SIGKILL)
 
 
+def _federation(
+    factory: pytest.TempPathFactory, m: int, threshold: int
+) -> Iterator[RunningFederation]:
+    name = f"fed{m}"
+    d = factory.mktemp(name)
+    fed = start_launcher(write_topology(d, topology_doc(m, threshold, name=name)), cwd=d)
+    yield fed
+    stop_launcher(fed.launcher, fed.party_pids)
+
+
 @pytest.fixture(scope="session")
 def federation3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningFederation]:
     """Three real aggregator processes (threshold 1) on loopback, for the whole session."""
-    d = tmp_path_factory.mktemp("fed3")
-    fed = start_launcher(write_topology(d, topology_doc(3, 1, name="fed3")), cwd=d)
-    yield fed
-    stop_launcher(fed.launcher, fed.party_pids)
+    yield from _federation(tmp_path_factory, 3, 1)
 
 
 @pytest.fixture(scope="session")
 def federation2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningFederation]:
     """Two real aggregator processes (threshold 0), additive path only."""
-    d = tmp_path_factory.mktemp("fed2")
-    fed = start_launcher(write_topology(d, topology_doc(2, 0, name="fed2")), cwd=d)
-    yield fed
-    stop_launcher(fed.launcher, fed.party_pids)
+    yield from _federation(tmp_path_factory, 2, 0)
 
 
 _round_counter = iter(range(10**6))
