@@ -35,6 +35,7 @@ from mpc_agg.errors import (
     InvalidRequest,
     NotLeader,
     PartyLinkLost,
+    PartyNetworkDown,
     ResultNotReady,
     RoundAborted,
     RoundConflict,
@@ -63,11 +64,13 @@ class Aggregator:
         network: PartyNetwork,
         *,
         clock: Callable[[], float] = time.monotonic,
+        reveal_delay_s: float = 0.0,
     ) -> None:
         self.topology = topology
         self.index = index
         self.network = network
         self.clock = clock
+        self.reveal_delay_s = reveal_delay_s  # fault injection for tests only
         self.rounds: dict[str, Round] = {}
         self._journals: dict[str, RoundJournal] = {}
         self._close_queue: asyncio.Queue[str] = asyncio.Queue()
@@ -120,11 +123,60 @@ class Aggregator:
                 f"round id {round_id!r} was used before at aggregator {self.index} "
                 f"(journal {path} exists); use a new round id"
             )
-        self._journals[round_id] = RoundJournal(path, fsync=self.topology.fsync)
+        header = {"round": round_id, "dim": dim, "min_clients": min_clients}
+        self._journals[round_id] = RoundJournal.create(path, header, fsync=self.topology.fsync)
         self.rounds[round_id] = Round(round_id, dim, min_clients, opened_at=self.clock())
         self.metrics["rounds_opened"] += 1
         log.info("round %s opened: dim=%d min_clients=%d", round_id, dim, min_clients)
         return True
+
+    def recover(self) -> int:
+        """Rebuild the open rounds from their journals (after a restart); returns how many.
+
+        Running sums, accepted-client sets (so duplicate detection survives) and round
+        parameters come back; a torn or corrupt tail is truncated and logged; journals of
+        rounds that had ended are deleted.
+        """
+        directory = self.topology.aggregator_dir(self.index)
+        recovered = 0
+        for path in sorted(directory.glob("round-*.journal")):
+            try:
+                journal, contents = RoundJournal.recover(path, fsync=self.topology.fsync)
+            except (OSError, ValueError) as exc:
+                log.error("cannot recover %s (%s); moving it aside", path, exc)
+                path.rename(path.with_suffix(".unreadable"))
+                continue
+            if contents.torn is not None:
+                log.warning(
+                    "%s: %s; dropped the tail after byte %d",
+                    path,
+                    contents.torn,
+                    contents.valid_bytes,
+                )
+            if contents.end_state is not None:
+                journal.discard()
+                continue
+            h = contents.header
+            rnd = Round(h["round"], int(h["dim"]), int(h["min_clients"]), opened_at=self.clock())
+            for rec in contents.shares:
+                share = codec.decode_share(rec.body, aggregator=self.index, dim=rnd.dim)
+                rnd.accept(
+                    rec.client_id,
+                    share,
+                    upload_digest(rec.body),
+                    share.expand(rnd.round_id, rec.client_id),
+                    ref=rec.ref,
+                )
+            self.rounds[rnd.round_id] = rnd
+            self._journals[rnd.round_id] = journal
+            recovered += 1
+            log.info(
+                "round %s recovered from its journal: %d clients, dim=%d",
+                rnd.round_id,
+                len(rnd.accepted),
+                rnd.dim,
+            )
+        return recovered
 
     def _round(self, round_id: str) -> Round:
         rnd = self.rounds.get(round_id)
@@ -190,6 +242,11 @@ class Aggregator:
         rnd = self._round(round_id)
         if rnd.state in TERMINAL or round_id in self._close_requested:
             return
+        if not self.network.connected:
+            raise PartyNetworkDown(
+                f"the party network is down (waiting for aggregator(s) "
+                f"{self.network.missing()}); the round stays open, retry the close later"
+            )
         self._close_requested.add(round_id)
         self._close_queue.put_nowait(round_id)
         log.info("round %s: close requested", round_id)
@@ -273,6 +330,8 @@ class Aggregator:
             except Exception:  # noqa: BLE001 - announced to all parties in exchange 2
                 log.exception("round %s: cannot compute this aggregator's sum share", round_id)
             t_agreed = self.clock()
+            if self.reveal_delay_s:
+                await asyncio.sleep(self.reveal_delay_s)
             try:
                 total = await reveal_sum(self.network, local, rnd.dim)  # exchange 2: sums
             except AgreementFailed as exc:
@@ -296,6 +355,9 @@ class Aggregator:
                 t_agreed - t0,
                 t_done - t_agreed,
             )
+        except asyncio.CancelledError:
+            self._fail(rnd, "the party network was lost during aggregation; nothing revealed")
+            raise
         except Exception as exc:  # noqa: BLE001 - e.g. a party link lost: the round must end
             log.exception("round %s: aggregation error", round_id)
             detail = str(exc) if isinstance(exc, PartyLinkLost) else "see the aggregators' logs"
@@ -305,6 +367,7 @@ class Aggregator:
             if rnd is not None and rnd.state in TERMINAL:
                 journal = self._journals.pop(round_id, None)
                 if journal is not None:
+                    journal.append_end(rnd.state.value)
                     journal.discard()
 
     def _fail(self, rnd: Round | None, reason: str) -> None:

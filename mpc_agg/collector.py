@@ -122,10 +122,18 @@ class Collector:
         late = f"round {round_id!r} did not finish within {timeout} s"
         async with new_session(self.timeout_s) as session:
             leader = self._apis(session)[0]
-            try:
-                await leader.request("POST", f"/v1/rounds/{round_id}/close", deadline=deadline)
-            except AggregationTimeout as exc:
-                raise AggregationTimeout(f"{late}: {exc}") from None
+            while True:  # the leader refuses to close while the party network is down
+                try:
+                    await leader.request("POST", f"/v1/rounds/{round_id}/close", deadline=deadline)
+                    break
+                except AggregationTimeout as exc:
+                    raise AggregationTimeout(f"{late}: {exc}") from None
+                except RemoteRefusal as exc:
+                    if exc.code != "party_network_down":
+                        raise
+                    if time.monotonic() + 0.5 > deadline:
+                        raise AggregationTimeout(f"{late}: {exc.detail}") from None
+                    await asyncio.sleep(0.5)
             delay = 0.02
             while True:
                 try:

@@ -148,6 +148,12 @@ class NotLeader(PeerError):
     code = "not_leader"
 
 
+class PartyNetworkDown(PeerError):
+    """A close was requested while links between aggregators are down."""
+
+    code = "party_network_down"
+
+
 class IllegalTransition(MpcAggError):
     """A round state machine received an event that is illegal in its state.
 

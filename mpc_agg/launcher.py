@@ -9,6 +9,7 @@ answers and its MPyC links are connected.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -52,12 +53,14 @@ class LocalFederation:
         log_level: str = "info",
         output: TextIO | None = None,
         cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.config_path = Path(config_path).resolve()
         self.topology = Topology.load(self.config_path)
         self.log_level = log_level
         self.output = output if output is not None else sys.stdout
         self.cwd = Path(cwd) if cwd is not None else Path.cwd()
+        self.env = dict(env or {})
         self.processes: list[subprocess.Popen[str]] = []
         self._tails: list[deque[str]] = []
         self._threads: list[threading.Thread] = []
@@ -78,35 +81,52 @@ class LocalFederation:
     def start(self) -> None:
         """Spawn one process per aggregator."""
         for a in self.topology.aggregators:
-            cmd = [
-                sys.executable,
-                "-u",
-                "-m",
-                "mpc_agg.party",
-                "--config",
-                str(self.config_path),
-                "--index",
-                str(a.index),
-                "--log-level",
-                self.log_level,
-            ]
-            proc = subprocess.Popen(
-                cmd,
-                preexec_fn=_die_with_parent,
-                cwd=self.cwd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-            )
-            self.processes.append(proc)
-            tail: deque[str] = deque(maxlen=30)
+            self.processes.append(self._spawn(a.index))
+
+    def command(self, index: int) -> list[str]:
+        """The command line that runs aggregator ``index``."""
+        return [
+            sys.executable,
+            "-u",
+            "-m",
+            "mpc_agg.party",
+            "--config",
+            str(self.config_path),
+            "--index",
+            str(index),
+            "--log-level",
+            self.log_level,
+        ]
+
+    def _spawn(self, index: int) -> subprocess.Popen[str]:
+        env = {**os.environ, **self.env}
+        proc = subprocess.Popen(
+            self.command(index),
+            preexec_fn=_die_with_parent,
+            cwd=self.cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        tail: deque[str] = deque(maxlen=30)
+        if index < len(self._tails):
+            self._tails[index] = tail
+        else:
             self._tails.append(tail)
-            t = threading.Thread(
-                target=self._pump, args=(proc.stdout, f"[agg {a.index}] ", tail), daemon=True
-            )
-            t.start()
-            self._threads.append(t)
+        t = threading.Thread(
+            target=self._pump, args=(proc.stdout, f"[agg {index}] ", tail), daemon=True
+        )
+        t.start()
+        self._threads.append(t)
+        return proc
+
+    def restart(self, index: int) -> None:
+        """Start aggregator ``index`` again with the same command (after it died)."""
+        if self.processes[index].poll() is None:
+            raise RuntimeError(f"aggregator {index} is still running")
+        self.processes[index] = self._spawn(index)
 
     def _pump(self, stream: IO[str] | None, prefix: str, tail: deque[str]) -> None:
         if stream is None:
@@ -120,8 +140,11 @@ class LocalFederation:
                 except ValueError:  # output closed while shutting down
                     return
 
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Block until every party accepts uploads and is connected to the others."""
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until every party accepts uploads and is connected to the others
+        (at most ``timeout_s``, default the topology's ``deadlines.startup_s``)."""
+        if timeout_s is None:
+            timeout_s = self.topology.deadlines.startup_s
         deadline = time.monotonic() + timeout_s
         pending = set(range(self.topology.m))
         while pending:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from typing import Any
 
 from aiohttp import web
 
@@ -41,12 +43,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(topology: Topology, index: int, network: object) -> None:
-    """Run the party until SIGTERM/SIGINT."""
+FAULT_DELAY_REVEAL_ENV = "MPC_AGG_FAULT_DELAY_REVEAL_S"
+"""Fault injection for tests only: seconds this party waits before the reveal exchange."""
+
+
+async def serve(topology: Topology, index: int, network: Any) -> None:
+    """Run the party until SIGTERM/SIGINT.
+
+    Recovers rounds from the journals, serves HTTP at once, then keeps the party network up:
+    whenever a link is lost (or a step misses its deadline), the aggregation in progress
+    fails, and the party reconnects to the others and resumes.
+    """
     from mpc_agg.aggregator import Aggregator
     from mpc_agg.transport.http_server import build_app
 
-    aggregator = Aggregator(topology, index, network)  # type: ignore[arg-type]
+    aggregator = Aggregator(
+        topology, index, network, reveal_delay_s=float(os.environ.get(FAULT_DELAY_REVEAL_ENV, 0))
+    )
+    recovered = aggregator.recover()
+    if recovered:
+        log.info("aggregator %d: recovered %d open round(s) from journals", index, recovered)
     address = topology.aggregators[index]
     # shutdown_timeout: a stalled upload must not hold up SIGTERM for aiohttp's default 60 s.
     runner = web.AppRunner(build_app(aggregator), access_log=None, shutdown_timeout=2.0)
@@ -60,23 +76,53 @@ async def serve(topology: Topology, index: int, network: object) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async def connect_and_serve() -> None:
-        log.info("aggregator %d: connecting to %d other parties over MPyC", index, topology.m - 1)
-        await network.start()  # type: ignore[attr-defined]
-        log.info("aggregator %d: all %d parties connected", index, topology.m)
-        await aggregator.serve_commands()
+    async def keep_network() -> None:
+        first = True
+        while True:
+            log.info(
+                "aggregator %d: %s the other %d parties over MPyC",
+                index,
+                "connecting to" if first else "reconnecting to",
+                topology.m - 1,
+            )
+            connect = asyncio.ensure_future(network.start() if first else network.reconnect())
+            done, _ = await asyncio.wait({connect}, timeout=topology.deadlines.startup_s)
+            if not done:
+                log.warning(
+                    "aggregator %d: still waiting for aggregator(s) %s after %g s",
+                    index,
+                    network.missing(),
+                    topology.deadlines.startup_s,
+                )
+            await connect
+            first = False
+            log.info("aggregator %d: all %d parties connected", index, topology.m)
+            commands = asyncio.ensure_future(aggregator.serve_commands())
+            broken = asyncio.ensure_future(network.broken.wait())
+            await asyncio.wait({commands, broken}, return_when=asyncio.FIRST_COMPLETED)
+            commands.cancel()
+            broken.cancel()
+            try:
+                await commands
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001 - logged; the network is rebuilt below
+                log.exception("aggregator %d: command loop failed", index)
+            log.warning(
+                "aggregator %d: party network lost (aggregator(s) %s)", index, network.missing()
+            )
 
-    commands = asyncio.ensure_future(connect_and_serve())
+    network_task = asyncio.ensure_future(keep_network())
     stopped = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({commands, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if commands in done and commands.exception() is not None:
-        log.error("aggregator %d: party network failed: %r", index, commands.exception())
+    done, _ = await asyncio.wait({network_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if network_task in done and network_task.exception() is not None:
+        log.error("aggregator %d: party network failed: %r", index, network_task.exception())
     log.info("aggregator %d: stopping", index)
-    commands.cancel()
+    network_task.cancel()
     stopped.cancel()
     await runner.cleanup()
     aggregator.close_journals()
-    await network.stop()  # type: ignore[attr-defined]
+    await network.stop()
     log.info("aggregator %d: stopped", index)
 
 
@@ -103,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     from mpc_agg.mpc.runtime import MpycNetwork
 
     mpc_level = "info" if args.log_level == "debug" else "warning"
-    network = MpycNetwork(mpyc_argv(topology, args.index, log_level=mpc_level))
+    network = MpycNetwork(
+        mpyc_argv(topology, args.index, log_level=mpc_level),
+        step_timeout_s=topology.deadlines.step_s,
+    )
     network.run(serve(topology, args.index, network))
     return 0
 

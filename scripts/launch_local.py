@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ready-timeout",
         type=float,
-        default=60.0,
-        help="seconds to wait for all parties to be ready (default 60)",
+        default=None,
+        help="seconds to wait for all parties to be ready (default: the topology's "
+        "deadlines.startup_s, 60 unless set)",
     )
     args = parser.parse_args(argv)
 

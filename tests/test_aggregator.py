@@ -31,6 +31,13 @@ class InMemoryNetwork:
         self.m = int(len(links) ** 0.5)
         self._links = links
         self.connected = True
+        self.broken = asyncio.Event()
+
+    def missing(self) -> list[int]:
+        return []
+
+    async def reconnect(self) -> None:
+        pass
 
     async def start(self) -> None:
         pass

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from mpc_agg.config.schema import AggregatorAddress, RoundPolicy, Topology
+from mpc_agg.config.schema import AggregatorAddress, Deadlines, RoundPolicy, Topology
 from mpc_agg.core.codec import MAX_DIM
 from mpc_agg.core.encoding import FixedPointEncoding
 from mpc_agg.errors import ConfigError
@@ -32,7 +32,17 @@ MAX_AGGREGATORS = 16
 _LOOPBACK = "127.0.0.1"
 _LOOPBACK_NAMES = {"127.0.0.1", "localhost", "localhost.localdomain", "::1", "ip6-localhost"}
 
-_TOP_KEYS = {"name", "threshold", "aggregators", "rounds", "encoding", "data_dir", "fsync"}
+_TOP_KEYS = {
+    "name",
+    "threshold",
+    "aggregators",
+    "rounds",
+    "encoding",
+    "data_dir",
+    "fsync",
+    "deadlines",
+}
+_DEADLINE_KEYS = {"step_s", "upload_s", "startup_s"}
 _AGG_KEYS = {"host", "mpc_port", "http_port"}
 _ROUND_KEYS = {"min_clients", "max_clients", "max_dim"}
 _ENC_KEYS = {"frac_bits", "coord_clip", "l2_clip"}
@@ -156,6 +166,14 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
 
     data_dir = Path(_get(data, "data_dir", str, "", fail, default=f".mpc_agg-data/{name}"))
     fsync = _get(data, "fsync", bool, "", fail, default=True)
+    dl_raw = _get(data, "deadlines", dict, "", fail, default={})
+    _reject_unknown(dl_raw, _DEADLINE_KEYS, "deadlines.", fail)
+    dl_args = {}
+    for key in sorted(_DEADLINE_KEYS):
+        value = dl_raw.get(key, getattr(Deadlines(), key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+            raise fail(f"deadlines.{key}", f"expected seconds in (0, 86400], got {value!r}")
+        dl_args[key] = float(value)
     return Topology(
         name=name,
         aggregators=tuple(aggregators),
@@ -164,6 +182,7 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         encoding=encoding,
         data_dir=data_dir,
         fsync=fsync,
+        deadlines=Deadlines(**dl_args),
         source=source,
     )
 

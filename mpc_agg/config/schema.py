@@ -44,6 +44,20 @@ class RoundPolicy:
 
 
 @dataclass(frozen=True)
+class Deadlines:
+    """Time limits, in seconds.
+
+    ``step_s``: one exchange between aggregators (a party that does not answer in time is
+    treated as lost: the round fails and the parties reconnect). ``upload_s``: receiving one
+    request body. ``startup_s``: how long a launcher waits for all parties to connect.
+    """
+
+    step_s: float = 30.0
+    upload_s: float = 120.0
+    startup_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Topology:
     """A validated aggregator topology. Load one with :meth:`Topology.load`.
 
@@ -58,6 +72,7 @@ class Topology:
     encoding: FixedPointEncoding
     data_dir: Path
     fsync: bool = True
+    deadlines: Deadlines = Deadlines()
     source: str | None = None
 
     @property

@@ -7,6 +7,7 @@ Every party must make the same sequence of calls: MPyC matches messages by progr
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 
@@ -15,6 +16,8 @@ class PartyNetwork(Protocol):
 
     pid: int
     m: int
+    broken: asyncio.Event
+    """Set when a link is lost or a step missed its deadline; :meth:`reconnect` clears it."""
 
     @property
     def connected(self) -> bool:
@@ -28,6 +31,12 @@ class PartyNetwork(Protocol):
 
     async def exchange(self, obj: Any) -> list[Any]:
         """Every party sends ``obj`` to all; returns the m objects in party order."""
+
+    def missing(self) -> list[int]:
+        """Peers whose link is down."""
+
+    async def reconnect(self) -> None:
+        """Drop all links and connect afresh (all parties do this after a loss)."""
 
     async def stop(self) -> None:
         """Close the links."""

@@ -9,10 +9,13 @@ Configure logging before calling it, so MPyC's ``basicConfig`` leaves yours in p
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from typing import Any
 
 from mpc_agg.errors import PartyLinkLost
+
+log = logging.getLogger("mpc_agg.mpc")
 
 
 def load_runtime(argv: list[str]) -> Any:
@@ -28,56 +31,145 @@ def load_runtime(argv: list[str]) -> Any:
     return mpc
 
 
-class MpycNetwork:
-    """:class:`~mpc_agg.mpc.network.PartyNetwork` over MPyC's party links (``mpc.transfer``)."""
+def _supervise_links(on_lost: Any) -> None:
+    """Make MPyC create links whose loss calls ``on_lost(link, exc)`` instead of MPyC's own
+    handler (which raises inside an event-loop callback or unsets a link blindly)."""
+    from mpyc import asyncoro
 
-    def __init__(self, argv: list[str]) -> None:
+    base = asyncoro.MessageExchanger
+    if getattr(base, "supervised", False):
+        base = base.__mro__[1]
+
+    class SupervisedExchanger(base):  # type: ignore[misc, valid-type]
+        supervised = True
+        retired = False  # set on links this party dropped on purpose
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            if not self.retired:
+                on_lost(self, exc)
+
+    asyncoro.MessageExchanger = SupervisedExchanger
+
+
+class MpycNetwork:
+    """:class:`~mpc_agg.mpc.network.PartyNetwork` over MPyC's party links (``mpc.transfer``).
+
+    Adds what MPyC lacks for a long-running service:
+
+    * link supervision: a lost link sets :attr:`broken` (MPyC would raise inside a callback
+      or, on the next send, stop the event loop);
+    * a deadline on every step (``step_timeout_s``): a party that does not answer in time is
+      treated as a lost link, and this party closes all its links so the others notice too;
+    * :meth:`reconnect`: every party drops all links, resets MPyC's program counter and
+      PRSS keys, and connects afresh, so a restarted party rejoins and later rounds work.
+    """
+
+    def __init__(self, argv: list[str], *, step_timeout_s: float = 30.0) -> None:
         self._mpc = load_runtime(argv)
         self.pid: int = self._mpc.pid
         self.m: int = len(self._mpc.parties)
+        self.step_timeout_s = step_timeout_s
+        self.broken = asyncio.Event()
         self._connected = False
+        self._lost: set[int] = set()
+        _supervise_links(self._on_lost)
 
     @property
     def connected(self) -> bool:
-        """True once started and while every link to another party is up."""
-        return self._connected and not self._lost_links()
+        """True while every link to another party is up."""
+        return self._connected and not self.broken.is_set()
 
-    def _lost_links(self) -> list[int]:
-        return [p.pid for p in self._mpc.parties if p.pid != self.pid and p.protocol is None]
-
-    def _check_links(self) -> None:
-        # MPyC would fail inside a callback and stop the event loop; refuse cleanly instead.
-        lost = self._lost_links()
-        if lost:
-            raise PartyLinkLost(f"the link to aggregator(s) {lost} is down")
+    def missing(self) -> list[int]:
+        """Peers whose link is down (or not yet up)."""
+        if not self._connected:
+            return [p.pid for p in self._mpc.parties if p.pid != self.pid and p.protocol is None]
+        return sorted(self._lost)
 
     def run(self, coro: Any) -> Any:
         """Run ``coro`` to completion on MPyC's event loop."""
         return self._mpc.run(coro)
 
     async def start(self) -> None:
+        """Connect to every other party; returns when all links are up (retries forever)."""
         await self._mpc.start()
-        # MPyC resolves this party's own "protocol" future once all links are up, and resolves
-        # it again when they all close; a fresh future keeps the second resolution legal when
-        # peers disconnect first (as in MPyC's own shutdown).
-        me = self._mpc.parties[self.pid]
-        me.protocol = asyncio.get_running_loop().create_future()
+        # MPyC resolves this party's own "protocol" future once all links are up; a fresh one
+        # keeps later resolutions legal. Our hook replaces MPyC's connection_lost, which
+        # would raise in a callback or unset a link that a reconnect has replaced.
+        self._mpc.parties[self.pid].protocol = asyncio.get_running_loop().create_future()
+        self._lost.clear()
+        self.broken.clear()
         self._connected = True
 
+    def _peers(self) -> list[Any]:
+        return [p for p in self._mpc.parties if p.pid != self.pid]
+
+    def _on_lost(self, protocol: Any, exc: BaseException | None) -> None:
+        pid = protocol.peer_pid
+        if pid is None or self._mpc.parties[pid].protocol is not protocol:
+            return  # a link that never completed its handshake, or one already replaced
+        self._lost.add(pid)
+        if not self.broken.is_set():
+            log.warning("link to aggregator %d lost%s", pid, f": {exc}" if exc else "")
+            self.broken.set()
+
+    def _drop_links(self) -> None:
+        for peer in self._peers():
+            proto = peer.protocol
+            peer.protocol = None
+            if proto is not None:
+                proto.retired = True
+                try:
+                    proto.close_connection()
+                except Exception:  # noqa: BLE001 - transport may be gone already
+                    pass
+
+    def _check(self) -> None:
+        if not self.connected:
+            raise PartyLinkLost(f"the link to aggregator(s) {self.missing()} is down")
+
+    async def _await(self, transfer: Any, timeout_s: float | None) -> Any:
+        """Await an MPyC transfer; fail on a lost link or, with ``timeout_s``, on a deadline."""
+        fut = asyncio.ensure_future(transfer)
+        waiter = asyncio.ensure_future(self.broken.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {fut, waiter}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        if fut in done:
+            return fut.result()
+        fut.cancel()
+        if not done:  # deadline: treat as a lost link, and drop ours so the others notice
+            self.broken.set()
+            self._drop_links()
+            raise PartyLinkLost(
+                f"a party did not answer within the step deadline of {timeout_s:g} s"
+            )
+        raise PartyLinkLost(f"the link to aggregator(s) {self.missing()} is down")
+
     async def broadcast(self, obj: Any, sender: int) -> Any:
-        self._check_links()
-        return await self._mpc.transfer(obj if self.pid == sender else None, senders=sender)
+        """Party ``sender``'s ``obj`` to all. Receivers wait without a deadline (they are idle
+        until the leader has work) but fail as soon as a link is lost."""
+        self._check()
+        transfer = self._mpc.transfer(obj if self.pid == sender else None, senders=sender)
+        return await self._await(transfer, None)
 
     async def exchange(self, obj: Any) -> list[Any]:
-        self._check_links()
-        return await self._mpc.transfer(obj)
+        """All-to-all; fails after ``step_timeout_s`` or as soon as a link is lost."""
+        self._check()
+        return await self._await(self._mpc.transfer(obj), self.step_timeout_s)
+
+    async def reconnect(self) -> None:
+        """Drop every link and connect afresh (returns once all parties are back)."""
+        self._connected = False
+        self._drop_links()
+        self._mpc._program_counter = [0, 0]
+        self._mpc._pc_level = 0
+        self._mpc.threshold = self._mpc.threshold  # fresh PRSS keys, cleared PRF cache
+        await self.start()
 
     async def stop(self) -> None:
         """Close links without MPyC's shutdown barrier (other parties may already be gone)."""
         self._connected = False
-        for peer in self._mpc.parties:
-            if peer.pid != self.pid and peer.protocol is not None:
-                try:
-                    peer.protocol.close_connection()
-                except Exception:  # noqa: BLE001 - best effort on the way out
-                    pass
+        self._drop_links()

@@ -29,6 +29,7 @@ from mpc_agg.errors import (
     InvalidRequest,
     MalformedUpload,
     NotLeader,
+    PartyNetworkDown,
     PayloadTooLarge,
     PeerError,
     RequestTimeout,
@@ -56,6 +57,7 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     RoundNotOpen: 409,
     RoundFull: 409,
     NotLeader: 409,
+    PartyNetworkDown: 409,
     ResultNotReady: 409,
     RoundEnded: 410,
     RoundAborted: 410,
@@ -63,8 +65,6 @@ HTTP_STATUS: dict[type[PeerError], int] = {
 """The one table from peer error to HTTP status (most specific class wins)."""
 
 MAX_JSON_BYTES = 4096
-BODY_TIMEOUT_S = 120.0
-"""A request body must arrive within this many seconds (slow uploads are cut off)."""
 
 
 def status_for(exc: PeerError) -> int:
@@ -99,13 +99,13 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return error_response(500, "internal", "internal error; see the aggregator's log")
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes within :data:`BODY_TIMEOUT_S`; refuse larger bodies
-    before reading them."""
+async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """Read at most ``limit`` bytes within ``timeout_s``; refuse larger bodies before
+    reading them."""
     try:
-        return await asyncio.wait_for(_read_body_unbounded(request, limit), BODY_TIMEOUT_S)
+        return await asyncio.wait_for(_read_body_unbounded(request, limit), timeout_s)
     except asyncio.TimeoutError:
-        raise RequestTimeout(f"body not received within {BODY_TIMEOUT_S:.0f} s") from None
+        raise RequestTimeout(f"body not received within {timeout_s:g} s") from None
 
 
 async def _read_body_unbounded(request: web.Request, limit: int) -> bytes:
@@ -130,8 +130,8 @@ async def _read_body_unbounded(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _read_json(request: web.Request) -> dict[str, Any]:
-    body = await _read_body(request, MAX_JSON_BYTES)
+async def _read_json(request: web.Request, timeout_s: float) -> dict[str, Any]:
+    body = await _read_body(request, MAX_JSON_BYTES, timeout_s)
     try:
         data = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -144,9 +144,10 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
 def build_app(aggregator: Aggregator) -> web.Application:
     """The aiohttp application serving ``aggregator``."""
     app = web.Application(middlewares=[_errors], client_max_size=aggregator.max_body_bytes() + 1)
+    upload_s = aggregator.topology.deadlines.upload_s
 
     async def open_round(request: web.Request) -> web.Response:
-        data = await _read_json(request)
+        data = await _read_json(request, upload_s)
         unknown = set(data) - {"dim", "min_clients"}
         if unknown:
             raise InvalidRequest(f"unknown field(s) {sorted(unknown)}; expected dim, min_clients")
@@ -161,7 +162,7 @@ def build_app(aggregator: Aggregator) -> web.Application:
 
     async def put_share(request: web.Request) -> web.Response:
         round_id, client_id = request.match_info["round"], request.match_info["client"]
-        body = await _read_body(request, aggregator.upload_limit(round_id, client_id))
+        body = await _read_body(request, aggregator.upload_limit(round_id, client_id), upload_s)
         created = aggregator.receive_share(round_id, client_id, body)
         return web.json_response(
             {"accepted": True, "retry": not created}, status=201 if created else 200

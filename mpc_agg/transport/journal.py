@@ -1,25 +1,115 @@
-"""Append-only journal of accepted uploads, one file per round.
+"""Append-only journal of a round, one file per round, and its replay after a crash.
 
 DESIGN.md, "Rounds": each accepted share is journaled (append-only, fsync'd) before it is
-acknowledged, and a FULL share's bytes are read back from here if its client must be
-dropped at agreement time, so memory stays O(d). Record layout (little-endian)::
+acknowledged; a restarted aggregator rebuilds its rounds (running sums, accepted clients,
+duplicate detection) from the journals; a FULL share's bytes are read back from here if its
+client must be dropped at agreement time, so memory stays O(d). Record layout
+(little-endian)::
 
     u32 length of (type .. payload)   u8 type   payload   u32 CRC-32 of (type .. payload)
 
-Type 1 (share): ``u16 len(client_id) || client_id || upload body``. The CRC lets a later
-reader (crash recovery) tell a torn tail from a complete record.
+* type 1, OPEN  (first record): JSON ``{"round", "dim", "min_clients"}``
+* type 2, SHARE: ``u16 len(client_id) || client_id || upload body``
+* type 3, END: JSON ``{"state"}``; the round ended and the file is about to be deleted.
+
+A record is valid only if it is complete and its CRC matches: :func:`read_journal` stops at
+the first invalid record (a torn tail left by a crash) and reports where, so the caller can
+truncate the file there and log what was dropped.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-RECORD_SHARE = 1
+RECORD_OPEN = 1
+RECORD_SHARE = 2
+RECORD_END = 3
 _LEN = struct.Struct("<I")
 _CRC = struct.Struct("<I")
+_CID = struct.Struct("<H")
+MAX_RECORD = 1 << 31
+
+
+@dataclass(frozen=True, repr=False)
+class JournalShare:
+    """A SHARE record: the client, the upload body and where it lies in the file."""
+
+    client_id: str
+    body: bytes
+    ref: tuple[int, int]
+
+    def __repr__(self) -> str:
+        return f"JournalShare({self.client_id!r}, {len(self.body)} bytes)"
+
+
+@dataclass(frozen=True)
+class JournalContents:
+    """What :func:`read_journal` found: the OPEN header, shares in order, the END state if
+    any, the length of the valid prefix, and why reading stopped early (None if clean)."""
+
+    header: dict[str, Any]
+    shares: list[JournalShare]
+    end_state: str | None
+    valid_bytes: int
+    torn: str | None
+
+
+def _frame(rtype: int, payload_parts: list[bytes]) -> list[bytes]:
+    head = bytes([rtype])
+    crc = zlib.crc32(head)
+    for part in payload_parts:
+        crc = zlib.crc32(part, crc)
+    length = 1 + sum(len(p) for p in payload_parts)
+    return [_LEN.pack(length), head, *payload_parts, _CRC.pack(crc)]
+
+
+def read_journal(data: bytes) -> JournalContents:
+    """Parse journal bytes (sans I/O). Raises ValueError if even the OPEN record is bad."""
+    pos = 0
+    header: dict[str, Any] | None = None
+    shares: list[JournalShare] = []
+    end_state: str | None = None
+    torn: str | None = None
+    while pos < len(data):
+        if len(data) - pos < _LEN.size + 1 + _CRC.size:
+            torn = f"incomplete record header at byte {pos}"
+            break
+        (length,) = _LEN.unpack_from(data, pos)
+        end = pos + _LEN.size + length + _CRC.size
+        if length < 1 or length > MAX_RECORD or end > len(data):
+            torn = f"incomplete record at byte {pos} ({length} bytes announced)"
+            break
+        record = data[pos + _LEN.size : pos + _LEN.size + length]
+        (crc,) = _CRC.unpack_from(data, end - _CRC.size)
+        if zlib.crc32(record) != crc:
+            torn = f"checksum mismatch in the record at byte {pos}"
+            break
+        rtype, payload = record[0], record[1:]
+        if header is None:
+            if rtype != RECORD_OPEN:
+                raise ValueError("journal does not start with an OPEN record")
+            header = json.loads(payload)
+        elif rtype == RECORD_SHARE:
+            (n,) = _CID.unpack_from(payload)
+            cid = payload[_CID.size : _CID.size + n].decode("utf-8")
+            body_start = pos + _LEN.size + 1 + _CID.size + n
+            body = bytes(payload[_CID.size + n :])
+            shares.append(JournalShare(cid, body, (body_start, len(body))))
+        elif rtype == RECORD_END:
+            end_state = json.loads(payload)["state"]
+        else:
+            torn = f"unknown record type {rtype} at byte {pos}"
+            break
+        pos = end
+    if header is None:
+        raise ValueError(f"journal has no valid OPEN record ({torn or 'empty file'})")
+    return JournalContents(header, shares, end_state, pos, torn)
 
 
 class RoundJournal:
@@ -34,21 +124,42 @@ class RoundJournal:
     def __repr__(self) -> str:
         return f"RoundJournal({str(self.path)!r})"
 
-    def append_share(self, client_id: str, body: bytes) -> tuple[int, int]:
-        """Append one accepted upload; return ``(offset, length)`` of ``body`` in the file."""
-        cid = client_id.encode("utf-8")
-        head = bytes([RECORD_SHARE]) + struct.pack("<H", len(cid)) + cid
-        crc = zlib.crc32(body, zlib.crc32(head))
-        record_len = len(head) + len(body)
+    @classmethod
+    def create(cls, path: Path, header: dict[str, Any], *, fsync: bool = True) -> RoundJournal:
+        """A new journal whose first record is OPEN with ``header``."""
+        journal = cls(path, fsync=fsync)
+        journal._append(RECORD_OPEN, [json.dumps(header, sort_keys=True).encode()])
+        return journal
+
+    @classmethod
+    def recover(cls, path: Path, *, fsync: bool = True) -> tuple[RoundJournal, JournalContents]:
+        """Open an existing journal, truncating a torn tail; return it and its contents."""
+        contents = read_journal(path.read_bytes())
+        if contents.torn is not None:
+            os.truncate(path, contents.valid_bytes)
+        return cls(path, fsync=fsync), contents
+
+    def _append(self, rtype: int, payload_parts: list[bytes]) -> int:
+        """Append one record; return the file offset of its payload."""
+        parts = _frame(rtype, payload_parts)
         start = os.lseek(self._fd, 0, os.SEEK_END)  # the true end, even after a failed append
-        parts = [_LEN.pack(record_len), head, body, _CRC.pack(crc)]
         written = os.writev(self._fd, parts)
         if written != sum(len(x) for x in parts):
-            # A short write leaves a torn record (its CRC tells a reader); refuse the upload.
+            # A short write leaves a torn record (its CRC tells the reader); refuse the upload.
             raise OSError(f"short write to journal {self.path}: {written} bytes")
         if self.fsync:
             os.fsync(self._fd)
-        return start + _LEN.size + len(head), len(body)
+        return start + _LEN.size + 1
+
+    def append_share(self, client_id: str, body: bytes) -> tuple[int, int]:
+        """Append one accepted upload; return ``(offset, length)`` of ``body`` in the file."""
+        cid = client_id.encode("utf-8")
+        payload_at = self._append(RECORD_SHARE, [_CID.pack(len(cid)), cid, body])
+        return payload_at + _CID.size + len(cid), len(body)
+
+    def append_end(self, state: str) -> None:
+        """Record that the round ended (before the file is deleted)."""
+        self._append(RECORD_END, [json.dumps({"state": state}).encode()])
 
     def read(self, ref: tuple[int, int]) -> bytes:
         """The body stored at ``ref`` (as returned by :meth:`append_share`)."""
