@@ -1,0 +1,160 @@
+"""Bearer tokens for clients and the collector (sans-I/O apart from :func:`load_secret`).
+
+DESIGN.md, "Security model": clients authenticate with per-client tokens, and each aggregator
+verifies them itself. Aggregator ``i`` holds a 32-byte key ``k_i``; client ``c``'s token for
+aggregator ``i`` is ``HMAC-SHA256(k_i, "mpc_agg/client-token/v1" || 0x00 || c)`` in hex, so an
+aggregator needs no list of clients, a token is bound to one client id and one aggregator, and
+one aggregator's key says nothing about the tokens for the others. The collector presents one
+shared random token. ``scripts/make_secrets.py`` creates the keys and hands out tokens.
+
+Errors: no token or a malformed ``Authorization`` header is :class:`Unauthenticated` (HTTP
+401); a token that does not match is :class:`Forbidden` (HTTP 403). Comparisons are
+constant-time. No message or repr here contains a key or a token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from pathlib import Path
+
+from mpc_agg.errors import ConfigError, PeerError, UsageError
+
+CLIENT_TOKEN_LABEL = b"mpc_agg/client-token/v1\x00"
+KEY_BYTES = 32
+MIN_KEY_BYTES = 16
+
+# RFC 6750 section 2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive
+# (RFC 9110 section 11.1).
+_BEARER_RE = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,31}")
+_HEX_RE = re.compile(r"[0-9a-fA-F]*")
+
+
+class Unauthenticated(PeerError):
+    """A request carries no token, or a malformed ``Authorization`` header (HTTP 401)."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(PeerError):
+    """A request's token is not the right one for this client or collector (HTTP 403)."""
+
+    code = "forbidden"
+
+
+def client_token(aggregator_key: bytes, client_id: str) -> str:
+    """The token client ``client_id`` presents to the aggregator holding ``aggregator_key``.
+
+    64 lowercase hex characters: HMAC-SHA256 over :data:`CLIENT_TOKEN_LABEL` and the UTF-8
+    client id.
+    """
+    if not isinstance(aggregator_key, bytes) or len(aggregator_key) < MIN_KEY_BYTES:
+        size = len(aggregator_key) if isinstance(aggregator_key, bytes) else None
+        raise UsageError(
+            f"aggregator_key must be at least {MIN_KEY_BYTES} bytes, got "
+            f"{size if size is not None else type(aggregator_key).__name__}"
+        )
+    # surrogatepass: a lone surrogate from a mangled id yields a wrong token, never a crash.
+    message = CLIENT_TOKEN_LABEL + client_id.encode("utf-8", "surrogatepass")
+    return hmac.new(aggregator_key, message, hashlib.sha256).hexdigest()
+
+
+def verify_client_token(aggregator_key: bytes, client_id: str, presented: str | None) -> None:
+    """Return if ``presented`` is ``client_id``'s token at this aggregator, else raise.
+
+    :class:`Unauthenticated` when ``presented`` is ``None`` or empty, :class:`Forbidden` when
+    it does not match.
+    """
+    _check_presented(presented, f"client {client_id!r}")
+    expected = client_token(aggregator_key, client_id)
+    if not _same(expected, presented):
+        raise Forbidden(f"the token does not match client {client_id!r} at this aggregator")
+
+
+def verify_collector_token(expected: str, presented: str | None) -> None:
+    """Return if ``presented`` is the collector token ``expected``, else raise.
+
+    :class:`Unauthenticated` when ``presented`` is ``None`` or empty, :class:`Forbidden` when
+    it does not match. An empty ``expected`` is a local mistake (:class:`UsageError`).
+    """
+    if not expected:
+        raise UsageError("the expected collector token is empty; load it from collector.token")
+    _check_presented(presented, "the collector")
+    if not _same(expected, presented):
+        raise Forbidden("the collector token does not match")
+
+
+def bearer_token(authorization_header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; ``None`` if it is absent.
+
+    Any other scheme, or a malformed header, raises :class:`Unauthenticated` (the header's
+    contents are not echoed: they may be a credential).
+    """
+    if authorization_header is None:
+        return None
+    value = authorization_header.strip(" \t")
+    match = _BEARER_RE.fullmatch(value)
+    if match:
+        return match.group(1)
+    scheme = value.split(" ", 1)[0]
+    if scheme and scheme.lower() != "bearer" and _SCHEME_RE.fullmatch(scheme):
+        raise Unauthenticated(
+            f"Authorization scheme {scheme!r} is not supported; send 'Authorization: Bearer "
+            "<token>'"
+        )
+    raise Unauthenticated("malformed Authorization header; send 'Authorization: Bearer <token>'")
+
+
+def load_secret(path: Path, *, yaml_path: str = "auth") -> bytes:
+    """Read a 32-byte key stored as 64 hex characters (and an optional newline) at ``path``.
+
+    Raises :class:`ConfigError` (at ``yaml_path``, naming the file) when the file is missing,
+    accessible to group or others (POSIX; fix with ``chmod 600``), or not 64 hex characters.
+    The key's contents never appear in a message.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read(4 * KEY_BYTES)
+    except FileNotFoundError:
+        raise ConfigError(
+            yaml_path,
+            f"secret file {str(path)!r} does not exist; run `python scripts/make_secrets.py "
+            "CONFIG` to create it",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            yaml_path, f"cannot read secret file {str(path)!r}: {exc.strerror}"
+        ) from None
+    if os.name == "posix" and mode & 0o077:
+        raise ConfigError(
+            yaml_path,
+            f"secret file {str(path)!r} is accessible to group or others (mode "
+            f"{mode & 0o777:04o}); run `chmod 600 {path}`",
+        )
+    text = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
+    if len(text) != 2 * KEY_BYTES or not _HEX_RE.fullmatch(text.decode("latin-1")):
+        raise ConfigError(
+            yaml_path,
+            f"secret file {str(path)!r} must hold {2 * KEY_BYTES} hex characters and an "
+            "optional newline; recreate it with `python scripts/make_secrets.py CONFIG`",
+        )
+    return bytes.fromhex(text.decode("ascii"))
+
+
+def _check_presented(presented: str | None, whom: str) -> None:
+    if presented is None or presented == "":
+        raise Unauthenticated(f"no token presented for {whom}")
+    if not isinstance(presented, str):
+        raise Unauthenticated(f"the token presented for {whom} is not text")
+
+
+def _same(expected: str, presented: str) -> bool:
+    # compare_digest takes str only if ASCII; as bytes it takes any token a header can carry.
+    return hmac.compare_digest(
+        expected.encode("utf-8", "surrogatepass"), presented.encode("utf-8", "surrogatepass")
+    )
