@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy.typing as npt
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
 from mpc_agg.core.sharing import shard
-from mpc_agg.errors import RemoteRefusal, UploadRefused
+from mpc_agg.errors import RemoteRefusal, UploadRefused, UsageError
 from mpc_agg.transport.http_client import AggregatorAPI, new_session, run_sync
 
 
@@ -40,9 +40,11 @@ class SubmitReceipt:
 class Client:
     """A data owner submitting vectors to the aggregators of ``topology``.
 
-    ``token``: per-client credential sent as a bearer token (authentication is enforced by a
-    later version of the aggregator). ``timeout_s``: per-request timeout. ``rng``: source of
-    rounding coins (default: a generator seeded from the OS); ``random_bytes``: seed source
+    ``token``: the client's bearer token(s), required when the topology has ``auth``: one
+    token per aggregator, as a sequence or as the comma-separated line printed by
+    ``scripts/make_secrets.py --client ID`` (a single token is sent to every aggregator).
+    ``timeout_s``: per-request timeout. ``rng``: source of rounding coins (default: a
+    generator seeded from the OS); ``random_bytes``: seed source
     (default: ``secrets.token_bytes``). Inject both only in tests.
     """
 
@@ -50,7 +52,7 @@ class Client:
         self,
         topology: Topology,
         client_id: str,
-        token: str | None = None,
+        token: str | Sequence[str] | None = None,
         *,
         timeout_s: float = 60.0,
         retries: int = 3,
@@ -59,7 +61,7 @@ class Client:
     ) -> None:
         self.topology = topology
         self.client_id = codec.check_id("client", client_id)
-        self.token = token
+        self._tokens = _per_aggregator(token, topology.m)
         self.timeout_s = timeout_s
         self.retries = retries
         self._rng = rng if rng is not None else np.random.default_rng()
@@ -110,10 +112,13 @@ class Client:
         """Upload prepared ``bodies`` concurrently to ``aggregators`` (default: all)."""
         targets = list(range(self.topology.m)) if aggregators is None else aggregators
         path = f"/v1/rounds/{round_id}/shares/{self.client_id}"
-        async with new_session(self.timeout_s) as session:
+        async with new_session(self.timeout_s, self.topology) as session:
             apis = {
                 i: AggregatorAPI(
-                    session, self.topology.aggregators[i], token=self.token, retries=self.retries
+                    session,
+                    self.topology.aggregators[i],
+                    token=self._tokens[i],
+                    retries=self.retries,
                 )
                 for i in targets
             }
@@ -136,3 +141,15 @@ class Client:
         return SubmitReceipt(
             round_id, self.client_id, retries, sum(len(bodies[i]) for i in targets)
         )
+
+
+def _per_aggregator(token: str | Sequence[str] | None, m: int) -> list[str | None]:
+    """One token (or None) per aggregator from the forms :class:`Client` accepts."""
+    if token is None:
+        return [None] * m
+    tokens = token.split(",") if isinstance(token, str) else list(token)
+    if len(tokens) == 1:
+        tokens = tokens * m
+    if len(tokens) != m:
+        raise UsageError(f"expected 1 or {m} tokens (one per aggregator), got {len(tokens)}")
+    return [t.strip() for t in tokens]

@@ -46,7 +46,8 @@ class AggregateResult:
 class Collector:
     """Orchestrates rounds for the aggregators of ``topology``.
 
-    ``token``: collector credential (enforced by a later version of the aggregator).
+    ``token``: the collector's bearer token, required when the topology has ``auth``
+    (``collector.token`` made by ``scripts/make_secrets.py``).
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class Collector:
         body: dict[str, Any] = {"dim": dim}
         if min_clients is not None:
             body["min_clients"] = min_clients
-        async with new_session(self.timeout_s) as session:
+        async with new_session(self.timeout_s, self.topology) as session:
             await asyncio.gather(
                 *(
                     api.request("PUT", f"/v1/rounds/{round_id}", json_body=body)
@@ -99,7 +100,7 @@ class Collector:
         return run_sync(self.status_async(round_id), "status")
 
     async def status_async(self, round_id: str) -> list[dict[str, Any]]:
-        async with new_session(self.timeout_s) as session:
+        async with new_session(self.timeout_s, self.topology) as session:
             answers = await asyncio.gather(
                 *(api.request("GET", f"/v1/rounds/{round_id}") for api in self._apis(session))
             )
@@ -120,7 +121,7 @@ class Collector:
         codec.check_id("round", round_id)
         deadline = time.monotonic() + timeout
         late = f"round {round_id!r} did not finish within {timeout} s"
-        async with new_session(self.timeout_s) as session:
+        async with new_session(self.timeout_s, self.topology) as session:
             leader = self._apis(session)[0]
             while True:  # the leader refuses to close while the party network is down
                 try:

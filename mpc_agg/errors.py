@@ -88,6 +88,18 @@ class RequestTimeout(PeerError):
     code = "timeout"
 
 
+class Unauthenticated(PeerError):
+    """A request carries no token, or a malformed ``Authorization`` header (HTTP 401)."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(PeerError):
+    """A request's token is not the right one for this client or collector (HTTP 403)."""
+
+    code = "forbidden"
+
+
 class InvalidRequest(PeerError):
     """A request's parameters (ids, JSON fields) are invalid."""
 

@@ -170,8 +170,13 @@ class LocalFederation:
 
     def _is_ready(self, i: int) -> bool:
         url = self.topology.aggregators[i].url + "/healthz"
+        context = None
+        if self.topology.tls is not None:
+            from mpc_agg.transport.tls import client_context
+
+            context = client_context(self.topology.tls.dir)
         try:
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
                 return json.loads(resp.read()).get("mpc") == "connected"
         except (OSError, urllib.error.URLError, ValueError):
             return False

@@ -47,7 +47,7 @@ FAULT_DELAY_REVEAL_ENV = "MPC_AGG_FAULT_DELAY_REVEAL_S"
 """Fault injection for tests only: seconds this party waits before the reveal exchange."""
 
 
-async def serve(topology: Topology, index: int, network: Any) -> None:
+async def serve(topology: Topology, index: int, network: Any, credentials: Any = None) -> None:
     """Run the party until SIGTERM/SIGINT.
 
     Recovers rounds from the journals, serves HTTP at once, then keeps the party network up:
@@ -65,9 +65,16 @@ async def serve(topology: Topology, index: int, network: Any) -> None:
         log.info("aggregator %d: recovered %d open round(s) from journals", index, recovered)
     address = topology.aggregators[index]
     # shutdown_timeout: a stalled upload must not hold up SIGTERM for aiohttp's default 60 s.
-    runner = web.AppRunner(build_app(aggregator), access_log=None, shutdown_timeout=2.0)
+    runner = web.AppRunner(
+        build_app(aggregator, credentials), access_log=None, shutdown_timeout=2.0
+    )
     await runner.setup()
-    site = web.TCPSite(runner, address.host, address.http_port)
+    ssl_context = None
+    if topology.tls is not None:
+        from mpc_agg.transport.tls import server_context
+
+        ssl_context = server_context(topology.tls.dir, index)
+    site = web.TCPSite(runner, address.host, address.http_port, ssl_context=ssl_context)
     await site.start()
     log.info("aggregator %d: HTTP API on %s", index, address.url)
 
@@ -147,13 +154,35 @@ def main(argv: list[str] | None = None) -> int:
 
     from mpc_agg.mpc.argv import mpyc_argv
     from mpc_agg.mpc.runtime import MpycNetwork
+    from mpc_agg.transport import auth, tls
+
+    topology = topology.with_absolute_paths()
+    credentials = None
+    try:
+        if topology.tls is not None:
+            tls.check_tls_dir(topology.tls.dir, topology.m, index=args.index)
+        if topology.auth is not None:
+            from mpc_agg.transport.http_server import Credentials
+
+            secrets_dir = topology.auth.secrets_dir
+            credentials = Credentials(
+                auth.load_secret(
+                    auth.aggregator_key_path(secrets_dir, args.index), yaml_path="auth.secrets_dir"
+                ),
+                auth.load_collector_token(secrets_dir),
+            )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if topology.tls is not None:
+        os.chdir(tls.mpyc_dir(topology.tls.dir))  # MPyC reads .config/ relative to here
 
     mpc_level = "info" if args.log_level == "debug" else "warning"
     network = MpycNetwork(
         mpyc_argv(topology, args.index, log_level=mpc_level),
         step_timeout_s=topology.deadlines.step_s,
     )
-    network.run(serve(topology, args.index, network))
+    network.run(serve(topology, args.index, network, credentials))
     return 0
 
 

@@ -26,19 +26,13 @@ from pathlib import Path
 from mpc_agg import Topology
 from mpc_agg.core.codec import check_id
 from mpc_agg.errors import ConfigError, InvalidRequest
-from mpc_agg.transport.auth import KEY_BYTES, client_token, load_secret
-
-COLLECTOR_TOKEN = "collector.token"
-
-
-def aggregator_key_path(secrets_dir: Path, index: int) -> Path:
-    """Where aggregator ``index``'s token key lives."""
-    return Path(secrets_dir) / f"aggregator-{index}.key"
-
-
-def collector_token_path(secrets_dir: Path) -> Path:
-    """Where the collector's token lives."""
-    return Path(secrets_dir) / COLLECTOR_TOKEN
+from mpc_agg.transport.auth import (
+    KEY_BYTES,
+    aggregator_key_path,
+    client_token,
+    collector_token_path,
+    load_secret,
+)
 
 
 def ensure_secret(path: Path) -> bool:
@@ -83,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out",
         type=Path,
         metavar="DIR",
-        help="directory for the secrets (default: secrets/<topology name>)",
+        help="directory for the secrets (default: the topology's auth.secrets_dir, else "
+        "secrets/<topology name>)",
     )
     parser.add_argument(
         "--client",
@@ -103,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = args.out if args.out is not None else Path("secrets") / topology.name
+    default = topology.auth.secrets_dir if topology.auth else Path("secrets") / topology.name
+    out = args.out if args.out is not None else default
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     paths = [aggregator_key_path(out, i) for i in range(topology.m)]

@@ -100,6 +100,8 @@ def test_defaults_fill_optional_sections():
     [
         (doc(extra=1), "extra", "unknown key 'extra'"),
         (doc(dp={"mechanism": "skellam"}), "dp", "not available yet"),
+        (doc(tls={"dir": "x", "extra": 1}), "tls.extra", "unknown key"),
+        (doc(auth={}), "auth.secrets_dir", "missing required key"),
         (doc(rounds__bogus=3), "rounds.bogus", "allowed keys"),
         (doc(encoding__fracbits=3), "encoding.fracbits", "unknown key"),
         (doc(aggregators__1__port=5), "aggregators[1].port", "unknown key"),

@@ -18,12 +18,20 @@ the value. Example document (``configs/local-3.yaml``)::
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mpc_agg.config.schema import AggregatorAddress, Deadlines, RoundPolicy, Topology
+from mpc_agg.config.schema import (
+    AggregatorAddress,
+    AuthSettings,
+    Deadlines,
+    RoundPolicy,
+    TlsSettings,
+    Topology,
+)
 from mpc_agg.core.codec import MAX_DIM
 from mpc_agg.core.encoding import FixedPointEncoding
 from mpc_agg.errors import ConfigError
@@ -41,6 +49,8 @@ _TOP_KEYS = {
     "data_dir",
     "fsync",
     "deadlines",
+    "tls",
+    "auth",
 }
 _DEADLINE_KEYS = {"step_s", "upload_s", "startup_s"}
 _AGG_KEYS = {"host", "mpc_port", "http_port"}
@@ -48,8 +58,6 @@ _ROUND_KEYS = {"min_clients", "max_clients", "max_dim"}
 _ENC_KEYS = {"frac_bits", "coord_clip", "l2_clip"}
 _LATER = {
     "dp": "differential-privacy noise is not available yet in this version",
-    "tls": "TLS settings are not available yet in this version",
-    "auth": "token authentication is not available yet in this version",
 }
 
 
@@ -174,6 +182,16 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
             raise fail(f"deadlines.{key}", f"expected seconds in (0, 86400], got {value!r}")
         dl_args[key] = float(value)
+    tls = auth = None
+    if "tls" in data:
+        tls_raw = _get(data, "tls", dict, "", fail)
+        _reject_unknown(tls_raw, {"dir"}, "tls.", fail)
+        tls = TlsSettings(Path(_get(tls_raw, "dir", str, "tls.", fail)))
+        aggregators = [replace(a, scheme="https") for a in aggregators]
+    if "auth" in data:
+        auth_raw = _get(data, "auth", dict, "", fail)
+        _reject_unknown(auth_raw, {"secrets_dir"}, "auth.", fail)
+        auth = AuthSettings(Path(_get(auth_raw, "secrets_dir", str, "auth.", fail)))
     return Topology(
         name=name,
         aggregators=tuple(aggregators),
@@ -183,6 +201,8 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         data_dir=data_dir,
         fsync=fsync,
         deadlines=Deadlines(**dl_args),
+        tls=tls,
+        auth=auth,
         source=source,
     )
 

@@ -8,7 +8,7 @@ socket opens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mpc_agg.core.encoding import FixedPointEncoding
@@ -22,11 +22,13 @@ class AggregatorAddress:
     host: str
     mpc_port: int
     http_port: int
+    scheme: str = "http"
+    """``https`` when the topology configures TLS."""
 
     @property
     def url(self) -> str:
         """Base URL of this aggregator's HTTP API."""
-        return f"http://{self.host}:{self.http_port}"
+        return f"{self.scheme}://{self.host}:{self.http_port}"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,23 @@ class Deadlines:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """TLS on every link. ``dir`` holds the material of ``scripts/make_certs.py``: the CA,
+    each aggregator's HTTPS certificate and MPyC's ``.config/`` for mutual TLS between
+    parties (layout in :mod:`mpc_agg.transport.tls`)."""
+
+    dir: Path
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Bearer tokens. ``secrets_dir`` holds ``aggregator-{i}.key`` (aggregator i's HMAC key
+    for client tokens) and ``collector.token`` (``scripts/make_secrets.py``)."""
+
+    secrets_dir: Path
+
+
+@dataclass(frozen=True)
 class Topology:
     """A validated aggregator topology. Load one with :meth:`Topology.load`.
 
@@ -73,6 +92,8 @@ class Topology:
     data_dir: Path
     fsync: bool = True
     deadlines: Deadlines = Deadlines()
+    tls: TlsSettings | None = None
+    auth: AuthSettings | None = None
     source: str | None = None
 
     @property
@@ -107,6 +128,16 @@ class Topology:
         from mpc_agg.config.load import build_topology
 
         return build_topology(data, source=source)
+
+    def with_absolute_paths(self) -> Topology:
+        """The same topology with its directories resolved against the current directory
+        (a party does this before it changes directory for MPyC)."""
+        return replace(
+            self,
+            data_dir=self.data_dir.resolve(),
+            tls=TlsSettings(self.tls.dir.resolve()) if self.tls else None,
+            auth=AuthSettings(self.auth.secrets_dir.resolve()) if self.auth else None,
+        )
 
     def aggregator_dir(self, index: int) -> Path:
         """The journal directory of aggregator ``index``."""

@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from mpc_agg.errors import ConfigError, PeerError, UsageError
+from mpc_agg.errors import ConfigError, Forbidden, Unauthenticated, UsageError
 
 CLIENT_TOKEN_LABEL = b"mpc_agg/client-token/v1\x00"
 KEY_BYTES = 32
@@ -33,16 +33,19 @@ _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,31}")
 _HEX_RE = re.compile(r"[0-9a-fA-F]*")
 
 
-class Unauthenticated(PeerError):
-    """A request carries no token, or a malformed ``Authorization`` header (HTTP 401)."""
+def aggregator_key_path(secrets_dir: Path, index: int) -> Path:
+    """Where aggregator ``index``'s token key lives in a secrets directory."""
+    return Path(secrets_dir) / f"aggregator-{index}.key"
 
-    code = "unauthenticated"
+
+def collector_token_path(secrets_dir: Path) -> Path:
+    """Where the collector's token lives in a secrets directory."""
+    return Path(secrets_dir) / "collector.token"
 
 
-class Forbidden(PeerError):
-    """A request's token is not the right one for this client or collector (HTTP 403)."""
-
-    code = "forbidden"
+def load_collector_token(secrets_dir: Path) -> str:
+    """The collector token stored in ``secrets_dir`` (same checks as :func:`load_secret`)."""
+    return load_secret(collector_token_path(secrets_dir), yaml_path="auth.secrets_dir").hex()
 
 
 def client_token(aggregator_key: bytes, client_id: str) -> str:

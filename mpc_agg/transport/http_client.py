@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from mpc_agg.config.schema import AggregatorAddress
+from mpc_agg.config.schema import AggregatorAddress, Topology
 from mpc_agg.errors import AggregationTimeout, AggregatorUnavailable, RemoteRefusal
 
 
@@ -102,9 +102,17 @@ def parse_error(status: int, body: bytes) -> tuple[str, str]:
         return f"http_{status}", text or f"HTTP {status}"
 
 
-def new_session(timeout_s: float) -> aiohttp.ClientSession:
-    """A client session with a total per-request timeout of ``timeout_s`` seconds."""
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+def new_session(timeout_s: float, topology: Topology | None = None) -> aiohttp.ClientSession:
+    """A client session with a total per-request timeout of ``timeout_s`` seconds; with a
+    TLS topology, HTTPS verified against the topology's CA (and nothing else)."""
+    connector = None
+    if topology is not None and topology.tls is not None:
+        from mpc_agg.transport.tls import client_context
+
+        connector = aiohttp.TCPConnector(ssl=client_context(topology.tls.dir))
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout_s), connector=connector
+    )
 
 
 def run_sync(coro: Any, what: str) -> Any:

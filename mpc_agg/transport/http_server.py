@@ -18,14 +18,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from mpc_agg.aggregator import Aggregator
+from mpc_agg.core import codec
 from mpc_agg.errors import (
     ConflictingShare,
     DimensionMismatch,
+    Forbidden,
     InvalidRequest,
     MalformedUpload,
     NotLeader,
@@ -39,8 +42,10 @@ from mpc_agg.errors import (
     RoundEnded,
     RoundFull,
     RoundNotOpen,
+    Unauthenticated,
     UnknownRound,
 )
+from mpc_agg.transport import auth
 
 log = logging.getLogger("mpc_agg.http")
 
@@ -49,6 +54,8 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     MalformedUpload: 400,
     DimensionMismatch: 400,
     InvalidRequest: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
     PayloadTooLarge: 413,
     RequestTimeout: 408,
     UnknownRound: 404,
@@ -86,7 +93,10 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except PeerError as exc:
         status = status_for(exc)
         log.info("%s %s -> %d %s: %s", request.method, request.path, status, exc.code, exc.detail)
-        return error_response(status, exc.code, exc.detail)
+        response = error_response(status, exc.code, exc.detail)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="mpc_agg"'
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -141,12 +151,37 @@ async def _read_json(request: web.Request, timeout_s: float) -> dict[str, Any]:
     return data
 
 
-def build_app(aggregator: Aggregator) -> web.Application:
-    """The aiohttp application serving ``aggregator``."""
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """What an aggregator checks tokens against: its HMAC key for client tokens and the
+    collector's token. Never printed."""
+
+    client_key: bytes
+    collector_token: str
+
+    def __repr__(self) -> str:
+        return "Credentials(<hidden>)"
+
+
+def build_app(aggregator: Aggregator, credentials: Credentials | None = None) -> web.Application:
+    """The aiohttp application serving ``aggregator``; with ``credentials``, clients and the
+    collector must present bearer tokens (401 without, 403 with a wrong one)."""
     app = web.Application(middlewares=[_errors], client_max_size=aggregator.max_body_bytes() + 1)
     upload_s = aggregator.topology.deadlines.upload_s
 
+    def check_collector(request: web.Request) -> None:
+        if credentials is not None:
+            presented = auth.bearer_token(request.headers.get("Authorization"))
+            auth.verify_collector_token(credentials.collector_token, presented)
+
+    def check_client(request: web.Request, client_id: str) -> None:
+        codec.check_id("client", client_id)
+        if credentials is not None:
+            presented = auth.bearer_token(request.headers.get("Authorization"))
+            auth.verify_client_token(credentials.client_key, client_id, presented)
+
     async def open_round(request: web.Request) -> web.Response:
+        check_collector(request)
         data = await _read_json(request, upload_s)
         unknown = set(data) - {"dim", "min_clients"}
         if unknown:
@@ -158,10 +193,12 @@ def build_app(aggregator: Aggregator) -> web.Application:
         return web.json_response(aggregator.round_status(round_id), status=201 if created else 200)
 
     async def round_status(request: web.Request) -> web.Response:
+        check_collector(request)
         return web.json_response(aggregator.round_status(request.match_info["round"]))
 
     async def put_share(request: web.Request) -> web.Response:
         round_id, client_id = request.match_info["round"], request.match_info["client"]
+        check_client(request, client_id)  # before a single body byte is read
         body = await _read_body(request, aggregator.upload_limit(round_id, client_id), upload_s)
         created = aggregator.receive_share(round_id, client_id, body)
         return web.json_response(
@@ -169,11 +206,13 @@ def build_app(aggregator: Aggregator) -> web.Application:
         )
 
     async def close_round(request: web.Request) -> web.Response:
+        check_collector(request)
         round_id = request.match_info["round"]
         aggregator.request_close(round_id)
         return web.json_response(aggregator.round_status(round_id), status=202)
 
     async def result(request: web.Request) -> web.Response:
+        check_collector(request)
         body = aggregator.result(request.match_info["round"])
         return web.Response(body=body, content_type="application/octet-stream")
 
