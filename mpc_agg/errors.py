@@ -100,6 +100,12 @@ class Forbidden(PeerError):
     code = "forbidden"
 
 
+class Busy(PeerError):
+    """Too many uploads are in flight at this aggregator; retry later (HTTP 503)."""
+
+    code = "busy"
+
+
 class InvalidRequest(PeerError):
     """A request's parameters (ids, JSON fields) are invalid."""
 

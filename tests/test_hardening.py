@@ -215,3 +215,78 @@ def test_500_concurrent_small_uploads_are_accepted_exactly_once(federation3, rou
     result = collector.aggregate(round_id, timeout=120)
     assert result.num_clients == 500
     np.testing.assert_array_equal(result.total, data.sum(axis=0))
+
+
+def test_party_link_with_another_partys_certificate_is_refused(tmp_path):
+    import socket
+    import ssl
+
+    from mpc_agg.transport import tls
+
+    doc = topology_doc(3, 1, name="spoof", tls={"dir": str(tmp_path / "tls")})
+    config = write_topology(tmp_path, doc)
+    run_script("make_certs.py", str(config), cwd=tmp_path)
+    # Only party 2 runs: it listens for parties 0 and 1.
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "mpc_agg.party", "--config", str(config), "--index", "2"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        port = doc["aggregators"][2]["mpc_port"]
+        crt, key = tls.party_cert_paths(tmp_path / "tls", 0)
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ctx.load_cert_chain(crt, key)
+        ctx.load_verify_locations(tls.mpyc_ca_path(tmp_path / "tls"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        with ctx.wrap_socket(raw, server_hostname="MPyC party 2") as conn:
+            conn.settimeout(10)
+            conn.sendall((1).to_bytes(2, "little") + bytes(64))  # party 0's cert, claims 1
+            assert conn.recv(1) == b""  # the listener hangs up
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert "certificate ['MPyC party 0'] claims to be party 1" in out
+
+
+def test_slow_upload_times_out_and_extra_uploads_get_busy(tmp_path):
+    import json
+    import socket
+    import urllib.error
+    import urllib.request
+
+    doc = topology_doc(2, 0, name="slow", deadlines={"upload_s": 2})
+    doc["rounds"]["max_concurrent_uploads"] = 1
+    config = write_topology(tmp_path, doc)
+    with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
+        topo = fed.topology
+        Collector(topo).open_round("r", 4)
+        a = topo.aggregators[0]
+        body = Client(topo, "fast").prepare("r", np.ones(4))[0]
+        # A slow client announces its body and sends 3 bytes: it holds the one upload slot.
+        slow = socket.create_connection((a.host, a.http_port), timeout=10)
+        slow.sendall(
+            b"PUT /v1/rounds/r/shares/slow HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: %d\r\n\r\nMPA" % len(body)
+        )
+        time.sleep(0.5)
+        req = urllib.request.Request(f"{a.url}/v1/rounds/r/shares/fast", data=body, method="PUT")
+        with pytest.raises(urllib.error.HTTPError) as busy:
+            urllib.request.urlopen(req, timeout=10)
+        assert busy.value.code == 503
+        assert json.loads(busy.value.read())["error"] == "busy"
+        answer = slow.recv(4096).decode()  # after upload_s = 2 s
+        slow.close()
+        assert answer.startswith("HTTP/1.1 408") and '"timeout"' in answer
+        with urllib.request.urlopen(req, timeout=10) as ok:  # the slot is free again
+            assert ok.status == 201

@@ -54,7 +54,7 @@ _TOP_KEYS = {
 }
 _DEADLINE_KEYS = {"step_s", "upload_s", "startup_s"}
 _AGG_KEYS = {"host", "mpc_port", "http_port"}
-_ROUND_KEYS = {"min_clients", "max_clients", "max_dim"}
+_ROUND_KEYS = {"min_clients", "max_clients", "max_dim", "max_concurrent_uploads"}
 _ENC_KEYS = {"frac_bits", "coord_clip", "l2_clip"}
 _LATER = {
     "dp": "differential-privacy noise is not available yet in this version",
@@ -154,7 +154,17 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         raise fail("rounds.max_clients", f"{max_clients} is below min_clients = {min_clients}")
     if not 1 <= max_dim <= MAX_DIM:
         raise fail("rounds.max_dim", f"must be in 1..{MAX_DIM}, got {max_dim}")
-    policy = RoundPolicy(min_clients, max_clients, max_dim)
+    max_uploads = _get(
+        rounds_raw,
+        "max_concurrent_uploads",
+        int,
+        "rounds.",
+        fail,
+        default=defaults.max_concurrent_uploads,
+    )
+    if max_uploads < 1:
+        raise fail("rounds.max_concurrent_uploads", f"must be >= 1, got {max_uploads}")
+    policy = RoundPolicy(min_clients, max_clients, max_dim, max_uploads)
 
     enc_raw = _get(data, "encoding", dict, "", fail, default={})
     _reject_unknown(enc_raw, _ENC_KEYS, "encoding.", fail)

@@ -38,11 +38,13 @@ class RoundPolicy:
     ``min_clients``: fewest clients whose total may be revealed (a round may ask for more).
     ``max_clients``: most clients a round accepts; the overflow check assumes this many.
     ``max_dim``: largest vector length a round may be opened with.
+    ``max_concurrent_uploads``: uploads in flight at one aggregator; more are answered 503.
     """
 
     min_clients: int = 2
     max_clients: int = 10_000
     max_dim: int = 10_000_000
+    max_concurrent_uploads: int = 256
 
 
 @dataclass(frozen=True)

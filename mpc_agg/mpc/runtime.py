@@ -44,6 +44,32 @@ def _supervise_links(on_lost: Any) -> None:
         supervised = True
         retired = False  # set on links this party dropped on purpose
 
+        identity_checked = False
+
+        def data_received(self, data: bytes) -> None:
+            # MPyC's listening side takes the peer's party number from its first two bytes
+            # without comparing it with the TLS certificate; refuse a peer whose certificate
+            # names another party.
+            if self.peer_pid is None and not self.identity_checked:
+                head = bytes(self.bytes) + data
+                if len(head) >= 2:
+                    self.identity_checked = True
+                    if not self._identity_matches(int.from_bytes(head[:2], "little")):
+                        self.retired = True
+                        self.transport.close()
+                        return
+            super().data_received(data)
+
+        def _identity_matches(self, claimed: int) -> bool:
+            cert = self.transport.get_extra_info("peercert")
+            if cert is None:
+                return True  # plain TCP (no TLS configured): nothing to compare with
+            names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            if names == [f"MPyC party {claimed}"]:
+                return True
+            log.error("refusing a party link: certificate %s claims to be party %d", names, claimed)
+            return False
+
         def connection_lost(self, exc: BaseException | None) -> None:
             if not self.retired:
                 on_lost(self, exc)

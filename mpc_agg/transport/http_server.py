@@ -26,6 +26,7 @@ from aiohttp import web
 from mpc_agg.aggregator import Aggregator
 from mpc_agg.core import codec
 from mpc_agg.errors import (
+    Busy,
     ConflictingShare,
     DimensionMismatch,
     Forbidden,
@@ -57,6 +58,7 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     Unauthenticated: 401,
     Forbidden: 403,
     PayloadTooLarge: 413,
+    Busy: 503,
     RequestTimeout: 408,
     UnknownRound: 404,
     RoundConflict: 409,
@@ -168,6 +170,8 @@ def build_app(aggregator: Aggregator, credentials: Credentials | None = None) ->
     collector must present bearer tokens (401 without, 403 with a wrong one)."""
     app = web.Application(middlewares=[_errors], client_max_size=aggregator.max_body_bytes() + 1)
     upload_s = aggregator.topology.deadlines.upload_s
+    max_uploads = aggregator.topology.rounds.max_concurrent_uploads
+    inflight = [0]  # uploads whose body is being received
 
     def check_collector(request: web.Request) -> None:
         if credentials is not None:
@@ -199,7 +203,14 @@ def build_app(aggregator: Aggregator, credentials: Credentials | None = None) ->
     async def put_share(request: web.Request) -> web.Response:
         round_id, client_id = request.match_info["round"], request.match_info["client"]
         check_client(request, client_id)  # before a single body byte is read
-        body = await _read_body(request, aggregator.upload_limit(round_id, client_id), upload_s)
+        limit = aggregator.upload_limit(round_id, client_id)
+        if inflight[0] >= max_uploads:
+            raise Busy(f"{max_uploads} uploads are in flight at this aggregator; retry later")
+        inflight[0] += 1
+        try:
+            body = await _read_body(request, limit, upload_s)
+        finally:
+            inflight[0] -= 1
         created = aggregator.receive_share(round_id, client_id, body)
         return web.json_response(
             {"accepted": True, "retry": not created}, status=201 if created else 200
