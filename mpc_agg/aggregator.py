@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mpc_agg.config.schema import Topology
-from mpc_agg.core import codec
+from mpc_agg.core import codec, field
 from mpc_agg.core.field import FieldArray
 from mpc_agg.core.rounds import (
     TERMINAL,
@@ -30,8 +30,11 @@ from mpc_agg.core.rounds import (
     upload_digest,
 )
 from mpc_agg.core.sharing import Share, ShareKind
+from mpc_agg.dp.accountant import PrivacyLedger
 from mpc_agg.errors import (
     AgreementFailed,
+    BudgetExceeded,
+    ConfigError,
     InvalidRequest,
     NotLeader,
     PartyLinkLost,
@@ -45,6 +48,7 @@ from mpc_agg.errors import (
 from mpc_agg.mpc.network import PartyNetwork
 from mpc_agg.mpc.reveal import reveal_sum
 from mpc_agg.transport.journal import RoundJournal
+from mpc_agg.transport.ledger import LedgerFile
 
 log = logging.getLogger("mpc_agg.aggregator")
 
@@ -75,6 +79,15 @@ class Aggregator:
         self._journals: dict[str, RoundJournal] = {}
         self._close_queue: asyncio.Queue[str] = asyncio.Queue()
         self._close_requested: set[str] = set()
+        self._plans: dict[str, Any] = {}  # round id -> NoisePlan, with DP only
+        self._privacy: dict[str, dict[str, Any]] = {}  # round id -> privacy fields of its result
+        self.ledger: PrivacyLedger | None = None
+        self._ledger_file: LedgerFile | None = None
+        if topology.dp is not None:
+            self._ledger_file = LedgerFile(topology.ledger_path(index), fsync=topology.fsync)
+            self.ledger = self._ledger_file.load(
+                topology.dp.budget_epsilon, topology.dp.budget_delta
+            )
         self.metrics: dict[str, int] = {
             "uploads_accepted": 0,
             "uploads_retried": 0,
@@ -123,6 +136,7 @@ class Aggregator:
                 f"round id {round_id!r} was used before at aggregator {self.index} "
                 f"(journal {path} exists); use a new round id"
             )
+        self._plan(round_id, dim)
         header = {"round": round_id, "dim": dim, "min_clients": min_clients}
         self._journals[round_id] = RoundJournal.create(path, header, fsync=self.topology.fsync)
         self.rounds[round_id] = Round(round_id, dim, min_clients, opened_at=self.clock())
@@ -168,6 +182,7 @@ class Aggregator:
                     ref=rec.ref,
                 )
             self.rounds[rnd.round_id] = rnd
+            self._plan(rnd.round_id, rnd.dim)
             self._journals[rnd.round_id] = journal
             recovered += 1
             log.info(
@@ -177,6 +192,24 @@ class Aggregator:
                 rnd.dim,
             )
         return recovered
+
+    def _plan(self, round_id: str, dim: int) -> Any:
+        """Calibrate the round's noise (with DP) and prove that clients plus noise cannot
+        wrap around p/2; raises InvalidRequest for an unsafe round."""
+        dp = self.topology.dp
+        if dp is None:
+            return None
+        from mpc_agg.dp.planning import plan_noise
+
+        plan = plan_noise(dp, self.topology.encoding, dim, self.topology.m)
+        try:
+            self.topology.encoding.check_headroom(
+                self.topology.rounds.max_clients, noise_tail=plan.tail
+            )
+        except ConfigError as exc:
+            raise InvalidRequest(f"unsafe round of dimension {dim}: {exc.detail}") from None
+        self._plans[round_id] = plan
+        return plan
 
     def _round(self, round_id: str) -> Round:
         rnd = self.rounds.get(round_id)
@@ -229,6 +262,14 @@ class Aggregator:
         """JSON-ready status of a round."""
         status = self._round(round_id).status()
         status["aggregator"] = self.index
+        plan = self._plans.get(round_id)
+        if plan is not None:
+            status["dp"] = {
+                "mechanism": plan.mechanism,
+                "epsilon": plan.epsilon,
+                "delta": plan.delta,
+                "noise_stddev": plan.noise_stddev,
+            }
         return status
 
     def request_close(self, round_id: str) -> None:
@@ -264,6 +305,7 @@ class Aggregator:
             "dropped_clients": len(rnd.dropped_clients),
             "epsilon": None,
             "delta": None,
+            **self._privacy.get(round_id, {}),
             "frac_bits": self.topology.encoding.frac_bits,
             "timings": rnd.timings,
         }
@@ -306,17 +348,22 @@ class Aggregator:
         if rnd is not None and rnd.state is RoundState.OPEN:
             rnd.close()
         live = rnd is not None and rnd.state is RoundState.CLOSING
+        plan = self._plans.get(round_id)
         view = (
             round_id,
             rnd.dim if live and rnd else None,
             rnd.min_clients if live and rnd else 0,
             sorted(rnd.accepted) if live and rnd else [],
+            self._budget_refusal(round_id, plan),
         )
         try:
             try:
                 raw_views = await self.network.exchange(view)  # exchange 1: client sets
                 views = [PartyView(v[0], v[1], frozenset(v[3])) for v in raw_views]
                 agreement = agree_client_set(views, max(int(v[2]) for v in raw_views))
+                refusals = [v[4] for v in raw_views if v[4]]
+                if refusals:  # any aggregator's ledger refuses: nobody adds noise or reveals
+                    raise AgreementFailed(refusals[0])
             except AgreementFailed as exc:  # same views everywhere: same verdict everywhere
                 self._fail(rnd, str(exc))
                 return
@@ -327,6 +374,8 @@ class Aggregator:
                 dropped = [self._share_vector(rnd, c) for c in gone]
                 rnd.agree(agreement.clients, dropped, agreement.dropped)
                 local = rnd.local_sum()
+                if plan is not None:
+                    local = self._add_noise(round_id, plan, local)
             except Exception:  # noqa: BLE001 - announced to all parties in exchange 2
                 log.exception("round %s: cannot compute this aggregator's sum share", round_id)
             t_agreed = self.clock()
@@ -369,6 +418,38 @@ class Aggregator:
                 if journal is not None:
                     journal.append_end(rnd.state.value)
                     journal.discard()
+
+    def _budget_refusal(self, round_id: str, plan: Any) -> str | None:
+        """Why this aggregator's ledger refuses the round, or None."""
+        if plan is None or self.ledger is None:
+            return None
+        try:
+            self.ledger.check(plan.event(round_id))
+        except BudgetExceeded as exc:
+            return str(exc)
+        return None
+
+    def _add_noise(self, round_id: str, plan: Any, local: FieldArray) -> FieldArray:
+        """Record the round's privacy cost durably, then add this aggregator's Skellam noise
+        to its share of the total (DESIGN.md, "DP mechanisms / distributed")."""
+        from mpc_agg.dp.mechanisms import noise_rng, sample_skellam
+
+        assert self.ledger is not None and self._ledger_file is not None
+        event = plan.event(round_id)
+        self.ledger.check(event)
+        if not self.ledger.holds(round_id):
+            self._ledger_file.append(event)  # on disk before anything noisy leaves this party
+        cumulative = self.ledger.commit(event)
+        noise = sample_skellam(plan.per_party_mu, plan.d, noise_rng())
+        self._privacy[round_id] = {
+            "mechanism": plan.mechanism,
+            "epsilon": plan.epsilon,
+            "delta": plan.delta,
+            "noise_stddev": plan.noise_stddev,
+            "cumulative_epsilon": cumulative,
+            "cumulative_delta": self.ledger.budget_delta,
+        }
+        return field.add(local, field.from_signed(noise))
 
     def _fail(self, rnd: Round | None, reason: str) -> None:
         if rnd is None:

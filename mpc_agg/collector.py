@@ -30,6 +30,9 @@ class AggregateResult:
     ``total``: the decoded sum (float64, length d); ``field_total``: the exact sum in GF(p);
     ``num_clients``: clients counted; ``dropped_clients``: partial uploads left out;
     ``epsilon``/``delta``: the round's privacy cost (None without DP);
+    ``noise_stddev``: standard deviation of the noise in each coordinate of ``total``
+    (output units; None without DP); ``cumulative_epsilon``/``cumulative_delta``: the
+    privacy spent by all rounds so far, this one included (None without DP);
     ``timings``: seconds spent by phase at the leader.
     """
 
@@ -40,6 +43,9 @@ class AggregateResult:
     dropped_clients: int
     epsilon: float | None
     delta: float | None
+    noise_stddev: float | None = None
+    cumulative_epsilon: float | None = None
+    cumulative_delta: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -162,5 +168,8 @@ class Collector:
             dropped_clients=int(meta.get("dropped_clients", 0)),
             epsilon=meta.get("epsilon"),
             delta=meta.get("delta"),
+            noise_stddev=meta.get("noise_stddev"),
+            cumulative_epsilon=meta.get("cumulative_epsilon"),
+            cumulative_delta=meta.get("cumulative_delta"),
             timings=dict(meta.get("timings", {})),
         )

@@ -183,6 +183,11 @@ class PartyLinkLost(MpcAggError):
     """The link to another aggregator is down; no MPC step can run until it is back."""
 
 
+class BudgetExceeded(MpcAggError):
+    """A round would exceed the configured privacy budget; it is refused before any noise
+    is added or anything revealed."""
+
+
 class AgreementFailed(MpcAggError):
     """The aggregators could not agree on what to reveal; nothing is revealed."""
 

@@ -77,6 +77,14 @@ def doc(**changes):
 
 
 DELETE = object()
+DP = {
+    "mechanism": "skellam",
+    "epsilon": 1.0,
+    "delta": 1e-5,
+    "l2_clip": 1.0,
+    "max_colluding": 1,
+    "budget": {"epsilon": 8.0, "delta": 1e-4},
+}
 
 
 def test_base_document_is_valid():
@@ -99,7 +107,21 @@ def test_defaults_fill_optional_sections():
     ("data", "path", "words"),
     [
         (doc(extra=1), "extra", "unknown key 'extra'"),
-        (doc(dp={"mechanism": "skellam"}), "dp", "not available yet"),
+        (doc(dp={"mechanism": "skellam"}), "dp.epsilon", "missing required key"),
+        (doc(dp=dict(DP, mechanism="gauss")), "dp.mechanism", "skellam, binomial or none"),
+        (doc(dp=dict(DP, mechanism="binomial")), "dp.mechanism", "not available yet"),
+        (doc(dp=dict(DP, epsilon=0)), "dp.epsilon", "positive"),
+        (doc(dp=dict(DP, delta=1.0)), "dp.delta", "in (0, 1)"),
+        (doc(dp=dict(DP, l2_clip=-1)), "dp.l2_clip", "positive"),
+        (doc(dp=dict(DP, max_colluding=3)), "dp.max_colluding", "0..2"),
+        (
+            doc(dp=dict(DP, budget={"epsilon": 0.5, "delta": 1e-4})),
+            "dp.budget",
+            "smaller than one round",
+        ),
+        (doc(dp=dict(DP, budget={"epsilon": 8})), "dp.budget.delta", "missing"),
+        (doc(dp=dict(DP, extra=1)), "dp.extra", "unknown key"),
+        (doc(dp=DP, encoding__l2_clip=5.0), "encoding.l2_clip", "differs from dp.l2_clip"),
         (doc(tls={"dir": "x", "extra": 1}), "tls.extra", "unknown key"),
         (doc(auth={}), "auth.secrets_dir", "missing required key"),
         (doc(rounds__bogus=3), "rounds.bogus", "allowed keys"),
@@ -203,3 +225,19 @@ def test_topology_is_frozen():
     topo = Topology.from_dict(doc())
     with pytest.raises(AttributeError):
         topo.threshold = 0  # type: ignore[misc]
+
+
+def test_binomial_with_two_aggregators_is_refused_with_its_reason():
+    d = doc(threshold=0, dp=dict(DP, mechanism="binomial", max_colluding=0))
+    d["aggregators"] = d["aggregators"][:2]
+    with pytest.raises(ConfigError) as err:
+        Topology.from_dict(d)
+    assert err.value.path == "dp.mechanism"
+    assert "m >= 3" in str(err.value) and "threshold is 0" in str(err.value)
+
+
+def test_dp_section_sets_the_encoding_l2_clip():
+    topo = Topology.from_dict(doc(dp=DP))
+    assert topo.dp is not None and topo.dp.epsilon == 1.0 and topo.dp.budget_delta == 1e-4
+    assert topo.encoding.l2_clip == 1.0
+    assert Topology.from_dict(doc(dp={"mechanism": "none"})).dp is None

@@ -28,6 +28,7 @@ from mpc_agg.config.schema import (
     AggregatorAddress,
     AuthSettings,
     Deadlines,
+    DPSettings,
     RoundPolicy,
     TlsSettings,
     Topology,
@@ -51,14 +52,14 @@ _TOP_KEYS = {
     "deadlines",
     "tls",
     "auth",
+    "dp",
 }
 _DEADLINE_KEYS = {"step_s", "upload_s", "startup_s"}
 _AGG_KEYS = {"host", "mpc_port", "http_port"}
 _ROUND_KEYS = {"min_clients", "max_clients", "max_dim", "max_concurrent_uploads"}
 _ENC_KEYS = {"frac_bits", "coord_clip", "l2_clip"}
-_LATER = {
-    "dp": "differential-privacy noise is not available yet in this version",
-}
+_LATER: dict[str, str] = {}
+_DP_KEYS = {"mechanism", "epsilon", "delta", "l2_clip", "max_colluding", "budget"}
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -166,6 +167,8 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         raise fail("rounds.max_concurrent_uploads", f"must be >= 1, got {max_uploads}")
     policy = RoundPolicy(min_clients, max_clients, max_dim, max_uploads)
 
+    dp = _dp_settings(data, len(aggregators), threshold, fail)
+
     enc_raw = _get(data, "encoding", dict, "", fail, default={})
     _reject_unknown(enc_raw, _ENC_KEYS, "encoding.", fail)
     enc_defaults = FixedPointEncoding()
@@ -176,6 +179,14 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         "coord_clip": _number(enc_raw, "coord_clip", fail, enc_defaults.coord_clip),
         "l2_clip": _number(enc_raw, "l2_clip", fail, enc_defaults.l2_clip),
     }
+    if dp is not None:
+        if enc_args["l2_clip"] is not None and enc_args["l2_clip"] != dp.l2_clip:
+            raise fail(
+                "encoding.l2_clip",
+                f"{enc_args['l2_clip']} differs from dp.l2_clip = {dp.l2_clip}; set it once, "
+                "under dp (the noise is calibrated to it)",
+            )
+        enc_args["l2_clip"] = dp.l2_clip
     try:
         encoding = FixedPointEncoding(**enc_args)
         encoding.check_headroom(max_clients)
@@ -213,7 +224,72 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
         deadlines=Deadlines(**dl_args),
         tls=tls,
         auth=auth,
+        dp=dp,
         source=source,
+    )
+
+
+def _positive(raw: dict, key: str, path: str, fail: Any, upper: float = math.inf) -> float:
+    value = raw.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail(path, f"expected a number, got {value!r}")
+    if not (0 < value < upper and math.isfinite(value)):
+        bound = f"in (0, {upper:g})" if math.isfinite(upper) else "positive and finite"
+        raise fail(path, f"must be {bound}, got {value!r}")
+    return float(value)
+
+
+def _dp_settings(data: dict, m: int, threshold: int, fail: Any) -> DPSettings | None:
+    """The ``dp`` section, or None without one (or with ``mechanism: none``)."""
+    if "dp" not in data:
+        return None
+    raw = _get(data, "dp", dict, "", fail)
+    _reject_unknown(raw, _DP_KEYS, "dp.", fail)
+    mechanism = _get(raw, "mechanism", str, "dp.", fail)
+    if mechanism == "none":
+        return None
+    if mechanism == "binomial":
+        if m < 3:
+            raise fail(
+                "dp.mechanism",
+                f"binomial noise is built inside MPyC from jointly generated secret random "
+                f"bits, which needs m >= 3 aggregators: with m = {m}, MPyC's threshold is 0, "
+                "so every 'secret' bit would be known to both aggregators; use skellam",
+            )
+        raise fail(
+            "dp.mechanism",
+            "binomial (joint) noise is not available yet in this version; use skellam",
+        )
+    if mechanism != "skellam":
+        raise fail("dp.mechanism", f"expected skellam, binomial or none, got {mechanism!r}")
+    for key in ("epsilon", "delta", "l2_clip", "budget"):
+        if key not in raw:
+            raise fail(f"dp.{key}", "missing required key")
+    epsilon = _positive(raw, "epsilon", "dp.epsilon", fail)
+    delta = _positive(raw, "delta", "dp.delta", fail, upper=1.0)
+    l2_clip = _positive(raw, "l2_clip", "dp.l2_clip", fail)
+    max_colluding = _get(raw, "max_colluding", int, "dp.", fail, default=threshold)
+    if not 0 <= max_colluding <= m - 1:
+        raise fail(
+            "dp.max_colluding",
+            f"must be in 0..{m - 1} (at least one of the {m} aggregators must be honest for "
+            f"its noise to protect the total), got {max_colluding}",
+        )
+    budget = _get(raw, "budget", dict, "dp.", fail)
+    _reject_unknown(budget, {"epsilon", "delta"}, "dp.budget.", fail)
+    for key in ("epsilon", "delta"):
+        if key not in budget:
+            raise fail(f"dp.budget.{key}", "missing required key")
+    budget_epsilon = _positive(budget, "epsilon", "dp.budget.epsilon", fail)
+    budget_delta = _positive(budget, "delta", "dp.budget.delta", fail, upper=1.0)
+    if budget_epsilon < epsilon or budget_delta < delta:
+        raise fail(
+            "dp.budget",
+            f"the budget (epsilon={budget_epsilon:g}, delta={budget_delta:g}) is smaller than "
+            f"one round (epsilon={epsilon:g}, delta={delta:g}): no round could run",
+        )
+    return DPSettings(
+        mechanism, epsilon, delta, l2_clip, max_colluding, budget_epsilon, budget_delta
     )
 
 

@@ -79,6 +79,27 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class DPSettings:
+    """Differential privacy of every round's revealed total (the ``dp`` section).
+
+    ``mechanism``: ``skellam`` (each aggregator adds its own Skellam noise before the reveal).
+    ``epsilon``, ``delta``: the per-round target. ``l2_clip``: each client's vector is clipped
+    to this L2 norm (float units) before encoding. ``max_colluding``: aggregators that may pool
+    their knowledge of their own noise; the others' noise alone meets the target.
+    ``budget_epsilon``, ``budget_delta``: the total over all rounds; a round that would exceed
+    it is refused before any noise is added or anything revealed.
+    """
+
+    mechanism: str
+    epsilon: float
+    delta: float
+    l2_clip: float
+    max_colluding: int
+    budget_epsilon: float
+    budget_delta: float
+
+
+@dataclass(frozen=True)
 class Topology:
     """A validated aggregator topology. Load one with :meth:`Topology.load`.
 
@@ -96,6 +117,7 @@ class Topology:
     deadlines: Deadlines = Deadlines()
     tls: TlsSettings | None = None
     auth: AuthSettings | None = None
+    dp: DPSettings | None = None
     source: str | None = None
 
     @property
@@ -140,6 +162,10 @@ class Topology:
             tls=TlsSettings(self.tls.dir.resolve()) if self.tls else None,
             auth=AuthSettings(self.auth.secrets_dir.resolve()) if self.auth else None,
         )
+
+    def ledger_path(self, index: int) -> Path:
+        """Aggregator ``index``'s privacy ledger (rounds' privacy cost, append-only)."""
+        return self.aggregator_dir(index) / "privacy-ledger.jsonl"
 
     def aggregator_dir(self, index: int) -> Path:
         """The journal directory of aggregator ``index``."""

@@ -113,7 +113,9 @@ class FixedPointEncoding:
             peak = float(np.max(np.abs(x)))
             norm = peak * float(np.linalg.norm(x / peak)) if peak > 0 else 0.0
             if norm > self.l2_clip:
-                x *= self.l2_clip / norm
+                # A hair under l2_clip / norm, so float rounding cannot leave the norm above
+                # the clip that the DP noise is calibrated to.
+                x *= (self.l2_clip / norm) * (1.0 - 2.0**-50)
         # The L2 scaling may overshoot by one ulp; clipping every coordinate to the bound the
         # overflow check uses makes ``|x_i| <= max_abs_coordinate`` exact.
         bound = self.max_abs_coordinate

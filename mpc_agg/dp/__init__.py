@@ -1,0 +1,1 @@
+"""Differential privacy: integer noise samplers, noise calibration and privacy accounting."""

@@ -1,0 +1,118 @@
+"""Privacy accounting across rounds: a ledger that checks before it commits.
+
+STYLE.md habit 10 and DESIGN.md ("a privacy accountant that composes rounds and refuses a
+round that would exceed the configured budget"). Each revealed round is a frozen
+:class:`PrivacyEvent` carrying its Rényi-DP curve on a fixed grid of orders. Rounds compose
+by adding their RDP curves (Mironov 2017, Proposition 1); the cumulative spend is converted
+to (epsilon, delta) at the budget's delta with dp-accounting's conversion
+(Canonne, Kamath, Steinke 2020). :meth:`PrivacyLedger.check` raises
+:class:`~mpc_agg.errors.BudgetExceeded` and changes nothing; :meth:`commit` checks first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from mpc_agg.errors import BudgetExceeded
+
+
+@dataclass(frozen=True)
+class PrivacyEvent:
+    """The privacy cost of one round: its (epsilon, delta) target and its RDP curve."""
+
+    round_id: str
+    mechanism: str
+    epsilon: float
+    delta: float
+    orders: tuple[float, ...]
+    rdp: tuple[float, ...]
+
+    def to_json(self) -> str:
+        """One line of the on-disk ledger."""
+        return json.dumps(
+            {
+                "round": self.round_id,
+                "mechanism": self.mechanism,
+                "epsilon": self.epsilon,
+                "delta": self.delta,
+                "orders": list(self.orders),
+                "rdp": list(self.rdp),
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> PrivacyEvent:
+        d = json.loads(line)
+        return cls(
+            str(d["round"]),
+            str(d["mechanism"]),
+            float(d["epsilon"]),
+            float(d["delta"]),
+            tuple(float(o) for o in d["orders"]),
+            tuple(float(r) for r in d["rdp"]),
+        )
+
+
+def cumulative_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
+    """Epsilon at ``delta`` of all ``events`` composed (0 for none)."""
+    if not events:
+        return 0.0
+    orders = events[0].orders
+    for e in events:
+        if e.orders != orders:
+            raise ValueError(
+                f"round {e.round_id!r} was accounted on other RDP orders; cannot compose"
+            )
+    total = np.sum([e.rdp for e in events], axis=0)
+    eps, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
+    return float(eps)
+
+
+class PrivacyLedger:
+    """Rounds spent so far against a budget of (``budget_epsilon``, ``budget_delta``)."""
+
+    def __init__(
+        self, budget_epsilon: float, budget_delta: float, events: Iterable[PrivacyEvent] = ()
+    ) -> None:
+        self.budget_epsilon = budget_epsilon
+        self.budget_delta = budget_delta
+        self.events: list[PrivacyEvent] = list(events)
+
+    def __repr__(self) -> str:
+        return f"PrivacyLedger({len(self.events)} rounds, spent epsilon={self.spent():.4g})"
+
+    def spent(self) -> float:
+        """Cumulative epsilon at the budget's delta."""
+        return cumulative_epsilon(self.events, self.budget_delta)
+
+    def holds(self, round_id: str) -> bool:
+        """True if ``round_id`` was already committed."""
+        return any(e.round_id == round_id for e in self.events)
+
+    def check(self, event: PrivacyEvent) -> float:
+        """The cumulative epsilon with ``event`` added; raises BudgetExceeded, changing
+        nothing, if it would exceed the budget. A round already committed costs nothing."""
+        if self.holds(event.round_id):
+            return self.spent()
+        after = cumulative_epsilon([*self.events, event], self.budget_delta)
+        if after > self.budget_epsilon:
+            raise BudgetExceeded(
+                f"round {event.round_id!r} would raise the privacy spend to epsilon = "
+                f"{after:.4g} (at delta = {self.budget_delta:g}), over the budget of "
+                f"{self.budget_epsilon:g} (spent so far: {self.spent():.4g} over "
+                f"{len(self.events)} round(s)); refused before any noise or reveal"
+            )
+        return after
+
+    def commit(self, event: PrivacyEvent) -> float:
+        """:meth:`check`, then record ``event``; returns the cumulative epsilon."""
+        after = self.check(event)
+        if not self.holds(event.round_id):
+            self.events.append(event)
+        return after
