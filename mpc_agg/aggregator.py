@@ -201,14 +201,24 @@ class Aggregator:
             return None
         from mpc_agg.dp.planning import plan_noise
 
-        plan = plan_noise(dp, self.topology.encoding, dim, self.topology.m)
         try:
+            plan = plan_noise(dp, self.topology.encoding, dim, self.topology.m)
             self.topology.encoding.check_headroom(
                 self.topology.rounds.max_clients, noise_tail=plan.tail
             )
         except ConfigError as exc:
             raise InvalidRequest(f"unsafe round of dimension {dim}: {exc.detail}") from None
         self._plans[round_id] = plan
+        if plan.mechanism == "binomial":
+            log.info(
+                "round %s: joint binomial noise, %d trials per coordinate, %d secret bits "
+                "(about %.1f s of MPC), noise std %.4g",
+                round_id,
+                plan.trials,
+                plan.secure_bits,
+                plan.estimated_seconds,
+                plan.noise_stddev,
+            )
         return plan
 
     def _round(self, round_id: str) -> Round:
@@ -270,6 +280,12 @@ class Aggregator:
                 "delta": plan.delta,
                 "noise_stddev": plan.noise_stddev,
             }
+            if plan.mechanism == "binomial":
+                status["dp"].update(
+                    trials=plan.trials,
+                    secure_bits=plan.secure_bits,
+                    estimated_seconds=round(plan.estimated_seconds, 2),
+                )
         return status
 
     def request_close(self, round_id: str) -> None:
@@ -382,7 +398,10 @@ class Aggregator:
             if self.reveal_delay_s:
                 await asyncio.sleep(self.reveal_delay_s)
             try:
-                total = await reveal_sum(self.network, local, rnd.dim)  # exchange 2: sums
+                if plan is not None and plan.mechanism == "binomial":
+                    total = await self._reveal_with_joint_noise(local, plan)
+                else:
+                    total = await reveal_sum(self.network, local, rnd.dim)  # exchange 2: sums
             except AgreementFailed as exc:
                 self._fail(rnd, str(exc))
                 return
@@ -440,7 +459,6 @@ class Aggregator:
         if not self.ledger.holds(round_id):
             self._ledger_file.append(event)  # on disk before anything noisy leaves this party
         cumulative = self.ledger.commit(event)
-        noise = sample_skellam(plan.per_party_mu, plan.d, noise_rng())
         self._privacy[round_id] = {
             "mechanism": plan.mechanism,
             "epsilon": plan.epsilon,
@@ -449,7 +467,22 @@ class Aggregator:
             "cumulative_epsilon": cumulative,
             "cumulative_delta": self.ledger.budget_delta,
         }
+        if plan.mechanism == "binomial":
+            return local  # the noise is generated jointly inside MPyC at the reveal
+        noise = sample_skellam(plan.per_party_mu, plan.d, noise_rng())
         return field.add(local, field.from_signed(noise))
+
+    async def _reveal_with_joint_noise(self, local: FieldArray | None, plan: Any) -> FieldArray:
+        """Exchange 2 is a readiness vote (any party that could not compute its share
+        aborts the round everywhere); then the total plus joint binomial noise is opened."""
+        ready = await self.network.exchange(local is not None)
+        not_ready = [j for j, ok in enumerate(ready) if not ok]
+        if not_ready or local is None:
+            raise AgreementFailed(
+                f"aggregator(s) {not_ready} could not compute their share of the total; "
+                "nothing is revealed"
+            )
+        return await self.network.joint_binomial_sum(local, plan.trials)
 
     def _fail(self, rnd: Round | None, reason: str) -> None:
         if rnd is None:

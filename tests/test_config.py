@@ -109,7 +109,11 @@ def test_defaults_fill_optional_sections():
         (doc(extra=1), "extra", "unknown key 'extra'"),
         (doc(dp={"mechanism": "skellam"}), "dp.epsilon", "missing required key"),
         (doc(dp=dict(DP, mechanism="gauss")), "dp.mechanism", "skellam, binomial or none"),
-        (doc(dp=dict(DP, mechanism="binomial")), "dp.mechanism", "not available yet"),
+        (
+            doc(dp=dict(DP, mechanism="binomial", max_colluding=2), threshold=1),
+            "dp.max_colluding",
+            "exceeds threshold",
+        ),
         (doc(dp=dict(DP, epsilon=0)), "dp.epsilon", "positive"),
         (doc(dp=dict(DP, delta=1.0)), "dp.delta", "in (0, 1)"),
         (doc(dp=dict(DP, l2_clip=-1)), "dp.l2_clip", "positive"),

@@ -86,3 +86,36 @@ def test_budget_refuses_the_next_round_also_after_a_restart(tmp_path):
     for i in range(3):
         lines = (tmp_path / topo.ledger_path(i)).read_text().splitlines()
         assert len(lines) == 1 and '"round": "r1"' in lines[0]
+
+
+def test_joint_binomial_histogram_round(tmp_path):
+    d = 16
+    doc = dp_doc("binom", budget_epsilon=8.0)
+    doc["encoding"] = {"frac_bits": 0, "coord_clip": None}
+    doc["rounds"]["max_dim"] = 49
+    doc["dp"]["mechanism"] = "binomial"
+    config = write_topology(tmp_path, doc)
+    rng = np.random.default_rng(3)
+    counts = np.zeros(d)
+    with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
+        topo = fed.topology
+        collector = Collector(topo)
+        collector.open_round("h", d)
+        plan = collector.status("h")[0]["dp"]
+        assert plan["mechanism"] == "binomial" and plan["secure_bits"] == plan["trials"] * d
+        for i in range(6):
+            x = np.zeros(d)
+            x[rng.integers(d)] = 1.0  # a one-hot histogram contribution
+            counts += x
+            Client(topo, f"h{i}").submit("h", x)
+        result = collector.aggregate("h", timeout=120)
+    trials = plan["trials"]
+    assert result.noise_stddev == pytest.approx(np.sqrt(trials / 4))
+    assert result.epsilon == 1.0 and result.cumulative_epsilon <= 8.0
+    error = result.total - counts
+    assert np.array_equal(error, np.round(error))  # integer noise, frac_bits = 0
+    assert np.abs(error).max() <= trials / 2  # binomial noise is bounded
+    # sum of squared standardized errors ~ chi-square(16): outside [0.8, 70] has probability
+    # below 1e-7 (all-zero noise: below 1e-20).
+    chi2 = float(np.sum(error**2) / (trials / 4))
+    assert 0.8 < chi2 < 70, chi2

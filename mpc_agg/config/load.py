@@ -256,11 +256,13 @@ def _dp_settings(data: dict, m: int, threshold: int, fail: Any) -> DPSettings | 
                 f"bits, which needs m >= 3 aggregators: with m = {m}, MPyC's threshold is 0, "
                 "so every 'secret' bit would be known to both aggregators; use skellam",
             )
-        raise fail(
-            "dp.mechanism",
-            "binomial (joint) noise is not available yet in this version; use skellam",
-        )
-    if mechanism != "skellam":
+        if threshold < 1:
+            raise fail(
+                "dp.mechanism",
+                "binomial noise is generated as secret-shared bits inside MPyC, which needs "
+                "threshold >= 1 (with threshold 0 MPyC's shares are the plain values)",
+            )
+    if mechanism not in ("skellam", "binomial"):
         raise fail("dp.mechanism", f"expected skellam, binomial or none, got {mechanism!r}")
     for key in ("epsilon", "delta", "l2_clip", "budget"):
         if key not in raw:
@@ -274,6 +276,12 @@ def _dp_settings(data: dict, m: int, threshold: int, fail: Any) -> DPSettings | 
             "dp.max_colluding",
             f"must be in 0..{m - 1} (at least one of the {m} aggregators must be honest for "
             f"its noise to protect the total), got {max_colluding}",
+        )
+    if mechanism == "binomial" and max_colluding > threshold:
+        raise fail(
+            "dp.max_colluding",
+            f"{max_colluding} exceeds threshold = {threshold}: joint noise is secret only "
+            f"against up to t = {threshold} colluding aggregators (MPyC's Shamir threshold)",
         )
     budget = _get(raw, "budget", dict, "dp.", fail)
     _reject_unknown(budget, {"epsilon", "delta"}, "dp.budget.", fail)

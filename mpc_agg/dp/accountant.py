@@ -12,6 +12,7 @@ to (epsilon, delta) at the budget's delta with dp-accounting's conversion
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,8 @@ from mpc_agg.errors import BudgetExceeded
 
 @dataclass(frozen=True)
 class PrivacyEvent:
-    """The privacy cost of one round: its (epsilon, delta) target and its RDP curve."""
+    """The privacy cost of one round: its (epsilon, delta) and its RDP curve (empty for an
+    approximate-DP event, accounted by basic composition)."""
 
     round_id: str
     mechanism: str
@@ -60,18 +62,30 @@ class PrivacyEvent:
 
 
 def cumulative_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
-    """Epsilon at ``delta`` of all ``events`` composed (0 for none)."""
-    if not events:
-        return 0.0
-    orders = events[0].orders
-    for e in events:
+    """Epsilon at ``delta`` of all ``events`` composed (0 for none).
+
+    Events with an RDP curve compose by adding curves. Events without one (approximate-DP
+    events, e.g. binomial noise, whose RDP is infinite) compose by basic composition
+    (Dwork, Roth 2014, Theorem 3.16): their epsilons and deltas add, and the RDP group is
+    converted at what is left of ``delta``; returns infinity if nothing is left.
+    """
+    rdp_events = [e for e in events if e.rdp]
+    approx = [e for e in events if not e.rdp]
+    eps_approx = sum(e.epsilon for e in approx)
+    delta_left = delta - sum(e.delta for e in approx)
+    if delta_left <= 0:
+        return math.inf
+    if not rdp_events:
+        return eps_approx
+    orders = rdp_events[0].orders
+    for e in rdp_events:
         if e.orders != orders:
             raise ValueError(
                 f"round {e.round_id!r} was accounted on other RDP orders; cannot compose"
             )
-    total = np.sum([e.rdp for e in events], axis=0)
-    eps, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
-    return float(eps)
+    total = np.sum([e.rdp for e in rdp_events], axis=0)
+    eps, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta_left)
+    return float(eps) + eps_approx
 
 
 class PrivacyLedger:

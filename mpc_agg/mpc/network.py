@@ -32,6 +32,9 @@ class PartyNetwork(Protocol):
     async def exchange(self, obj: Any) -> list[Any]:
         """Every party sends ``obj`` to all; returns the m objects in party order."""
 
+    async def joint_binomial_sum(self, local_sum: Any, trials: int) -> Any:
+        """Open the sum of all parties' shares plus jointly generated binomial noise."""
+
     def missing(self) -> list[int]:
         """Peers whose link is down."""
 

@@ -98,6 +98,7 @@ class MpycNetwork:
         self.broken = asyncio.Event()
         self._connected = False
         self._lost: set[int] = set()
+        self._secfld: Any = None
         _supervise_links(self._on_lost)
 
     @property
@@ -185,6 +186,36 @@ class MpycNetwork:
         """All-to-all; fails after ``step_timeout_s`` or as soon as a link is lost."""
         self._check()
         return await self._await(self._mpc.transfer(obj), self.step_timeout_s)
+
+    async def joint_binomial_sum(self, local_sum: Any, trials: int) -> Any:
+        """DESIGN.md, "DP mechanisms / joint": open ``sum_j S_j + Z`` where each coordinate of
+        ``Z`` is ``Bin(trials, 1/2) - trials/2`` built from secret random bits generated
+        jointly inside MPyC, so no aggregator knows any part of the noise. Every party
+        inputs its canonical sum share ``S_j``; returns the opened total (canonical uint64).
+        Needs threshold >= 1 (with t = 0 MPyC's "secret" values are plain)."""
+        self._check()
+        bits = trials * int(local_sum.shape[0])
+        timeout = self.step_timeout_s + bits / 1e4  # generous: ~7e4 bits/s measured
+        return await self._await(self._joint_binomial(local_sum, trials), timeout)
+
+    async def _joint_binomial(self, local_sum: Any, trials: int) -> Any:
+        import numpy as np
+
+        from mpc_agg.core.field import P
+
+        mpc = self._mpc
+        if self._secfld is None:
+            self._secfld = mpc.SecFld(order=P)
+        secfld = self._secfld
+        d = int(local_sum.shape[0])
+        shares = mpc.input(secfld.array(local_sum.astype(np.int64)))
+        total = shares[0]
+        for x in shares[1:]:
+            total = total + x
+        bits = mpc.np_random_bits(secfld, trials * d)
+        noise = mpc.np_sum(mpc.np_reshape(bits, (d, trials)), axis=1)
+        opened = await mpc.output(total + noise - trials // 2)
+        return np.asarray(opened.value, dtype=object).astype(np.uint64)
 
     async def reconnect(self) -> None:
         """Drop every link and connect afresh (returns once all parties are back)."""
