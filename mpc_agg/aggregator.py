@@ -455,10 +455,8 @@ class Aggregator:
 
         assert self.ledger is not None and self._ledger_file is not None
         event = plan.event(round_id)
-        self.ledger.check(event)
-        if not self.ledger.holds(round_id):
-            self._ledger_file.append(event)  # on disk before anything noisy leaves this party
-        cumulative = self.ledger.commit(event)
+        # On disk before anything noisy leaves this party.
+        cumulative = self.ledger.commit(event, persist=self._ledger_file.append)
         self._privacy[round_id] = {
             "mechanism": plan.mechanism,
             "epsilon": plan.epsilon,

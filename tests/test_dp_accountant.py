@@ -69,3 +69,22 @@ def test_corrupt_line_in_the_middle_is_an_error(tmp_path):
     path.write_text("not json\n" + gaussian_event("r1", 5.0).to_json() + "\n")
     with pytest.raises(ValueError, match="line 1"):
         LedgerFile(path).load(8.0, 1e-4)
+
+
+def test_commit_persists_before_recording_and_not_when_refused():
+    sigma = calibrate_gaussian(1.0, 1e-5, 1.0)
+    ledger = PrivacyLedger(1.3, 1e-5)
+    written: list[str] = []
+    ledger.commit(gaussian_event("r1", sigma), persist=lambda e: written.append(e.round_id))
+    ledger.commit(gaussian_event("r1", sigma), persist=lambda e: written.append(e.round_id))
+    with pytest.raises(BudgetExceeded):
+        ledger.commit(gaussian_event("r2", sigma), persist=lambda e: written.append(e.round_id))
+    assert written == ["r1"]
+
+    def failing(event: PrivacyEvent) -> None:
+        raise OSError("disk full")
+
+    fresh = PrivacyLedger(8.0, 1e-5)
+    with pytest.raises(OSError):
+        fresh.commit(gaussian_event("r1", sigma), persist=failing)
+    assert fresh.events == []

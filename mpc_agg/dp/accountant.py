@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,9 +124,14 @@ class PrivacyLedger:
             )
         return after
 
-    def commit(self, event: PrivacyEvent) -> float:
-        """:meth:`check`, then record ``event``; returns the cumulative epsilon."""
+    def commit(
+        self, event: PrivacyEvent, persist: Callable[[PrivacyEvent], None] | None = None
+    ) -> float:
+        """:meth:`check`, then record ``event`` (calling ``persist`` first, e.g. to write it
+        to disk, so a failure there records nothing); returns the cumulative epsilon."""
         after = self.check(event)
         if not self.holds(event.round_id):
+            if persist is not None:
+                persist(event)
             self.events.append(event)
         return after
