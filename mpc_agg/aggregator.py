@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mpc_agg.config.schema import Topology
@@ -54,6 +56,9 @@ log = logging.getLogger("mpc_agg.aggregator")
 
 LEADER = 0
 
+INGEST_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads doing the O(d) work of uploads at one aggregator."""
+
 
 class Aggregator:
     """Aggregator ``index`` of ``topology``; ``network`` links it to the other parties.
@@ -79,6 +84,11 @@ class Aggregator:
         self._journals: dict[str, RoundJournal] = {}
         self._close_queue: asyncio.Queue[str] = asyncio.Queue()
         self._close_requested: set[str] = set()
+        # O(d) upload work runs here: numpy, OpenSSL and file I/O release the GIL.
+        self._ingest_pool = ThreadPoolExecutor(
+            max_workers=INGEST_THREADS, thread_name_prefix=f"ingest-{index}"
+        )
+        self._ingesting: set[asyncio.Future[None]] = set()
         self._plans: dict[str, Any] = {}  # round id -> NoisePlan, with DP only
         self._privacy: dict[str, dict[str, Any]] = {}  # round id -> privacy fields of its result
         self.ledger: PrivacyLedger | None = None
@@ -174,6 +184,7 @@ class Aggregator:
             rnd = Round(h["round"], int(h["dim"]), int(h["min_clients"]), opened_at=self.clock())
             for rec in contents.shares:
                 share = codec.decode_share(rec.body, aggregator=self.index, dim=rnd.dim)
+                rnd.reserve(rec.client_id)
                 rnd.accept(
                     rec.client_id,
                     share,
@@ -239,34 +250,109 @@ class Aggregator:
         codec.check_id("client", client_id)
         return codec.share_body_length(ShareKind.FULL, self._round(round_id).dim)
 
-    def receive_share(self, round_id: str, client_id: str, body: bytes) -> bool:
-        """Validate, journal and accumulate one upload.
+    def receive_share(self, round_id: str, client_id: str, body: bytes | bytearray) -> bool:
+        """Validate, journal and accumulate one upload, all in the calling thread.
 
         Returns True when accepted (201), False for an identical retry (200). Raises a
         :class:`~mpc_agg.errors.PeerError` otherwise; a refused upload changes nothing.
+        The party serves uploads with :meth:`receive_share_async`; this is its blocking twin
+        (recovery, tests).
         """
+        rnd, share, digest = self._admit(round_id, client_id, body)
+        if share is None:
+            return False
+        try:
+            vector, ref = self._ingest(rnd, client_id, share, body)
+        except BaseException:
+            self._refuse(rnd, client_id)
+            raise
+        self._settle(rnd, client_id, share, digest, vector, ref, len(body))
+        return True
+
+    async def receive_share_async(
+        self, round_id: str, client_id: str, body: bytes | bytearray
+    ) -> bool:
+        """:meth:`receive_share` with the O(d) work (value check, seed expansion, journal
+        write and fsync) on the ingest threads, so the event loop, shared with MPyC, keeps
+        serving other requests and the party network meanwhile.
+
+        The bookkeeping stays on the loop: the upload is reserved before the threads start
+        and settled after, so a close waits for it (see :meth:`aggregate`). Once reserved,
+        the upload is finished even if the request is cancelled.
+        """
+        rnd, share, digest = self._admit(round_id, client_id, body)
+        if share is None:
+            return False
+        loop = asyncio.get_running_loop()
+
+        async def work() -> None:
+            try:
+                vector, ref = await loop.run_in_executor(
+                    self._ingest_pool, self._ingest, rnd, client_id, share, body
+                )
+            except BaseException:
+                self._refuse(rnd, client_id)
+                raise
+            self._settle(rnd, client_id, share, digest, vector, ref, len(body))
+
+        task = asyncio.ensure_future(work())
+        self._ingesting.add(task)
+        task.add_done_callback(self._ingesting.discard)
+        await asyncio.shield(task)
+        return True
+
+    def _admit(
+        self, round_id: str, client_id: str, body: bytes | bytearray
+    ) -> tuple[Round, Share | None, bytes]:
+        """The checks that need no O(d) work besides the digest: ids, round, header, length,
+        retry or conflict, capacity. Returns the share (None for an identical retry) and
+        reserves it in the round."""
         try:
             codec.check_id("client", client_id)
             rnd = self._round(round_id)
-            share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim)
+            share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim, check_values=False)
             digest = upload_digest(body)
             if not rnd.check_upload(client_id, share, digest):
                 self.metrics["uploads_retried"] += 1
-                return False
-            if len(rnd.accepted) >= self.topology.rounds.max_clients:
+                return rnd, None, digest
+            if rnd.occupancy >= self.topology.rounds.max_clients:
                 raise RoundFull(
                     f"round {round_id!r} already holds max_clients = "
                     f"{self.topology.rounds.max_clients} clients"
                 )
-            vector = share.expand(round_id, client_id)
         except Exception:
             self.metrics["uploads_refused"] += 1
             raise
-        ref = self._journals[round_id].append_share(client_id, body)
+        rnd.reserve(client_id)
+        return rnd, share, digest
+
+    def _ingest(
+        self, rnd: Round, client_id: str, share: Share, body: bytes | bytearray
+    ) -> tuple[FieldArray, object]:
+        """The O(d) part of accepting a reserved upload (any thread): check the values,
+        expand a seed, journal the body durably. Touches no round state."""
+        codec.check_share_values(share)
+        vector = share.expand(rnd.round_id, client_id)
+        ref = self._journals[rnd.round_id].append_share(client_id, body)
+        return vector, ref
+
+    def _refuse(self, rnd: Round, client_id: str) -> None:
+        rnd.release(client_id)
+        self.metrics["uploads_refused"] += 1
+
+    def _settle(
+        self,
+        rnd: Round,
+        client_id: str,
+        share: Share,
+        digest: bytes,
+        vector: FieldArray,
+        ref: object,
+        nbytes: int,
+    ) -> None:
         rnd.accept(client_id, share, digest, vector, ref=ref)
         self.metrics["uploads_accepted"] += 1
-        self.metrics["bytes_accepted"] += len(body)
-        return True
+        self.metrics["bytes_accepted"] += nbytes
 
     def round_status(self, round_id: str) -> dict[str, Any]:
         """JSON-ready status of a round."""
@@ -363,6 +449,8 @@ class Aggregator:
         rnd = self.rounds.get(round_id)
         if rnd is not None and rnd.state is RoundState.OPEN:
             rnd.close()
+        if rnd is not None:
+            await self._drain(rnd)
         live = rnd is not None and rnd.state is RoundState.CLOSING
         plan = self._plans.get(round_id)
         view = (
@@ -438,6 +526,14 @@ class Aggregator:
                     journal.append_end(rnd.state.value)
                     journal.discard()
 
+    async def _drain(self, rnd: Round) -> None:
+        """Wait for the uploads reserved before the close (local work only: value checks,
+        expansion, journal), so that the client set this party reports is final."""
+        if rnd.pending:
+            log.info("round %s: finishing %d upload(s) in progress", rnd.round_id, len(rnd.pending))
+        while rnd.pending:
+            await asyncio.sleep(0.002)
+
     def _budget_refusal(self, round_id: str, plan: Any) -> str | None:
         """Why this aggregator's ledger refuses the round, or None."""
         if plan is None or self.ledger is None:
@@ -506,5 +602,6 @@ class Aggregator:
 
     def close_journals(self) -> None:
         """Close every open journal file (on shutdown; files stay for recovery)."""
+        self._ingest_pool.shutdown(wait=True)
         for journal in self._journals.values():
             journal.close()

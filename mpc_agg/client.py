@@ -66,12 +66,12 @@ class Client:
         self.retries = retries
         self._rng = rng if rng is not None else np.random.default_rng()
         self._random_bytes = random_bytes
-        self._prepared: dict[str, tuple[bytes, list[bytes]]] = {}
+        self._prepared: dict[str, tuple[bytes, list[bytes | bytearray]]] = {}
 
     def __repr__(self) -> str:
         return f"Client({self.client_id!r}, topology={self.topology.name!r})"
 
-    def prepare(self, round_id: str, vector: npt.ArrayLike) -> list[bytes]:
+    def prepare(self, round_id: str, vector: npt.ArrayLike) -> list[bytes | bytearray]:
         """Encode and shard ``vector``: the upload body for each aggregator, in index order."""
         codec.check_id("round", round_id)
         encoded = self.topology.encoding.encode(vector, self._rng)
@@ -101,13 +101,17 @@ class Client:
         if cached is not None and cached[0] == key:
             bodies = cached[1]
         else:
-            bodies = self.prepare(round_id, vector)
+            # O(d) numpy and AES work, off the event loop: other uploads keep flowing.
+            bodies = await asyncio.to_thread(self.prepare, round_id, vector)
             self._prepared.clear()  # keep only the latest round's shares (O(d) memory)
             self._prepared[round_id] = (key, bodies)
         return await self.upload(round_id, bodies)
 
     async def upload(
-        self, round_id: str, bodies: list[bytes], aggregators: list[int] | None = None
+        self,
+        round_id: str,
+        bodies: list[bytes | bytearray],
+        aggregators: list[int] | None = None,
     ) -> SubmitReceipt:
         """Upload prepared ``bodies`` concurrently to ``aggregators`` (default: all)."""
         targets = list(range(self.topology.m)) if aggregators is None else aggregators

@@ -82,6 +82,13 @@ class PayloadTooLarge(PeerError):
     code = "too_large"
 
 
+class LengthRequired(PeerError):
+    """An upload did not announce its length (``Content-Length``), so its memory cannot be
+    reserved before it is read (HTTP 411)."""
+
+    code = "length_required"
+
+
 class RequestTimeout(PeerError):
     """A request body did not arrive in time."""
 
@@ -104,6 +111,13 @@ class Busy(PeerError):
     """Too many uploads are in flight at this aggregator; retry later (HTTP 503)."""
 
     code = "busy"
+
+
+class UploadInProgress(Busy):
+    """The same client's upload to the same round is still being processed (HTTP 503);
+    a retry a moment later is answered as identical or conflicting."""
+
+    code = "upload_in_progress"
 
 
 class InvalidRequest(PeerError):
@@ -244,3 +258,9 @@ class AggregatorUnavailable(MpcAggError):
 
 class AggregationTimeout(MpcAggError, TimeoutError):
     """A round did not reach DONE or FAILED within the caller's timeout."""
+
+
+class LayoutError(EncodingError):
+    """Model parameters cannot be flattened into one vector (non-numeric dtype, nested
+    container, integer beyond 2**53), or a vector does not fit a model layout (length,
+    names, shapes or dtypes differ)."""

@@ -99,6 +99,7 @@ def test_defaults_fill_optional_sections():
     topo = Topology.from_dict(d)
     assert topo.threshold == 1  # (m - 1) // 2
     assert topo.rounds.min_clients == 2
+    assert topo.rounds.upload_buffer_bytes == 256 * 2**20
     assert topo.encoding.coord_clip == 1000.0
     assert str(topo.data_dir) == ".mpc_agg-data/t"
 
@@ -163,6 +164,11 @@ def test_defaults_fill_optional_sections():
         (doc(name="has space"), "name", "letters"),
         (doc(aggregators__0__host="a b"), "aggregators[0].host", "host"),
         (doc(fsync="yes"), "fsync", "expected bool"),
+        (
+            doc(rounds__max_dim=10_000_000, rounds__upload_buffer_mb=64),
+            "rounds.upload_buffer_mb",
+            "cannot hold one full share of max_dim = 10000000 (76.3 MiB); raise it to at least 77",
+        ),
     ],
 )
 def test_invalid_documents_name_path_and_value(data, path, words):

@@ -30,6 +30,7 @@ from mpc_agg.errors import (
     IllegalTransition,
     RoundEnded,
     RoundNotOpen,
+    UploadInProgress,
 )
 
 P_REF = 2**61 - 1
@@ -54,9 +55,15 @@ def full(vector: list[int], aggregator: int = 0) -> Share:
     return Share(aggregator, ShareKind.FULL, len(vector), vector=arr(vector))
 
 
-def upload(r: Round, client_id: str, vector: list[int]) -> None:
+def upload(r: Round, client_id: str, vector: list[int]) -> bool:
+    """What an aggregator does with an upload: check, reserve, accept; False for a retry."""
     share = full(vector)
-    r.accept(client_id, share, upload_digest(codec.encode_share(share)), share.vector)
+    digest = upload_digest(codec.encode_share(share))
+    if not r.check_upload(client_id, share, digest):
+        return False
+    r.reserve(client_id)
+    r.accept(client_id, share, digest, share.vector)
+    return True
 
 
 def round_in(state: RoundState) -> Round:
@@ -152,6 +159,7 @@ def test_check_upload_new_and_identical_retry() -> None:
     digest = upload_digest(codec.encode_share(share))
     assert r.check_upload("alice", share, digest) is True
     assert r.accepted == {}  # check_upload alone changes nothing
+    r.reserve("alice")
     r.accept("alice", share, digest, share.vector)
     assert r.check_upload("alice", share, digest) is False
     assert r.accepted["alice"].digest == digest
@@ -210,24 +218,61 @@ def test_refused_upload_changes_nothing(
         r.check_upload(client, share, digest)
     if error is RoundNotOpen:
         assert type(err.value) is RoundNotOpen  # not its subclass RoundEnded
-    with pytest.raises(error):
+    with pytest.raises(IllegalTransition):  # never reserved, so never accepted
         r.accept(client, share, digest, share.vector)
     assert snapshot(r) == before
 
 
-def test_accept_of_identical_retry_does_not_double_count() -> None:
+def test_identical_retry_does_not_double_count() -> None:
     r = Round("r1", DIM, 1, opened_at=0.0)
-    upload(r, "alice", [1, 2, 3])
+    assert upload(r, "alice", [1, 2, 3]) is True
+    assert upload(r, "alice", [1, 2, 3]) is False
     with pytest.raises(ConflictingShare):
-        upload(r, "alice", [1, 2, 3])
+        upload(r, "alice", [1, 2, 4])
     assert [int(v) for v in r.local_sum()] == [1, 2, 3]
     assert r.sum.count == 1
+
+
+def test_reserved_upload_blocks_the_same_client_and_counts_toward_occupancy() -> None:
+    r = Round("r1", DIM, 1, opened_at=0.0)
+    share = full([1, 2, 3])
+    digest = upload_digest(codec.encode_share(share))
+    assert r.check_upload("alice", share, digest)
+    r.reserve("alice")
+    assert r.occupancy == 1 and r.accepted == {}
+    with pytest.raises(UploadInProgress):
+        r.check_upload("alice", share, digest)
+    with pytest.raises(IllegalTransition):
+        r.reserve("alice")
+    r.release("alice")  # refused after all: nothing remains
+    assert r.occupancy == 0 and r.pending == set()
+    assert [int(v) for v in r.local_sum()] == [0, 0, 0]
+    assert upload(r, "alice", [1, 2, 3]) is True
+
+
+def test_upload_reserved_before_close_settles_in_closing_and_blocks_agreement() -> None:
+    r = Round("r1", DIM, 1, opened_at=0.0)
+    upload(r, "bob", [5, 5, 5])
+    share = full([1, 2, 3])
+    digest = upload_digest(codec.encode_share(share))
+    assert r.check_upload("alice", share, digest)
+    r.reserve("alice")
+    r.close()
+    with pytest.raises(IllegalTransition, match="in progress"):
+        r.agree(frozenset({"bob"}), [])
+    r.accept("alice", share, digest, share.vector)  # legal in CLOSING
+    r.agree(frozenset({"alice", "bob"}), [])
+    assert [int(v) for v in r.local_sum()] == [6, 7, 8]
+    with pytest.raises(IllegalTransition):  # too late once agreed
+        r.reserve("carol")
+        r.accept("carol", share, digest, share.vector)
 
 
 def test_accept_remembers_seed_not_vector() -> None:
     r = Round("r1", DIM, 1, opened_at=0.0)
     share = Share(1, ShareKind.SEED, DIM, seed=bytes(range(16)))
     vector = share.expand("r1", "alice")
+    r.reserve("alice")
     r.accept("alice", share, b"d" * 32, vector, ref="journal-ref")
     acc = r.accepted["alice"]
     assert (acc.kind, acc.seed, acc.ref) == (ShareKind.SEED, bytes(range(16)), "journal-ref")
@@ -303,6 +348,7 @@ def test_federation_of_rounds_reveals_the_kept_total() -> None:
                 continue
             body = codec.encode_share(s)
             got = codec.decode_share(body, aggregator=j, dim=DIM)
+            aggs[j].reserve(cid)
             aggs[j].accept(cid, got, upload_digest(body), got.expand("r1", cid))
     for r in aggs:
         r.close()
@@ -394,7 +440,7 @@ def test_upload_digest_distinguishes_bodies() -> None:
     b = codec.encode_share(full([1, 2, 4]))
     assert upload_digest(a) == upload_digest(bytes(a))
     assert upload_digest(a) != upload_digest(b)
-    assert len(upload_digest(a)) == 32
+    assert len(upload_digest(a)) == 16
 
 
 def test_status_reports_counts_not_contents() -> None:

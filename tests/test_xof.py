@@ -296,3 +296,33 @@ def test_top_and_low_bits_look_uniform() -> None:
         stat = float(((counts - expected) ** 2 / expected).sum())
         pval = chi2_sf(stat, 7)
         assert pval > 1e-6, f"{name} 3 bits: chi2 = {stat:.1f}, p = {pval:.2e}, seed {seed.hex()}"
+
+
+def test_fast_path_falls_back_to_the_stream_when_a_word_is_rejected(monkeypatch) -> None:
+    """``expand`` fills its output from the keystream in place; if a word is the rejected
+    value (never seen in practice: probability about d * 2**-61) it must give exactly what
+    rejection sampling over the same stream gives. The fast path is made to see such a word."""
+    seed, context, d = bytes(range(16)), b"ctx", 1000
+    reference = xof.elements_from_stream(xof.keystream(xof.derive_key(seed, context)), d)
+    assert np.array_equal(xof.expand(seed, context, d), reference)  # the usual path
+    real_fill = xof._fill_keystream
+
+    def fill_with_a_rejected_word(key: bytes, out: memoryview) -> None:
+        real_fill(key, out)
+        out[8 * 17 : 8 * 18] = struct.pack("<Q", REJECT_A)
+
+    monkeypatch.setattr(xof, "_fill_keystream", fill_with_a_rejected_word)
+    assert np.array_equal(xof.expand(seed, context, d), reference)
+
+
+STEP = (1 << 19) // 8  # elements per 512 KiB keystream step
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, STEP - 2, STEP - 1, STEP, STEP + 1, 2 * STEP + 3])
+def test_chunked_keystream_fill_equals_one_stream(d: int) -> None:
+    """Filling in 512 KiB steps (with OpenSSL's 15 spare bytes) gives the words of one long
+    ``update``, at lengths around the step boundaries."""
+    key = xof.derive_key(bytes(16), b"c")
+    whole = np.frombuffer(xof.keystream(key)(8 * d), dtype="<u8") & np.uint64(MASK61)
+    assert not (whole == np.uint64(P_REF)).any()  # no rejection for these fixed inputs
+    assert np.array_equal(xof.expand(bytes(16), b"c", d), whole)

@@ -56,7 +56,13 @@ _TOP_KEYS = {
 }
 _DEADLINE_KEYS = {"step_s", "upload_s", "startup_s"}
 _AGG_KEYS = {"host", "mpc_port", "http_port"}
-_ROUND_KEYS = {"min_clients", "max_clients", "max_dim", "max_concurrent_uploads"}
+_ROUND_KEYS = {
+    "min_clients",
+    "max_clients",
+    "max_dim",
+    "max_concurrent_uploads",
+    "upload_buffer_mb",
+}
 _ENC_KEYS = {"frac_bits", "coord_clip", "l2_clip"}
 _LATER: dict[str, str] = {}
 _DP_KEYS = {"mechanism", "epsilon", "delta", "l2_clip", "max_colluding", "budget"}
@@ -165,7 +171,18 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
     )
     if max_uploads < 1:
         raise fail("rounds.max_concurrent_uploads", f"must be >= 1, got {max_uploads}")
-    policy = RoundPolicy(min_clients, max_clients, max_dim, max_uploads)
+    buffer_mb = _get(
+        rounds_raw, "upload_buffer_mb", int, "rounds.", fail, default=defaults.upload_buffer_mb
+    )
+    largest_body = 12 + 8 * max_dim  # a FULL share of max_dim, header included
+    if buffer_mb << 20 < largest_body:
+        raise fail(
+            "rounds.upload_buffer_mb",
+            f"{buffer_mb} MiB cannot hold one full share of max_dim = {max_dim} "
+            f"({largest_body / 2**20:.1f} MiB); raise it to at least "
+            f"{-(-largest_body // 2**20)} or lower max_dim",
+        )
+    policy = RoundPolicy(min_clients, max_clients, max_dim, max_uploads, buffer_mb)
 
     dp = _dp_settings(data, len(aggregators), threshold, fail)
 

@@ -39,12 +39,22 @@ class RoundPolicy:
     ``max_clients``: most clients a round accepts; the overflow check assumes this many.
     ``max_dim``: largest vector length a round may be opened with.
     ``max_concurrent_uploads``: uploads in flight at one aggregator; more are answered 503.
+    ``upload_buffer_mb``: MiB of upload bodies one aggregator holds in memory at once; an
+    upload that does not fit waits for room (up to ``deadlines.upload_s``, then 503). It
+    bounds an aggregator's memory whatever the number of clients; it must hold at least one
+    FULL share of ``max_dim`` (``8 * max_dim`` bytes).
     """
 
     min_clients: int = 2
     max_clients: int = 10_000
     max_dim: int = 10_000_000
     max_concurrent_uploads: int = 256
+    upload_buffer_mb: int = 256
+
+    @property
+    def upload_buffer_bytes(self) -> int:
+        """``upload_buffer_mb`` in bytes."""
+        return self.upload_buffer_mb << 20
 
 
 @dataclass(frozen=True)

@@ -68,23 +68,30 @@ def share_body_length(kind: ShareKind, dim: int) -> int:
     return SHARE_HEADER.size + (8 * dim if kind is ShareKind.FULL else SEED_BYTES)
 
 
-def encode_share(share: Share) -> bytes:
-    """The upload body for ``share``."""
+def encode_share(share: Share) -> bytes | bytearray:
+    """The upload body for ``share`` (a ``bytearray`` for FULL shares: built in place)."""
     header = SHARE_HEADER.pack(
         SHARE_MAGIC, VERSION, int(share.kind), share.aggregator, 0, share.dim
     )
     if share.kind is ShareKind.FULL:
         assert share.vector is not None
-        return header + share.vector.astype("<u8", copy=False).tobytes()
+        # One copy of the vector, straight into the body (no tobytes + concatenation).
+        body = bytearray(SHARE_HEADER.size + 8 * share.dim)
+        body[: SHARE_HEADER.size] = header
+        np.frombuffer(body, dtype="<u8", offset=SHARE_HEADER.size)[:] = share.vector
+        return body
     assert share.seed is not None
     return header + share.seed
 
 
-def decode_share(body: bytes, *, aggregator: int, dim: int) -> Share:
+def decode_share(
+    body: bytes | bytearray, *, aggregator: int, dim: int, check_values: bool = True
+) -> Share:
     """Decode an upload meant for ``aggregator`` in a round of dimension ``dim``.
 
     Raises :class:`MalformedUpload` (or its subclass ``DimensionMismatch``) naming the field.
-    A FULL share's vector is a read-only view of ``body`` (no copy).
+    A FULL share's vector is a view of ``body`` (no copy). ``check_values=False`` checks the
+    header and length only (O(1)); the caller must then run :func:`check_share_values`.
     """
     if len(body) < SHARE_HEADER.size:
         raise MalformedUpload(
@@ -119,10 +126,17 @@ def decode_share(body: bytes, *, aggregator: int, dim: int) -> Share:
     if kind is ShareKind.SEED:
         return Share(aggregator, kind, dim, seed=bytes(body[SHARE_HEADER.size :]))
     vector = np.frombuffer(body, dtype="<u8", offset=SHARE_HEADER.size, count=dim)
-    if not field.is_canonical(vector):
-        bad = int(np.flatnonzero(vector >= np.uint64(field.P))[0])
+    share = Share(aggregator, kind, dim, vector=vector.view(np.uint64))
+    if check_values:
+        check_share_values(share)
+    return share
+
+
+def check_share_values(share: Share) -> None:
+    """Raise :class:`MalformedUpload` unless every value of a FULL share is below p (O(d))."""
+    if share.vector is not None and not field.is_canonical(share.vector):
+        bad = int(np.flatnonzero(share.vector >= np.uint64(field.P))[0])
         raise MalformedUpload(f"value at index {bad} is not below p = 2**61 - 1")
-    return Share(aggregator, kind, dim, vector=vector.view(np.uint64))
 
 
 def encode_result(total: FieldArray, meta: dict[str, Any]) -> bytes:

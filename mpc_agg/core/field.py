@@ -78,15 +78,17 @@ def sub(a: FieldArray, b: FieldArray) -> FieldArray:
     return canonical(a + (_P64 - b))
 
 
-def from_signed(v: npt.NDArray[np.int64]) -> FieldArray:
+def from_signed(v: npt.NDArray[np.int64], out: FieldArray | None = None) -> FieldArray:
     """Embed signed integers with ``|v| < p/2`` in GF(p): negative ``v`` becomes ``p + v``.
 
     Branch-free: ``v >> 63`` is all ones exactly for negative ``v``, so ``p & (v >> 63)``
     adds ``p`` to those values (the ``uint64`` addition wraps ``2**64 + v + p`` to ``p + v``).
+    ``out`` may be ``v.view(np.uint64)`` to embed in place.
     """
     v = np.asarray(v, dtype=np.int64)
     mask = np.right_shift(v, 63).view(np.uint64)
-    return v.view(np.uint64) + (mask & _P64)
+    mask &= _P64
+    return np.add(v.view(np.uint64), mask, out=out)
 
 
 def to_signed(x: FieldArray) -> npt.NDArray[np.int64]:

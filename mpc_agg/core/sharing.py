@@ -24,6 +24,8 @@ from mpc_agg.core import field
 from mpc_agg.core.field import FieldArray
 from mpc_agg.core.xof import SEED_BYTES, expand, share_context
 
+_P64 = np.uint64(field.P)
+
 
 class ShareKind(enum.IntEnum):
     """How a share is carried: the whole vector, or a seed the aggregator expands."""
@@ -101,14 +103,22 @@ def shard(
     if not 0 <= full < m:
         raise ValueError(f"full_index must be in 0..{m - 1}, got {full}")
     shares: list[Share | None] = [None] * m
-    acc = x.copy()
+    acc = x.copy()  # canonical, so within the folded bound of field.LAZY_ADDS
+    pending = 0
     for j in range(m):
         if j == full:
             continue
         seed = random_bytes(SEED_BYTES)
         share = Share(j, ShareKind.SEED, d, seed=seed)
-        acc = field.sub(acc, share.expand(round_id, client_id))
+        minus = share.expand(round_id, client_id)  # a fresh array: negate it in place
+        np.subtract(_P64, minus, out=minus)  # p - v, in [1, p]
+        if pending == field.LAZY_ADDS:
+            field.fold(acc, out=acc)
+            pending = 0
+        acc += minus
+        pending += 1
         shares[j] = share
+    field.canonical(acc, out=acc)
     shares[full] = Share(full, ShareKind.FULL, d, vector=acc)
     return [s for s in shares if s is not None]
 

@@ -31,6 +31,7 @@ from mpc_agg.errors import (
     DimensionMismatch,
     Forbidden,
     InvalidRequest,
+    LengthRequired,
     MalformedUpload,
     NotLeader,
     PartyNetworkDown,
@@ -58,6 +59,7 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     Unauthenticated: 401,
     Forbidden: 403,
     PayloadTooLarge: 413,
+    LengthRequired: 411,
     Busy: 503,
     RequestTimeout: 408,
     UnknownRound: 404,
@@ -142,6 +144,72 @@ async def _read_body_unbounded(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _read_into(request: web.Request, length: int, timeout_s: float) -> bytearray:
+    """Read a body of exactly ``length`` announced bytes into one preallocated buffer.
+
+    Chunks are copied in as they arrive, so the body costs ``length`` bytes of memory, not
+    twice that (aiohttp's ``read()`` joins its chunks at the end).
+    """
+    buf = bytearray(length)
+    view = memoryview(buf)
+
+    async def fill() -> None:
+        pos = 0
+        while pos < length:
+            chunk = await request.content.read(min(length - pos, 1 << 20))
+            if not chunk:
+                raise MalformedUpload(f"body ended after {pos} of {length} announced bytes")
+            view[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+        if await request.content.read(1):
+            raise MalformedUpload(f"body is longer than the {length} announced bytes")
+
+    try:
+        await asyncio.wait_for(fill(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"body not received within {timeout_s:g} s") from None
+    finally:
+        view.release()
+    return buf
+
+
+class UploadBuffer:
+    """Bytes of upload bodies held in memory at once at one aggregator, with a cap.
+
+    An upload reserves its announced length before its body is read; one that does not fit
+    waits (its client is held back by TCP flow control) and gets :class:`Busy` if room does
+    not come within the wait. Keeps an aggregator's memory O(d) whatever the number of
+    clients uploading.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    async def reserve(self, nbytes: int, wait_s: float) -> None:
+        if nbytes > self.capacity:
+            raise PayloadTooLarge(
+                f"body of {nbytes} bytes exceeds the upload buffer of {self.capacity} bytes"
+            )
+        async with self._freed:
+            try:
+                await asyncio.wait_for(
+                    self._freed.wait_for(lambda: self.used + nbytes <= self.capacity), wait_s
+                )
+            except asyncio.TimeoutError:
+                raise Busy(
+                    f"the upload buffer ({self.capacity >> 20} MiB) stayed full for "
+                    f"{wait_s:g} s; retry later"
+                ) from None
+            self.used += nbytes
+
+    async def release(self, nbytes: int) -> None:
+        async with self._freed:
+            self.used -= nbytes
+            self._freed.notify_all()
+
+
 async def _read_json(request: web.Request, timeout_s: float) -> dict[str, Any]:
     body = await _read_body(request, MAX_JSON_BYTES, timeout_s)
     try:
@@ -171,7 +239,8 @@ def build_app(aggregator: Aggregator, credentials: Credentials | None = None) ->
     app = web.Application(middlewares=[_errors], client_max_size=aggregator.max_body_bytes() + 1)
     upload_s = aggregator.topology.deadlines.upload_s
     max_uploads = aggregator.topology.rounds.max_concurrent_uploads
-    inflight = [0]  # uploads whose body is being received
+    inflight = [0]  # uploads whose body is being received or processed
+    buffer = UploadBuffer(aggregator.topology.rounds.upload_buffer_bytes)
 
     def check_collector(request: web.Request) -> None:
         if credentials is not None:
@@ -204,14 +273,23 @@ def build_app(aggregator: Aggregator, credentials: Credentials | None = None) ->
         round_id, client_id = request.match_info["round"], request.match_info["client"]
         check_client(request, client_id)  # before a single body byte is read
         limit = aggregator.upload_limit(round_id, client_id)
+        length = request.content_length
+        if length is None:
+            raise LengthRequired("an upload must announce its Content-Length")
+        if length > limit:
+            raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
         if inflight[0] >= max_uploads:
             raise Busy(f"{max_uploads} uploads are in flight at this aggregator; retry later")
         inflight[0] += 1
         try:
-            body = await _read_body(request, limit, upload_s)
+            await buffer.reserve(length, upload_s)
+            try:
+                body = await _read_into(request, length, upload_s)
+                created = await aggregator.receive_share_async(round_id, client_id, body)
+            finally:
+                await buffer.release(length)
         finally:
             inflight[0] -= 1
-        created = aggregator.receive_share(round_id, client_id, body)
         return web.json_response(
             {"accepted": True, "retry": not created}, status=201 if created else 200
         )
