@@ -18,7 +18,15 @@ from mpc_agg.core.codec import decode_result
 from mpc_agg.core.field import to_signed
 from mpc_agg.core.rounds import RoundState
 from mpc_agg.core.sharing import full_share_index
-from mpc_agg.errors import ConflictingShare, NotLeader, ResultNotReady, RoundAborted, RoundFull
+from mpc_agg.errors import (
+    ConflictingShare,
+    MalformedUpload,
+    NotLeader,
+    ResultNotReady,
+    RoundAborted,
+    RoundFull,
+    UploadInProgress,
+)
 
 from .conftest import topology_doc
 
@@ -226,3 +234,78 @@ def test_local_failure_after_agreement_fails_everywhere_and_keeps_parties_in_ste
             np.testing.assert_array_equal(total_of(a, "next"), data[:2].sum(axis=0))
 
     asyncio.run(go())
+
+
+# --------------------------------------------------------------------------- threaded ingest
+
+
+def test_async_ingest_round_is_exact_and_close_waits_for_uploads_in_progress(tmp_path):
+    """The party's upload path (:meth:`receive_share_async`, O(d) work on ingest threads):
+    uploads still being processed when the close arrives are finished and counted, so the
+    client set every party reports is final, and the total is exact."""
+    aggs = make_federation(tmp_path)
+    for a in aggs:
+        a.open_round("r", 2000)
+    xs = ints(8, 2000, seed=7)
+    bodies = {
+        f"c{k}": Client(aggs[0].topology, f"c{k}").prepare("r", xs[k]) for k in range(len(xs))
+    }
+
+    async def main() -> None:
+        uploads = [
+            asyncio.ensure_future(a.receive_share_async("r", cid, b[a.index]))
+            for cid, b in bodies.items()
+            for a in aggs
+        ]
+        await asyncio.sleep(0)  # every upload is admitted and reserved; none has finished
+        assert all(len(a.rounds["r"].pending) == len(xs) for a in aggs)
+        await run_round(aggs, "r")  # the close is requested while they are in progress
+        assert all(await asyncio.gather(*uploads))
+
+    asyncio.run(main())
+    for a in aggs:
+        assert a.rounds["r"].state is RoundState.DONE
+        assert a.rounds["r"].num_clients == len(xs)
+        assert a.rounds["r"].pending == set()
+        assert np.array_equal(total_of(a, "r"), xs.sum(axis=0))
+
+
+def test_async_ingest_same_client_twice_at_once_is_busy_then_a_retry(tmp_path):
+    aggs = make_federation(tmp_path)
+    agg = aggs[0]
+    agg.open_round("r", 100)
+    body = Client(agg.topology, "c0").prepare("r", np.ones(100))[0]
+
+    async def main() -> tuple[object, object, bool]:
+        first = asyncio.ensure_future(agg.receive_share_async("r", "c0", body))
+        second = asyncio.ensure_future(agg.receive_share_async("r", "c0", body))
+        got = await asyncio.gather(first, second, return_exceptions=True)
+        again = await agg.receive_share_async("r", "c0", body)
+        return got[0], got[1], again
+
+    first, second, again = asyncio.run(main())
+    assert first is True
+    assert isinstance(second, UploadInProgress) and "being processed" in str(second)
+    assert again is False  # an identical retry once the first is settled
+    assert sorted(agg.rounds["r"].accepted) == ["c0"] and agg.rounds["r"].sum.count == 1
+
+
+def test_async_ingest_refused_values_release_the_reservation(tmp_path):
+    """A FULL share with a value >= p is refused on the ingest thread: the reservation is
+    given up, nothing is journaled or added, and a correct upload of that client works."""
+    aggs = make_federation(tmp_path)
+    a = aggs[full_share_index("c0", 3)]
+    a.open_round("r", 10)
+    good = Client(a.topology, "c0").prepare("r", np.arange(10.0))[a.index]
+    bad = bytearray(good)
+    bad[12:20] = (2**61 - 1).to_bytes(8, "little")  # the first value is p itself
+
+    async def main() -> bool:
+        with pytest.raises(MalformedUpload, match="index 0 is not below p"):
+            await a.receive_share_async("r", "c0", bad)
+        rnd = a.rounds["r"]
+        assert rnd.pending == set() and rnd.accepted == {} and rnd.sum.count == 0
+        return await a.receive_share_async("r", "c0", good)
+
+    assert asyncio.run(main()) is True
+    assert a.metrics["uploads_refused"] == 1 and a.metrics["uploads_accepted"] == 1

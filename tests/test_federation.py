@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 import urllib.error
 import urllib.request
@@ -213,6 +214,23 @@ def test_malformed_bodies_get_400_json_and_round_stays_correct(federation3, roun
     assert (status, answer["error"]) == (413, "too_large")
     status, answer = http("GET", f"{base}/v1/nothing-here")
     assert (status, answer["error"]) == (404, "not_found")
+
+    # A chunked upload announces no length: its memory cannot be reserved before reading.
+    a0 = topo.aggregators[0]
+    with socket.create_connection((a0.host, a0.http_port), timeout=10) as conn:
+        conn.sendall(
+            f"PUT /v1/rounds/{round_id}/shares/{cid} HTTP/1.1\r\nHost: x\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
+            + b"%x\r\n" % len(body)
+            + bytes(body)
+            + b"\r\n0\r\n\r\n"
+        )
+        answer_raw = b""
+        while chunk := conn.recv(65536):
+            answer_raw += chunk
+    head, _, payload = answer_raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 411"), head
+    assert json.loads(payload)["error"] == "length_required"
 
     # Nothing of the above was accepted; the round still aggregates exactly.
     Client(topo, "good1").submit(round_id, good[1])
