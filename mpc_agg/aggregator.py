@@ -521,6 +521,7 @@ class Aggregator:
         finally:
             self._close_requested.discard(round_id)
             if rnd is not None and rnd.state in TERMINAL:
+                rnd.free_sum()  # only the total (DONE) is served from now on
                 journal = self._journals.pop(round_id, None)
                 if journal is not None:
                     journal.append_end(rnd.state.value)

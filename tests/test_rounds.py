@@ -449,3 +449,17 @@ def test_status_reports_counts_not_contents() -> None:
     assert s["state"] == "aggregating" and s["accepted"] == 2 and s["num_clients"] == 2
     assert s["dim"] == DIM and s["failure"] is None
     assert "alice" not in repr(s) and str(P_REF - 1) not in repr(s)
+
+
+def test_an_ended_round_frees_its_running_sum_but_keeps_the_total() -> None:
+    r = Round("r1", DIM, 1, opened_at=0.0)
+    upload(r, "alice", [1, 2, 3])
+    with pytest.raises(IllegalTransition, match="not ended"):
+        r.free_sum()
+    r.close()
+    r.agree(frozenset({"alice"}), [])
+    r.reveal(arr([1, 2, 3]))
+    r.free_sum()
+    assert [int(v) for v in r.total] == [1, 2, 3]
+    with pytest.raises(IllegalTransition, match="freed its running sum"):
+        r.local_sum()

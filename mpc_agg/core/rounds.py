@@ -252,7 +252,15 @@ class Round:
 
     def local_sum(self) -> FieldArray:
         """This aggregator's share of the total (canonical)."""
+        if self.sum is None:
+            raise IllegalTransition(f"round {self.round_id!r} ended and freed its running sum")
         return self.sum.value()
+
+    def free_sum(self) -> None:
+        """Drop the running sum of an ended round (8·d bytes); the total, if any, stays."""
+        if self.state not in TERMINAL:
+            raise IllegalTransition(f"round {self.round_id!r} is {self.state.value}, not ended")
+        self.sum = None  # type: ignore[assignment]
 
     def status(self) -> dict[str, object]:
         """A JSON-ready summary: state, counts, dimension, timings, failure."""
