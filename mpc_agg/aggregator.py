@@ -182,13 +182,14 @@ class Aggregator:
                 continue
             h = contents.header
             rnd = Round(h["round"], int(h["dim"]), int(h["min_clients"]), opened_at=self.clock())
-            for rec in contents.shares:
-                share = codec.decode_share(rec.body, aggregator=self.index, dim=rnd.dim)
+            for rec in contents.shares:  # one body in memory at a time
+                body = journal.read(rec.ref)
+                share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim)
                 rnd.reserve(rec.client_id)
                 rnd.accept(
                     rec.client_id,
                     share,
-                    upload_digest(rec.body),
+                    upload_digest(body),
                     share.expand(rnd.round_id, rec.client_id),
                     ref=rec.ref,
                 )

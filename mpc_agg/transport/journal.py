@@ -25,6 +25,7 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,15 @@ MAX_RECORD = 1 << 31
 
 @dataclass(frozen=True, repr=False)
 class JournalShare:
-    """A SHARE record: the client, the upload body and where it lies in the file."""
+    """A SHARE record: the client and where its upload body lies in the file (the body is
+    read back one record at a time with :meth:`RoundJournal.read`, so recovering a round
+    costs O(d) memory, not O(clients x d))."""
 
     client_id: str
-    body: bytes
     ref: tuple[int, int]
 
     def __repr__(self) -> str:
-        return f"JournalShare({self.client_id!r}, {len(self.body)} bytes)"
+        return f"JournalShare({self.client_id!r}, {self.ref[1]} bytes)"
 
 
 @dataclass(frozen=True)
@@ -75,22 +77,30 @@ def _frame(rtype: int, payload_parts: list[bytes | bytearray]) -> list[bytes | b
 
 def read_journal(data: bytes) -> JournalContents:
     """Parse journal bytes (sans I/O). Raises ValueError if even the OPEN record is bad."""
+    return scan_journal(lambda offset, n: data[offset : offset + n], len(data))
+
+
+def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalContents:
+    """Parse a journal of ``size`` bytes read through ``read_at(offset, n)``, one record at a
+    time (a record is checked whole, then dropped). Raises ValueError if even the OPEN
+    record is bad."""
     pos = 0
     header: dict[str, Any] | None = None
     shares: list[JournalShare] = []
     end_state: str | None = None
     torn: str | None = None
-    while pos < len(data):
-        if len(data) - pos < _LEN.size + 1 + _CHECK.size:
+    while pos < size:
+        if size - pos < _LEN.size + 1 + _CHECK.size:
             torn = f"incomplete record header at byte {pos}"
             break
-        (length,) = _LEN.unpack_from(data, pos)
+        (length,) = _LEN.unpack(read_at(pos, _LEN.size))
         end = pos + _LEN.size + length + _CHECK.size
-        if length < 1 or length > MAX_RECORD or end > len(data):
+        if length < 1 or length > MAX_RECORD or end > size:
             torn = f"incomplete record at byte {pos} ({length} bytes announced)"
             break
-        record = data[pos + _LEN.size : pos + _LEN.size + length]
-        (check,) = _CHECK.unpack_from(data, end - _CHECK.size)
+        framed = read_at(pos + _LEN.size, length + _CHECK.size)
+        record = memoryview(framed)[:length]
+        (check,) = _CHECK.unpack_from(framed, length)
         if xxhash.xxh3_64_intdigest(record) != check:
             torn = f"checksum mismatch in the record at byte {pos}"
             break
@@ -98,18 +108,18 @@ def read_journal(data: bytes) -> JournalContents:
         if header is None:
             if rtype != RECORD_OPEN:
                 raise ValueError("journal does not start with an OPEN record")
-            header = json.loads(payload)
+            header = json.loads(bytes(payload))
         elif rtype == RECORD_SHARE:
             (n,) = _CID.unpack_from(payload)
-            cid = payload[_CID.size : _CID.size + n].decode("utf-8")
+            cid = bytes(payload[_CID.size : _CID.size + n]).decode("utf-8")
             body_start = pos + _LEN.size + 1 + _CID.size + n
-            body = bytes(payload[_CID.size + n :])
-            shares.append(JournalShare(cid, body, (body_start, len(body))))
+            shares.append(JournalShare(cid, (body_start, length - 1 - _CID.size - n)))
         elif rtype == RECORD_END:
-            end_state = json.loads(payload)["state"]
+            end_state = json.loads(bytes(payload))["state"]
         else:
             torn = f"unknown record type {rtype} at byte {pos}"
             break
+        record.release()
         pos = end
     if header is None:
         raise ValueError(f"journal has no valid OPEN record ({torn or 'empty file'})")
@@ -157,7 +167,11 @@ class RoundJournal:
     @classmethod
     def recover(cls, path: Path, *, fsync: bool = True) -> tuple[RoundJournal, JournalContents]:
         """Open an existing journal, truncating a torn tail; return it and its contents."""
-        contents = read_journal(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            contents = scan_journal(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
         if contents.torn is not None:
             os.truncate(path, contents.valid_bytes)
         return cls(path, fsync=fsync), contents
