@@ -19,8 +19,8 @@ import xxhash
 
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
-from mpc_agg.core.sharing import shard
-from mpc_agg.errors import RemoteRefusal, UploadRefused, UsageError
+from mpc_agg.core.sharing import full_share_index, shard_in_place
+from mpc_agg.errors import EncodingError, RemoteRefusal, UploadRefused, UsageError
 from mpc_agg.transport.http_client import AggregatorAPI, new_session, run_sync
 
 
@@ -75,11 +75,19 @@ class Client:
     def prepare(self, round_id: str, vector: npt.ArrayLike) -> list[bytes | bytearray]:
         """Encode and shard ``vector``: the upload body for each aggregator, in index order."""
         codec.check_id("round", round_id)
-        encoded = self.topology.encoding.encode(vector, self._rng)
-        shares = shard(
-            encoded, round_id, self.client_id, self.topology.m, random_bytes=self._random_bytes
+        m = self.topology.m
+        full = full_share_index(self.client_id, m)
+        d = int(np.shape(vector)[0]) if np.ndim(vector) == 1 else -1
+        if d < 0:
+            raise EncodingError(f"vector must be 1-dimensional, got shape {np.shape(vector)}")
+        # The vector is encoded straight into the full share's upload body, and the seeds'
+        # expansions are subtracted there: one vector-sized buffer, no copies.
+        body, vec = codec.full_share_body(full, d)
+        self.topology.encoding.encode(vector, self._rng, out=vec)
+        shares = shard_in_place(
+            vec, round_id, self.client_id, m, full_index=full, random_bytes=self._random_bytes
         )
-        return [codec.encode_share(s) for s in shares]
+        return [body if s.aggregator == full else codec.encode_share(s) for s in shares]
 
     def submit(self, round_id: str, vector: npt.ArrayLike) -> SubmitReceipt:
         """Encode, share and upload ``vector`` to every aggregator (blocking).

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mpc_agg.core import field as field_mod
 from mpc_agg.core import sharing, xof
+from mpc_agg.core import xof as xof_mod
 from mpc_agg.core.sharing import Share, ShareKind
 
 P_REF = 2**61 - 1
@@ -233,3 +235,28 @@ def test_unshard_matches_python() -> None:
         (2 * (P_REF - 1) + 5) % P_REF,
         (7 + P_REF - 7) % P_REF,
     ]
+
+
+def test_a_seed_whose_stream_holds_the_rejected_word_is_replaced(monkeypatch) -> None:
+    """If a seed's stream hits the rejected word in some block (probability about d·2^-61,
+    so forced here), the blocks already subtracted are restored and a fresh seed is drawn:
+    the shares still add up to x, and each seed share expands (by the aggregator's own
+    rejection-sampling ``expand``) to exactly what was subtracted."""
+    d = 3 * field_mod.BLOCK + 11
+    x = np.random.default_rng(5).integers(0, field_mod.P, size=d, dtype=np.uint64)
+    seeds = iter([bytes([k]) * 16 for k in range(1, 10)])
+    real_next = xof_mod.BlockStream.next_block
+    calls = {"n": 0}
+
+    def next_block(self, n):  # the first stream fails at its third block
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return None
+        return real_next(self, n)
+
+    monkeypatch.setattr(xof_mod.BlockStream, "next_block", next_block)
+    shares = sharing.shard(x, "r", "c", 3, full_index=0, random_bytes=lambda n: next(seeds))
+    monkeypatch.undo()
+    assert [s.seed for s in shares[1:]] == [bytes([2]) * 16, bytes([3]) * 16]  # seed 1 dropped
+    expanded = [s.expand("r", "c") for s in shares]
+    assert np.array_equal(sharing.unshard(expanded), x)

@@ -84,6 +84,17 @@ def encode_share(share: Share) -> bytes | bytearray:
     return header + share.seed
 
 
+def full_share_body(aggregator: int, dim: int) -> tuple[bytearray, FieldArray]:
+    """An upload body for a FULL share, header written, and a writable view of its vector:
+    whatever is written into the view is the upload (no serialisation copy)."""
+    body = bytearray(SHARE_HEADER.size + 8 * dim)
+    body[: SHARE_HEADER.size] = SHARE_HEADER.pack(
+        SHARE_MAGIC, VERSION, int(ShareKind.FULL), aggregator, 0, dim
+    )
+    vector = np.frombuffer(body, dtype="<u8", offset=SHARE_HEADER.size).view(np.uint64)
+    return body, vector
+
+
 def decode_share(
     body: bytes | bytearray, *, aggregator: int, dim: int, check_values: bool = True
 ) -> Share:

@@ -108,35 +108,68 @@ class FixedPointEncoding:
         if not np.all(np.isfinite(x)):
             bad = int(np.flatnonzero(~np.isfinite(x))[0])
             raise EncodingError(f"vector has a non-finite value {x[bad]} at index {bad}")
-        if self.l2_clip is not None and x.size:
-            # Norm of x / max|x|, times max|x|: no overflow for finite entries near 1e308.
-            peak = float(np.max(np.abs(x)))
-            norm = peak * float(np.linalg.norm(x / peak)) if peak > 0 else 0.0
-            if norm > self.l2_clip:
-                # A hair under l2_clip / norm, so float rounding cannot leave the norm above
-                # the clip that the DP noise is calibrated to.
-                x *= (self.l2_clip / norm) * (1.0 - 2.0**-50)
+        factor = self._l2_factor(x)
+        if factor is not None:
+            x *= factor
         # The L2 scaling may overshoot by one ulp; clipping every coordinate to the bound the
         # overflow check uses makes ``|x_i| <= max_abs_coordinate`` exact.
         bound = self.max_abs_coordinate
         np.clip(x, -bound, bound, out=x)
         return x
 
-    def encode(self, x: npt.ArrayLike, rng: np.random.Generator) -> FieldArray:
+    def encode(
+        self, x: npt.ArrayLike, rng: np.random.Generator, out: FieldArray | None = None
+    ) -> FieldArray:
         """Clip, scale and round ``x`` at random (unbiased); canonical field vector.
 
         ``rng`` supplies the rounding coins; pass a generator seeded from the OS CSPRNG
-        (``np.random.default_rng()``) outside tests.
+        (``np.random.default_rng()``) outside tests. ``out`` (uint64, length ``len(x)``)
+        receives the result, e.g. the payload of an upload body. Works in blocks of
+        :data:`~mpc_agg.core.field.BLOCK` elements, in cache, with the same floating-point
+        operations and coins as :meth:`clip` followed by rounding of the whole vector.
         """
-        # Few passes and few fresh arrays: at 10^6 elements the page faults of each new
-        # 8 MB temporary cost as much as the arithmetic.
-        y = self.clip(x)  # a fresh array: everything below works in place
-        y *= self.scale
-        v = np.floor(y, out=np.empty(y.shape, dtype=np.int64), casting="unsafe")  # exact
-        np.subtract(y, v, out=y)  # the fractional part, in [0, 1)
-        coins = rng.random(y.shape[0])
-        v += np.less(coins, y)  # up with probability frac: unbiased
-        return field.from_signed(v, out=v.view(np.uint64))
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 1:
+            raise EncodingError(f"vector must be 1-dimensional, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            bad = int(np.flatnonzero(~np.isfinite(x))[0])
+            raise EncodingError(f"vector has a non-finite value {x[bad]} at index {bad}")
+        d = x.shape[0]
+        if out is None:
+            out = np.empty(d, dtype=np.uint64)
+        elif out.shape != (d,) or out.dtype != np.uint64:
+            raise ValueError(f"out must be uint64 of shape ({d},), got {out.dtype} {out.shape}")
+        factor = self._l2_factor(x)
+        bound, scale = self.max_abs_coordinate, self.scale
+        y = np.empty(min(d, field.BLOCK), dtype=np.float64)
+        v = np.empty(min(d, field.BLOCK), dtype=np.int64)
+        for start in range(0, d, field.BLOCK):
+            stop = min(start + field.BLOCK, d)
+            yb, vb = y[: stop - start], v[: stop - start]
+            if factor is None:
+                yb[:] = x[start:stop]
+            else:
+                np.multiply(x[start:stop], factor, out=yb)
+            np.clip(yb, -bound, bound, out=yb)
+            yb *= scale
+            np.floor(yb, out=vb, casting="unsafe")  # exact: |y| < 2**52
+            np.subtract(yb, vb, out=yb)  # the fractional part, in [0, 1)
+            vb += np.less(rng.random(stop - start), yb)  # up with probability frac
+            field.from_signed(vb, out=out[start:stop])
+        return out
+
+    def _l2_factor(self, x: npt.NDArray[np.float64]) -> float | None:
+        """The factor that brings ``x``'s L2 norm under ``l2_clip``, or None if it is under."""
+        if self.l2_clip is None or not x.size:
+            return None
+        # Norm of x / max|x|, times max|x|: no overflow for finite entries near 1e308.
+        peak = float(np.max(np.abs(x)))
+        norm = peak * float(np.linalg.norm(x / peak)) if peak > 0 else 0.0
+        if norm <= self.l2_clip:
+            return None
+        # A hair under l2_clip / norm, so float rounding cannot leave the norm above the
+        # clip that the DP noise is calibrated to.
+        return (self.l2_clip / norm) * (1.0 - 2.0**-50)
 
     def decode(self, v: FieldArray) -> npt.NDArray[np.float64]:
         """Field vector (a client's encoding or a sum of them) back to floats."""

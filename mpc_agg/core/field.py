@@ -41,7 +41,7 @@ BLOCK: int = 1 << 16
 """Elements per block in :func:`fold` and :func:`canonical` (512 KiB: stays in L2 cache)."""
 
 
-def _fold_into(src: FieldArray, dst: FieldArray, hi: FieldArray) -> None:
+def fold_into(src: FieldArray, dst: FieldArray, hi: FieldArray) -> None:
     """``dst = (src & p) + (src >> 61)`` for one block; ``hi`` is scratch of the same size."""
     np.right_shift(src, _S61, out=hi)
     np.bitwise_and(src, _P64, out=dst)
@@ -59,7 +59,7 @@ def fold(x: FieldArray, out: FieldArray | None = None) -> FieldArray:
     hi = np.empty(min(x.size, BLOCK), dtype=np.uint64)
     for start in range(0, x.size, BLOCK):
         stop = min(start + BLOCK, x.size)
-        _fold_into(x[start:stop], out[start:stop], hi[: stop - start])
+        fold_into(x[start:stop], out[start:stop], hi[: stop - start])
     return out
 
 
@@ -76,10 +76,10 @@ def canonical(x: FieldArray, out: FieldArray | None = None) -> FieldArray:
     for start in range(0, x.size, BLOCK):
         stop = min(start + BLOCK, x.size)
         o, h = out[start:stop], hi[: stop - start]
-        _fold_into(x[start:stop], o, h)
-        _fold_into(o, o, h)  # now in [0, p]
+        fold_into(x[start:stop], o, h)
+        fold_into(o, o, h)  # now in [0, p]
         o += _ONE  # in [1, p + 1] = [1, 2**61]
-        _fold_into(o, o, h)  # p + 1 -> 1, others unchanged
+        fold_into(o, o, h)  # p + 1 -> 1, others unchanged
         o -= _ONE
     return out
 

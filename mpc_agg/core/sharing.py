@@ -22,7 +22,7 @@ import numpy as np
 
 from mpc_agg.core import field
 from mpc_agg.core.field import FieldArray
-from mpc_agg.core.xof import SEED_BYTES, expand, share_context
+from mpc_agg.core.xof import SEED_BYTES, BlockStream, derive_key, expand, share_context
 
 _P64 = np.uint64(field.P)
 
@@ -90,37 +90,91 @@ def shard(
     """Split canonical ``x`` into ``m`` additive shares, one per aggregator (index order).
 
     ``random_bytes`` is the seed source (the OS CSPRNG unless a test injects one).
-    ``full_index`` overrides the rotation of :func:`full_share_index`.
+    ``full_index`` overrides the rotation of :func:`full_share_index`. ``x`` is unchanged;
+    see :func:`shard_in_place` to build the full share in ``x``'s own memory.
+    """
+    if x.dtype != np.uint64 or x.ndim != 1:
+        raise ValueError(f"x must be a 1-D uint64 field vector, got {x.dtype} of shape {x.shape}")
+    return shard_in_place(
+        x.copy(), round_id, client_id, m, full_index=full_index, random_bytes=random_bytes
+    )
+
+
+def shard_in_place(
+    acc: FieldArray,
+    round_id: str,
+    client_id: str,
+    m: int,
+    *,
+    full_index: int | None = None,
+    random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+) -> list[Share]:
+    """:func:`shard`, turning canonical ``acc`` itself into the full share (no copy).
+
+    Each seed's expansion is subtracted block by block while the block is in cache, so no
+    vector-sized temporary is made. If a seed's stream holds the rejected word (probability
+    about ``d * 2**-61``), its subtraction is undone and another seed is drawn: seeds are
+    uniform among those whose first ``d`` words are all below p, which makes the expansion
+    exactly uniform on GF(p)^d, as rejection sampling would.
     """
     if m < 2:
         raise ValueError(f"sharing needs m >= 2 aggregators, got {m}")
-    if x.dtype != np.uint64 or x.ndim != 1:
-        raise ValueError(f"x must be a 1-D uint64 field vector, got {x.dtype} of shape {x.shape}")
-    if not field.is_canonical(x):
+    if acc.dtype != np.uint64 or acc.ndim != 1:
+        raise ValueError(
+            f"x must be a 1-D uint64 field vector, got {acc.dtype} of shape {acc.shape}"
+        )
+    if not field.is_canonical(acc):
         raise ValueError("x must be canonical (every value below p)")
-    d = int(x.shape[0])
+    d = int(acc.shape[0])
     full = full_share_index(client_id, m) if full_index is None else full_index
     if not 0 <= full < m:
         raise ValueError(f"full_index must be in 0..{m - 1}, got {full}")
     shares: list[Share | None] = [None] * m
-    acc = x.copy()  # canonical, so within the folded bound of field.LAZY_ADDS
-    pending = 0
     for j in range(m):
         if j == full:
             continue
-        seed = random_bytes(SEED_BYTES)
-        share = Share(j, ShareKind.SEED, d, seed=seed)
-        minus = share.expand(round_id, client_id)  # a fresh array: negate it in place
-        np.subtract(_P64, minus, out=minus)  # p - v, in [1, p]
-        if pending == field.LAZY_ADDS:
-            field.fold(acc, out=acc)
-            pending = 0
-        acc += minus
-        pending += 1
-        shares[j] = share
+        context = share_context(round_id, client_id, j)
+        while True:
+            seed = random_bytes(SEED_BYTES)
+            if _subtract_expansion(acc, derive_key(seed, context)):
+                break
+        shares[j] = Share(j, ShareKind.SEED, d, seed=seed)
     field.canonical(acc, out=acc)
     shares[full] = Share(full, ShareKind.FULL, d, vector=acc)
     return [s for s in shares if s is not None]
+
+
+def _subtract_expansion(acc: FieldArray, key: bytes) -> bool:
+    """``acc -= expand(key)`` block by block, keeping every value ``<= 2**61 + 6``
+    (folded); False, with ``acc`` as it was mod p, if the stream holds a rejected word."""
+    d = acc.shape[0]
+    stream = BlockStream(key, min(d, field.BLOCK))
+    hi = np.empty(min(d, field.BLOCK), dtype=np.uint64)
+    for start in range(0, d, field.BLOCK):
+        stop = min(start + field.BLOCK, d)
+        words = stream.next_block(stop - start)
+        if words is None:
+            _add_expansion(acc[:start], key)  # undo the blocks already subtracted
+            return False
+        np.subtract(_P64, words, out=words)  # p - v, in [1, p]
+        a = acc[start:stop]
+        a += words
+        field.fold_into(a, a, hi[: stop - start])
+    return True
+
+
+def _add_expansion(acc: FieldArray, key: bytes) -> None:
+    """``acc += `` the first ``len(acc)`` words of ``key``'s stream (none rejected)."""
+    d = acc.shape[0]
+    stream = BlockStream(key, min(d, field.BLOCK))
+    hi = np.empty(min(d, field.BLOCK), dtype=np.uint64)
+    for start in range(0, d, field.BLOCK):
+        stop = min(start + field.BLOCK, d)
+        words = stream.next_block(stop - start)
+        assert words is not None  # the same words passed before
+        a = acc[start:stop]
+        a += words
+        field.fold_into(a, a, hi[: stop - start])
 
 
 def unshard(vectors: list[FieldArray]) -> FieldArray:

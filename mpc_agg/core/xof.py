@@ -135,3 +135,28 @@ def expand(seed: bytes, context: bytes, d: int) -> FieldArray:
     if d == 0 or out.max() != _MASK:
         return out
     return elements_from_stream(keystream(key), d)
+
+
+class BlockStream:
+    """The expansion of one key, produced block by block (the fast path of :func:`expand`).
+
+    :meth:`next_block` returns the next ``n`` masked words, or None if one of them is the
+    rejected value p: only :func:`expand` (rejection sampling over the whole stream) defines
+    the elements then, and the caller must start over with another seed or fall back. A
+    block is a view into this object's scratch buffer, valid until the next call.
+    """
+
+    def __init__(self, key: bytes, block: int) -> None:
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor()
+        self._buf = np.empty(block + 2, dtype=np.uint64)  # 16 spare bytes for OpenSSL
+        self._bytes = memoryview(self._buf).cast("B")
+
+    def next_block(self, n: int) -> FieldArray | None:
+        self._enc.update_into(_ZEROS[: 8 * n], self._bytes[: 8 * n + 15])
+        out = self._buf[:n]
+        if sys.byteorder == "big":  # pragma: no cover
+            out.byteswap(inplace=True)
+        np.bitwise_and(out, _MASK, out=out)
+        if n and out.max() == _MASK:
+            return None
+        return out
