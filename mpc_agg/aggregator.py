@@ -41,6 +41,7 @@ from mpc_agg.errors import (
     NotLeader,
     PartyLinkLost,
     PartyNetworkDown,
+    ResultExpired,
     ResultNotReady,
     RoundAborted,
     RoundConflict,
@@ -89,6 +90,8 @@ class Aggregator:
             max_workers=INGEST_THREADS, thread_name_prefix=f"ingest-{index}"
         )
         self._ingesting: set[asyncio.Future[None]] = set()
+        self._results: list[str] = []  # rounds holding a total, in the order they ended
+        self._expired: set[str] = set()  # ended rounds whose total was dropped
         self._plans: dict[str, Any] = {}  # round id -> NoisePlan, with DP only
         self._privacy: dict[str, dict[str, Any]] = {}  # round id -> privacy fields of its result
         self.ledger: PrivacyLedger | None = None
@@ -400,6 +403,12 @@ class Aggregator:
         rnd = self._round(round_id)
         if rnd.state is RoundState.FAILED:
             raise RoundAborted(rnd.failure or "unknown reason")
+        if round_id in self._expired:
+            raise ResultExpired(
+                f"round {round_id!r} ended and its total was dropped to bound memory "
+                f"(rounds.keep_results = {self.topology.rounds.keep_results}); fetch results "
+                "promptly or raise keep_results"
+            )
         if rnd.state is not RoundState.DONE or rnd.total is None:
             raise ResultNotReady(f"round {round_id!r} is {rnd.state.value}; no result yet")
         meta = {
@@ -523,10 +532,22 @@ class Aggregator:
             self._close_requested.discard(round_id)
             if rnd is not None and rnd.state in TERMINAL:
                 rnd.free_sum()  # only the total (DONE) is served from now on
+                if rnd.total is not None:
+                    self._results.append(round_id)
+                    self._expire_results()
                 journal = self._journals.pop(round_id, None)
                 if journal is not None:
                     journal.append_end(rnd.state.value)
                     journal.discard()
+
+    def _expire_results(self) -> None:
+        """Keep the totals of the ``rounds.keep_results`` most recently ended rounds only
+        (each holds 8·d bytes); older rounds stay known (retries, status) without it."""
+        while len(self._results) > self.topology.rounds.keep_results:
+            rnd = self.rounds[self._results.pop(0)]
+            rnd.total = None
+            self._expired.add(rnd.round_id)
+            log.info("round %s: total dropped (rounds.keep_results)", rnd.round_id)
 
     async def _drain(self, rnd: Round) -> None:
         """Wait for the uploads reserved before the close (local work only: value checks,

@@ -168,6 +168,12 @@ class RoundFull(PeerError):
     code = "round_full"
 
 
+class ResultExpired(PeerError):
+    """The round's total was dropped to bound memory (``rounds.keep_results``) (HTTP 410)."""
+
+    code = "result_expired"
+
+
 class RoundAborted(PeerError):
     """The round FAILED, so it has no result; the detail says why."""
 

@@ -22,6 +22,7 @@ from mpc_agg.errors import (
     ConflictingShare,
     MalformedUpload,
     NotLeader,
+    ResultExpired,
     ResultNotReady,
     RoundAborted,
     RoundFull,
@@ -309,3 +310,27 @@ def test_async_ingest_refused_values_release_the_reservation(tmp_path):
 
     assert asyncio.run(main()) is True
     assert a.metrics["uploads_refused"] == 1 and a.metrics["uploads_accepted"] == 1
+
+
+def test_only_the_last_keep_results_totals_are_kept(tmp_path):
+    """Each ended round holds its total (8·d bytes); beyond ``rounds.keep_results`` the
+    oldest is dropped and its result answers a clear 410, while newer ones still serve."""
+    aggs = make_federation(
+        tmp_path, rounds={"min_clients": 2, "max_clients": 100, "max_dim": 1000, "keep_results": 2}
+    )
+    xs = ints(2, 10, seed=3)
+
+    async def three_rounds() -> None:  # one event loop: the in-memory links belong to it
+        for r in ("r1", "r2", "r3"):
+            for a in aggs:
+                a.open_round(r, 10)
+            for k, x in enumerate(xs):
+                submit(aggs, r, f"c{k}", x)
+            await run_round(aggs, r)
+
+    asyncio.run(three_rounds())
+    with pytest.raises(ResultExpired, match="keep_results = 2"):
+        aggs[0].result("r1")
+    for r in ("r2", "r3"):
+        assert np.array_equal(total_of(aggs[0], r), xs.sum(axis=0))
+    assert aggs[0].rounds["r1"].state is RoundState.DONE and aggs[0].rounds["r1"].total is None

@@ -99,7 +99,7 @@ def test_defaults_fill_optional_sections():
     topo = Topology.from_dict(d)
     assert topo.threshold == 1  # (m - 1) // 2
     assert topo.rounds.min_clients == 2
-    assert topo.rounds.upload_buffer_bytes == 256 * 2**20
+    assert topo.rounds.upload_buffer_bytes == 128 * 2**20 and topo.rounds.keep_results == 4
     assert topo.encoding.coord_clip == 1000.0
     assert str(topo.data_dir) == ".mpc_agg-data/t"
 

@@ -62,6 +62,7 @@ _ROUND_KEYS = {
     "max_dim",
     "max_concurrent_uploads",
     "upload_buffer_mb",
+    "keep_results",
 }
 _ENC_KEYS = {"frac_bits", "coord_clip", "l2_clip"}
 _LATER: dict[str, str] = {}
@@ -182,7 +183,12 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
             f"({largest_body / 2**20:.1f} MiB); raise it to at least "
             f"{-(-largest_body // 2**20)} or lower max_dim",
         )
-    policy = RoundPolicy(min_clients, max_clients, max_dim, max_uploads, buffer_mb)
+    keep_results = _get(
+        rounds_raw, "keep_results", int, "rounds.", fail, default=defaults.keep_results
+    )
+    if keep_results < 1:
+        raise fail("rounds.keep_results", f"must be >= 1, got {keep_results}")
+    policy = RoundPolicy(min_clients, max_clients, max_dim, max_uploads, buffer_mb, keep_results)
 
     dp = _dp_settings(data, len(aggregators), threshold, fail)
 

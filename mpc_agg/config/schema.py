@@ -39,6 +39,8 @@ class RoundPolicy:
     ``max_clients``: most clients a round accepts; the overflow check assumes this many.
     ``max_dim``: largest vector length a round may be opened with.
     ``max_concurrent_uploads``: uploads in flight at one aggregator; more are answered 503.
+    ``keep_results``: totals of ended rounds kept for the collector (8·d bytes each); older
+    ones are dropped and their result answers 410 ``result_expired``.
     ``upload_buffer_mb``: MiB of upload bodies one aggregator holds in memory at once; an
     upload that does not fit waits for room (up to ``deadlines.upload_s``, then 503). It
     bounds an aggregator's memory whatever the number of clients; it must hold at least one
@@ -49,7 +51,8 @@ class RoundPolicy:
     max_clients: int = 10_000
     max_dim: int = 10_000_000
     max_concurrent_uploads: int = 256
-    upload_buffer_mb: int = 256
+    upload_buffer_mb: int = 128
+    keep_results: int = 4
 
     @property
     def upload_buffer_bytes(self) -> int:

@@ -38,6 +38,7 @@ from mpc_agg.errors import (
     PayloadTooLarge,
     PeerError,
     RequestTimeout,
+    ResultExpired,
     ResultNotReady,
     RoundAborted,
     RoundConflict,
@@ -72,6 +73,7 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     ResultNotReady: 409,
     RoundEnded: 410,
     RoundAborted: 410,
+    ResultExpired: 410,
 }
 """The one table from peer error to HTTP status (most specific class wins)."""
 
