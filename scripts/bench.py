@@ -56,7 +56,6 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,7 +78,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from mpc_agg import Client, Collector, MpcAggError, Topology  # noqa: E402
 from mpc_agg.core import codec, field, xof  # noqa: E402
 from mpc_agg.core.sharing import Share, ShareKind, shard  # noqa: E402
-from mpc_agg.launcher import LaunchError, LocalFederation  # noqa: E402
+from mpc_agg.launcher import LaunchError, LocalFederation, free_loopback_ports  # noqa: E402
 
 SECTIONS = ("client", "ingest", "reveal", "grid", "flower")
 FULL_DIMS = (10**4, 10**5, 10**6, 10**7)
@@ -563,19 +562,6 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 def version_of(dist: str) -> str | None:
     """Installed version of distribution ``dist`` (None if absent)."""
     try:
@@ -783,7 +769,7 @@ def topology_document(base: dict[str, Any], data_dir: Path, *, fsync: bool | Non
     1000 clients x 1e7 and, if given, ``fsync``."""
     doc = json.loads(json.dumps(base))  # deep copy of plain YAML data
     m = len(doc["aggregators"])
-    ports = free_ports(2 * m)
+    ports = free_loopback_ports(2 * m)
     doc["name"] = "bench"
     doc["aggregators"] = [
         {"host": "127.0.0.1", "mpc_port": ports[2 * i], "http_port": ports[2 * i + 1]}

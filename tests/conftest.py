@@ -11,7 +11,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from mpc_agg import Topology
+from mpc_agg.launcher import free_loopback_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "scripts" / "launch_local.py"
@@ -31,15 +31,7 @@ LAUNCHER = ROOT / "scripts" / "launch_local.py"
 
 def free_ports(n: int) -> list[int]:
     """``n`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+    return free_loopback_ports(n)
 
 
 def topology_doc(m: int, threshold: int, name: str = "test", **extra: object) -> dict:
@@ -58,6 +50,21 @@ def topology_doc(m: int, threshold: int, name: str = "test", **extra: object) ->
         "fsync": False,
     }
     doc.update(extra)
+    return doc
+
+
+def dp_topology_doc(name: str, budget_epsilon: float) -> dict:
+    """A 3-party topology with Skellam noise (epsilon 1 per round, L2 clip 1) and a budget."""
+    doc = topology_doc(3, 1, name=name)
+    doc["encoding"] = {"frac_bits": 16, "coord_clip": None}
+    doc["dp"] = {
+        "mechanism": "skellam",
+        "epsilon": 1.0,
+        "delta": 1e-5,
+        "l2_clip": 1.0,
+        "max_colluding": 1,
+        "budget": {"epsilon": budget_epsilon, "delta": 1e-4},
+    }
     return doc
 
 

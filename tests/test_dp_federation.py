@@ -11,23 +11,9 @@ import pytest
 from mpc_agg import Client, Collector, RoundFailed, Topology
 from mpc_agg.launcher import LocalFederation
 
-from .conftest import topology_doc, write_topology
+from .conftest import dp_topology_doc, write_topology
 
 pytestmark = pytest.mark.processes
-
-
-def dp_doc(name: str, budget_epsilon: float) -> dict:
-    doc = topology_doc(3, 1, name=name)
-    doc["encoding"] = {"frac_bits": 16, "coord_clip": None}
-    doc["dp"] = {
-        "mechanism": "skellam",
-        "epsilon": 1.0,
-        "delta": 1e-5,
-        "l2_clip": 1.0,
-        "max_colluding": 1,
-        "budget": {"epsilon": budget_epsilon, "delta": 1e-4},
-    }
-    return doc
 
 
 def unit_vectors(n: int, d: int, seed: int) -> np.ndarray:
@@ -37,7 +23,7 @@ def unit_vectors(n: int, d: int, seed: int) -> np.ndarray:
 
 def test_noisy_round_error_matches_the_announced_stddev(tmp_path):
     d = 20_000
-    config = write_topology(tmp_path, dp_doc("dpround", budget_epsilon=8.0))
+    config = write_topology(tmp_path, dp_topology_doc("dpround", budget_epsilon=8.0))
     with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
         topo = fed.topology
         collector = Collector(topo)
@@ -60,7 +46,7 @@ def test_noisy_round_error_matches_the_announced_stddev(tmp_path):
 
 
 def test_budget_refuses_the_next_round_also_after_a_restart(tmp_path):
-    config = write_topology(tmp_path, dp_doc("budget", budget_epsilon=1.2))
+    config = write_topology(tmp_path, dp_topology_doc("budget", budget_epsilon=1.2))
     data = unit_vectors(2, 100, seed=2)
 
     def run_round(fed: LocalFederation, round_id: str) -> object:
@@ -90,7 +76,7 @@ def test_budget_refuses_the_next_round_also_after_a_restart(tmp_path):
 
 def test_joint_binomial_histogram_round(tmp_path):
     d = 16
-    doc = dp_doc("binom", budget_epsilon=8.0)
+    doc = dp_topology_doc("binom", budget_epsilon=8.0)
     doc["encoding"] = {"frac_bits": 0, "coord_clip": None}
     doc["rounds"]["max_dim"] = 49
     doc["dp"]["mechanism"] = "binomial"

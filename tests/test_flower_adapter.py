@@ -45,7 +45,7 @@ from mpc_agg.integrations.flower import (  # noqa: E402
 from mpc_agg.integrations.flower_local import InProcessGrid, run_server_app  # noqa: E402
 from mpc_agg.launcher import LocalFederation  # noqa: E402
 
-from .conftest import ROOT, topology_doc, write_topology  # noqa: E402
+from .conftest import ROOT, dp_topology_doc, topology_doc, write_topology  # noqa: E402
 
 NUM_NODES = 4
 INITIAL = {
@@ -266,20 +266,6 @@ def test_server_ignores_arrays_from_clients_without_the_mod(
     assert "sent arrays to the Flower server; ignored" in caplog.text
     assert "the global model is unchanged" in caplog.text
     assert len(out["result"].arrays) == 0  # Flower's Result: no aggregated arrays
-
-
-def dp_topology_doc(name: str, budget_epsilon: float) -> dict:
-    doc = topology_doc(3, 1, name=name)
-    doc["encoding"] = {"frac_bits": 16, "coord_clip": None}
-    doc["dp"] = {
-        "mechanism": "skellam",
-        "epsilon": 1.0,
-        "delta": 1e-5,
-        "l2_clip": 1.0,
-        "max_colluding": 1,
-        "budget": {"epsilon": budget_epsilon, "delta": 1e-4},
-    }
-    return doc
 
 
 def two_round_budget(dim: int) -> float:

@@ -147,6 +147,16 @@ def shard_in_place(
 def _subtract_expansion(acc: FieldArray, key: bytes) -> bool:
     """``acc -= expand(key)`` block by block, keeping every value ``<= 2**61 + 6``
     (folded); False, with ``acc`` as it was mod p, if the stream holds a rejected word."""
+    done = _apply_expansion(acc, key, subtract=True)
+    if done < acc.shape[0]:
+        _apply_expansion(acc[:done], key, subtract=False)  # undo the blocks subtracted
+        return False
+    return True
+
+
+def _apply_expansion(acc: FieldArray, key: bytes, *, subtract: bool) -> int:
+    """Add (or subtract) ``key``'s stream to ``acc`` block by block, folding after each
+    block; stops before a block holding a rejected word. Returns how many elements it did."""
     d = acc.shape[0]
     stream = BlockStream(key, min(d, field.BLOCK))
     hi = np.empty(min(d, field.BLOCK), dtype=np.uint64)
@@ -154,27 +164,13 @@ def _subtract_expansion(acc: FieldArray, key: bytes) -> bool:
         stop = min(start + field.BLOCK, d)
         words = stream.next_block(stop - start)
         if words is None:
-            _add_expansion(acc[:start], key)  # undo the blocks already subtracted
-            return False
-        np.subtract(_P64, words, out=words)  # p - v, in [1, p]
+            return start
+        if subtract:
+            np.subtract(_P64, words, out=words)  # p - v, in [1, p]
         a = acc[start:stop]
         a += words
         field.fold_into(a, a, hi[: stop - start])
-    return True
-
-
-def _add_expansion(acc: FieldArray, key: bytes) -> None:
-    """``acc += `` the first ``len(acc)`` words of ``key``'s stream (none rejected)."""
-    d = acc.shape[0]
-    stream = BlockStream(key, min(d, field.BLOCK))
-    hi = np.empty(min(d, field.BLOCK), dtype=np.uint64)
-    for start in range(0, d, field.BLOCK):
-        stop = min(start + field.BLOCK, d)
-        words = stream.next_block(stop - start)
-        assert words is not None  # the same words passed before
-        a = acc[start:stop]
-        a += words
-        field.fold_into(a, a, hi[: stop - start])
+    return d
 
 
 def unshard(vectors: list[FieldArray]) -> FieldArray:
