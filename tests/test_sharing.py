@@ -260,3 +260,17 @@ def test_a_seed_whose_stream_holds_the_rejected_word_is_replaced(monkeypatch) ->
     assert [s.seed for s in shares[1:]] == [bytes([2]) * 16, bytes([3]) * 16]  # seed 1 dropped
     expanded = [s.expand("r", "c") for s in shares]
     assert np.array_equal(sharing.unshard(expanded), x)
+
+
+def test_full_share_is_canonical_even_where_a_lazy_sum_lands_on_p(monkeypatch) -> None:
+    """x = 1 minus a stream word of 1 is 1 + (p - 1) = p before reduction: the full share
+    must hold 0 there, never p (aggregators refuse values >= p)."""
+    d = field_mod.BLOCK + 5
+
+    def ones(self, n):
+        return np.ones(n, dtype=np.uint64)
+
+    monkeypatch.setattr(xof_mod.BlockStream, "next_block", ones)
+    shares = sharing.shard(np.ones(d, dtype=np.uint64), "r", "c", 2, full_index=0)
+    full = shares[0].vector
+    assert full is not None and int(full.max()) == 0

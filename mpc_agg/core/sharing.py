@@ -130,33 +130,36 @@ def shard_in_place(
     if not 0 <= full < m:
         raise ValueError(f"full_index must be in 0..{m - 1}, got {full}")
     shares: list[Share | None] = [None] * m
+    last = max(j for j in range(m) if j != full)
     for j in range(m):
         if j == full:
             continue
         context = share_context(round_id, client_id, j)
         while True:
             seed = random_bytes(SEED_BYTES)
-            if _subtract_expansion(acc, derive_key(seed, context)):
+            # The last pass leaves each block canonical while it is in cache.
+            if _subtract_expansion(acc, derive_key(seed, context), finish=j == last):
                 break
         shares[j] = Share(j, ShareKind.SEED, d, seed=seed)
-    field.canonical(acc, out=acc)
     shares[full] = Share(full, ShareKind.FULL, d, vector=acc)
     return [s for s in shares if s is not None]
 
 
-def _subtract_expansion(acc: FieldArray, key: bytes) -> bool:
+def _subtract_expansion(acc: FieldArray, key: bytes, *, finish: bool = False) -> bool:
     """``acc -= expand(key)`` block by block, keeping every value ``<= 2**61 + 6``
-    (folded); False, with ``acc`` as it was mod p, if the stream holds a rejected word."""
-    done = _apply_expansion(acc, key, subtract=True)
+    (folded; canonical with ``finish``); False, with ``acc`` as it was mod p (and folded),
+    if the stream holds a rejected word."""
+    done = _apply_expansion(acc, key, subtract=True, finish=finish)
     if done < acc.shape[0]:
         _apply_expansion(acc[:done], key, subtract=False)  # undo the blocks subtracted
         return False
     return True
 
 
-def _apply_expansion(acc: FieldArray, key: bytes, *, subtract: bool) -> int:
+def _apply_expansion(acc: FieldArray, key: bytes, *, subtract: bool, finish: bool = False) -> int:
     """Add (or subtract) ``key``'s stream to ``acc`` block by block, folding after each
-    block; stops before a block holding a rejected word. Returns how many elements it did."""
+    block (reducing it to canonical with ``finish``); stops before a block holding a
+    rejected word. Returns how many elements it did."""
     d = acc.shape[0]
     stream = BlockStream(key, min(d, field.BLOCK))
     hi = np.empty(min(d, field.BLOCK), dtype=np.uint64)
@@ -169,7 +172,10 @@ def _apply_expansion(acc: FieldArray, key: bytes, *, subtract: bool) -> int:
             np.subtract(_P64, words, out=words)  # p - v, in [1, p]
         a = acc[start:stop]
         a += words
-        field.fold_into(a, a, hi[: stop - start])
+        if finish:
+            field.canonical(a, out=a)
+        else:
+            field.fold_into(a, a, hi[: stop - start])
     return d
 
 
