@@ -45,6 +45,7 @@ from mpc_agg.errors import (
     ResultNotReady,
     RoundAborted,
     RoundConflict,
+    RoundEnded,
     RoundFull,
     UnknownRound,
 )
@@ -188,6 +189,15 @@ class Aggregator:
             for rec in contents.shares:  # one body in memory at a time
                 body = journal.read(rec.ref)
                 share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim)
+                if rec.client_id in rnd.accepted:
+                    # A record written whose fsync then failed (the upload was refused and
+                    # retried): the first record of the client is the one acknowledged.
+                    log.warning(
+                        "round %s: second journal record of client %s ignored",
+                        rnd.round_id,
+                        rec.client_id,
+                    )
+                    continue
                 rnd.reserve(rec.client_id)
                 rnd.accept(
                     rec.client_id,
@@ -266,7 +276,7 @@ class Aggregator:
         if share is None:
             return False
         try:
-            vector, ref = self._ingest(rnd, client_id, share, body)
+            vector, ref = self._ingest(self._journals[round_id], rnd, client_id, share, body)
         except BaseException:
             self._refuse(rnd, client_id)
             raise
@@ -288,12 +298,18 @@ class Aggregator:
         if share is None:
             return False
         loop = asyncio.get_running_loop()
+        journal = self._journals[round_id]  # the thread writes here even if the round ends
 
         async def work() -> None:
             try:
                 vector, ref = await loop.run_in_executor(
-                    self._ingest_pool, self._ingest, rnd, client_id, share, body
+                    self._ingest_pool, self._ingest, journal, rnd, client_id, share, body
                 )
+                if rnd.state not in (RoundState.OPEN, RoundState.CLOSING):
+                    raise RoundEnded(
+                        f"round {round_id!r} ended ({rnd.state.value}) while this upload was "
+                        "being processed; it was not counted"
+                    )
             except BaseException:
                 self._refuse(rnd, client_id)
                 raise
@@ -331,13 +347,18 @@ class Aggregator:
         return rnd, share, digest
 
     def _ingest(
-        self, rnd: Round, client_id: str, share: Share, body: bytes | bytearray
+        self,
+        journal: RoundJournal,
+        rnd: Round,
+        client_id: str,
+        share: Share,
+        body: bytes | bytearray,
     ) -> tuple[FieldArray, object]:
         """The O(d) part of accepting a reserved upload (any thread): check the values,
         expand a seed, journal the body durably. Touches no round state."""
         codec.check_share_values(share)
         vector = share.expand(rnd.round_id, client_id)
-        ref = self._journals[rnd.round_id].append_share(client_id, body)
+        ref = journal.append_share(client_id, body)
         return vector, ref
 
     def _refuse(self, rnd: Round, client_id: str) -> None:
@@ -459,18 +480,18 @@ class Aggregator:
         rnd = self.rounds.get(round_id)
         if rnd is not None and rnd.state is RoundState.OPEN:
             rnd.close()
-        if rnd is not None:
-            await self._drain(rnd)
-        live = rnd is not None and rnd.state is RoundState.CLOSING
-        plan = self._plans.get(round_id)
-        view = (
-            round_id,
-            rnd.dim if live and rnd else None,
-            rnd.min_clients if live and rnd else 0,
-            sorted(rnd.accepted) if live and rnd else [],
-            self._budget_refusal(round_id, plan),
-        )
         try:
+            if rnd is not None:
+                await self._drain(rnd)  # inside the try: a cancellation here fails the round
+            live = rnd is not None and rnd.state is RoundState.CLOSING
+            plan = self._plans.get(round_id)
+            view = (
+                round_id,
+                rnd.dim if live and rnd else None,
+                rnd.min_clients if live and rnd else 0,
+                sorted(rnd.accepted) if live and rnd else [],
+                self._budget_refusal(round_id, plan),
+            )
             try:
                 raw_views = await self.network.exchange(view)  # exchange 1: client sets
                 views = [PartyView(v[0], v[1], frozenset(v[3])) for v in raw_views]
@@ -537,8 +558,24 @@ class Aggregator:
                     self._expire_results()
                 journal = self._journals.pop(round_id, None)
                 if journal is not None:
-                    journal.append_end(rnd.state.value)
-                    journal.discard()
+                    self._end_journal(rnd, journal)
+
+    def _end_journal(self, rnd: Round, journal: RoundJournal) -> None:
+        """Record the end of ``rnd`` and delete its journal, once no ingest thread can still
+        write to it (uploads reserved before a cancelled close are refused as they finish)."""
+        if not rnd.pending:
+            journal.append_end(rnd.state.value)
+            journal.discard()
+            return
+
+        async def when_drained() -> None:
+            await self._drain(rnd)
+            journal.append_end(rnd.state.value)
+            journal.discard()
+
+        task = asyncio.ensure_future(when_drained())
+        self._ingesting.add(task)
+        task.add_done_callback(self._ingesting.discard)
 
     def _expire_results(self) -> None:
         """Keep the totals of the ``rounds.keep_results`` most recently ended rounds only

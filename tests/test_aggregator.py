@@ -25,6 +25,7 @@ from mpc_agg.errors import (
     ResultExpired,
     ResultNotReady,
     RoundAborted,
+    RoundEnded,
     RoundFull,
     UploadInProgress,
 )
@@ -334,3 +335,53 @@ def test_only_the_last_keep_results_totals_are_kept(tmp_path):
     for r in ("r2", "r3"):
         assert np.array_equal(total_of(aggs[0], r), xs.sum(axis=0))
     assert aggs[0].rounds["r1"].state is RoundState.DONE and aggs[0].rounds["r1"].total is None
+
+
+def test_cancelled_close_while_uploads_are_ingested_fails_the_round_cleanly(tmp_path):
+    """The party network is lost (its supervisor cancels the aggregation) while the close
+    waits for an upload still on an ingest thread: the round FAILs instead of staying
+    CLOSING, the late upload is refused and not counted, and the journal is ended and
+    deleted only once no thread can write to it."""
+    import threading
+
+    aggs = make_federation(tmp_path)
+    leader = aggs[0]
+    leader.open_round("r", 50)
+    body = Client(leader.topology, "c0").prepare("r", np.ones(50))[0]
+    gate = threading.Event()
+    real_ingest = leader._ingest
+
+    def slow_ingest(*args):
+        gate.wait(10)
+        return real_ingest(*args)
+
+    leader._ingest = slow_ingest  # type: ignore[method-assign]
+    journal_path = leader._journals["r"].path
+
+    async def main() -> object:
+        upload = asyncio.ensure_future(leader.receive_share_async("r", "c0", body))
+        await asyncio.sleep(0)
+        assert leader.rounds["r"].pending == {"c0"}
+        closing = asyncio.ensure_future(leader.aggregate("r"))
+        await asyncio.sleep(0.05)  # the close is waiting for the upload in progress
+        assert leader.rounds["r"].state is RoundState.CLOSING
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert leader.rounds["r"].state is RoundState.FAILED
+        assert journal_path.exists()  # a thread may still write to it
+        gate.set()
+        outcome = await asyncio.gather(upload, return_exceptions=True)
+        for _ in range(200):  # the journal is ended once the upload settled
+            if not journal_path.exists():
+                break
+            await asyncio.sleep(0.01)
+        return outcome[0]
+
+    outcome = asyncio.run(main())
+    assert isinstance(outcome, RoundEnded) and "not counted" in str(outcome)
+    rnd = leader.rounds["r"]
+    assert rnd.pending == set() and rnd.accepted == {}
+    assert "network was lost" in (rnd.failure or "")
+    assert not journal_path.exists()
+    assert "r" not in leader._close_requested

@@ -207,8 +207,8 @@ class UploadBuffer:
             self.used += nbytes
 
     async def release(self, nbytes: int) -> None:
+        self.used -= nbytes  # at once: a cancellation while waiting for the lock loses nothing
         async with self._freed:
-            self.used -= nbytes
             self._freed.notify_all()
 
 

@@ -181,11 +181,18 @@ class RoundJournal:
         parts = _frame(rtype, payload_parts)
         total = sum(len(x) for x in parts)
         with self._lock:
-            start = os.lseek(self._fd, 0, os.SEEK_END)  # the true end, even after a failure
-            written = _write_all(self._fd, parts, total)
-        if written != total:
-            # A short write leaves a torn record (its checksum tells the reader); refuse.
-            raise OSError(f"short write to journal {self.path}: {written} of {total} bytes")
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            try:
+                written = _write_all(self._fd, parts, total)
+            except OSError:
+                written = -1
+            if written != total:
+                # Cut the partial record off, so records acknowledged later are not stranded
+                # behind a torn one (a reader stops at the first bad record); refuse.
+                os.ftruncate(self._fd, start)
+                raise OSError(
+                    f"failed write to journal {self.path}: {max(written, 0)} of {total} bytes"
+                )
         if self.fsync:
             os.fsync(self._fd)
         return start + _LEN.size + 1
