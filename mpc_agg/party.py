@@ -106,9 +106,11 @@ async def serve(topology: Topology, index: int, network: Any, credentials: Any =
             log.info("aggregator %d: all %d parties connected", index, topology.m)
             commands = asyncio.ensure_future(aggregator.serve_commands())
             broken = asyncio.ensure_future(network.broken.wait())
-            await asyncio.wait({commands, broken}, return_when=asyncio.FIRST_COMPLETED)
-            commands.cancel()
-            broken.cancel()
+            try:
+                await asyncio.wait({commands, broken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when this task is cancelled at shutdown: no aggregation outlives it
+                commands.cancel()
+                broken.cancel()
             try:
                 await commands
             except asyncio.CancelledError:
@@ -127,6 +129,7 @@ async def serve(topology: Topology, index: int, network: Any, credentials: Any =
     log.info("aggregator %d: stopping", index)
     network_task.cancel()
     stopped.cancel()
+    await asyncio.wait({network_task}, timeout=5.0)  # let the command loop wind down
     await runner.cleanup()
     aggregator.close_journals()
     await network.stop()

@@ -52,7 +52,7 @@ def fold(x: FieldArray, out: FieldArray | None = None) -> FieldArray:
     """Partially reduce: result is congruent to ``x`` mod p and ``<= 2**61 + 6``.
 
     Works block by block with one small scratch buffer, so a 10^7-element fold allocates no
-    80 MB temporary (``out=x`` folds in place).
+    80 MB temporary (``out=x`` folds in place). ``x`` is a 1-D vector.
     """
     if out is None:
         out = np.empty_like(x)
@@ -68,7 +68,7 @@ def canonical(x: FieldArray, out: FieldArray | None = None) -> FieldArray:
 
     Two folds bring every value to ``[0, p]``; then ``fold(v + 1) - 1`` maps ``p`` to 0 and
     leaves smaller values alone, without a per-element branch. All of it runs block by block
-    while the block is in cache.
+    while the block is in cache. ``x`` is a 1-D vector.
     """
     if out is None:
         out = np.empty_like(x)
