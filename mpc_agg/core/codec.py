@@ -70,17 +70,16 @@ def share_body_length(kind: ShareKind, dim: int) -> int:
 
 def encode_share(share: Share) -> bytes | bytearray:
     """The upload body for ``share`` (a ``bytearray`` for FULL shares: built in place)."""
-    header = SHARE_HEADER.pack(
-        SHARE_MAGIC, VERSION, int(share.kind), share.aggregator, 0, share.dim
-    )
     if share.kind is ShareKind.FULL:
         assert share.vector is not None
         # One copy of the vector, straight into the body (no tobytes + concatenation).
-        body = bytearray(SHARE_HEADER.size + 8 * share.dim)
-        body[: SHARE_HEADER.size] = header
-        np.frombuffer(body, dtype="<u8", offset=SHARE_HEADER.size)[:] = share.vector
+        body, vector = full_share_body(share.aggregator, share.dim)
+        vector[:] = share.vector
         return body
     assert share.seed is not None
+    header = SHARE_HEADER.pack(
+        SHARE_MAGIC, VERSION, int(share.kind), share.aggregator, 0, share.dim
+    )
     return header + share.seed
 
 

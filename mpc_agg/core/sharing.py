@@ -93,9 +93,7 @@ def shard(
     ``full_index`` overrides the rotation of :func:`full_share_index`. ``x`` is unchanged;
     see :func:`shard_in_place` to build the full share in ``x``'s own memory.
     """
-    if x.dtype != np.uint64 or x.ndim != 1:
-        raise ValueError(f"x must be a 1-D uint64 field vector, got {x.dtype} of shape {x.shape}")
-    return shard_in_place(
+    return shard_in_place(  # which checks x (a copy keeps its dtype and shape)
         x.copy(), round_id, client_id, m, full_index=full_index, random_bytes=random_bytes
     )
 
