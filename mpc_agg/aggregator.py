@@ -6,8 +6,16 @@ handlers call the synchronous methods (:meth:`open_round`, :meth:`receive_share`
 party, each aggregation the leader broadcasts::
 
     leader: close requested -> broadcast ("close", round)   followers: await the broadcast
-    all:    CLOSING -> exchange views -> agree_client_set -> subtract dropped -> AGGREGATING
+    all:    CLOSING (mark "closing") -> exchange views -> agree_client_set -> subtract
+            dropped -> AGGREGATING (mark "revealing") -> sum share [+ ledger, + noise]
             -> reveal_sum -> DONE        (any failure -> FAILED, nothing revealed)
+
+Fail closed (docs/design.md, "Fail closed"): everything between "the sums are fixed" and the
+reveal happens in :meth:`Aggregator._sum_share`, whose *return value* is the only array the
+reveal ever sends. It returns a share with its noise added, or raises; on any exception the
+party sends the abort marker and the round fails at every party. Round ids are single-use
+(:class:`~mpc_agg.storage.round_index.RoundIndex`), and a round whose journal says it was
+closing or revealing comes back FAILED after a restart, never open.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,11 +56,14 @@ from mpc_agg.errors import (
     RoundConflict,
     RoundEnded,
     RoundFull,
+    RoundIdUsed,
+    StorageFailure,
     UnknownRound,
 )
 from mpc_agg.mpc.network import PartyNetwork
 from mpc_agg.mpc.reveal import reveal_sum
 from mpc_agg.transport.journal import RoundJournal
+from mpc_agg.storage.round_index import RoundIndex
 from mpc_agg.transport.ledger import LedgerFile
 
 log = logging.getLogger("mpc_agg.aggregator")
@@ -65,7 +77,9 @@ INGEST_THREADS = max(1, min(4, os.cpu_count() or 1))
 class Aggregator:
     """Aggregator ``index`` of ``topology``; ``network`` links it to the other parties.
 
-    ``clock`` (seconds, monotonic) is injected so tests can control timings.
+    ``clock`` (seconds, monotonic) is injected so tests can control timings;
+    ``noise_stream`` makes the keystream that DP noise is drawn from (default: a fresh
+    :class:`~mpc_agg.dp.discrete_gaussian.NoiseStream` keyed from the OS per round).
     """
 
     def __init__(
@@ -76,12 +90,17 @@ class Aggregator:
         *,
         clock: Callable[[], float] = time.monotonic,
         reveal_delay_s: float = 0.0,
+        noise_stream: Callable[[], Any] | None = None,
     ) -> None:
         self.topology = topology
         self.index = index
         self.network = network
         self.clock = clock
         self.reveal_delay_s = reveal_delay_s  # fault injection for tests only
+        self._noise_stream = noise_stream
+        self.round_index = RoundIndex(
+            topology.aggregator_dir(index) / "rounds.index", fsync=topology.fsync
+        )
         self.rounds: dict[str, Round] = {}
         self._journals: dict[str, RoundJournal] = {}
         self._close_queue: asyncio.Queue[str] = asyncio.Queue()
@@ -137,22 +156,43 @@ class Aggregator:
                 f"(the topology's bounds), got {min_clients!r}"
             )
         existing = self.rounds.get(round_id)
-        if existing is not None:
+        if existing is not None and existing.state is RoundState.OPEN:
             if (existing.dim, existing.min_clients) == (dim, min_clients):
                 return False
             raise RoundConflict(
                 f"round {round_id!r} exists with dim={existing.dim}, "
                 f"min_clients={existing.min_clients}"
             )
-        path = self.topology.aggregator_dir(self.index) / f"round-{round_id}.journal"
+        used = self.round_index.state(round_id)
+        if existing is not None or used is not None:
+            state = existing.state.value if existing is not None else used
+            raise RoundIdUsed(
+                f"round id {round_id!r} was used before at aggregator {self.index} "
+                f"({state}); round ids are single-use: open the round under a new id"
+            )
+        path = self._journal_path(round_id)
         if path.exists():
-            raise RoundConflict(
+            raise RoundIdUsed(
                 f"round id {round_id!r} was used before at aggregator {self.index} "
                 f"(journal {path} exists); use a new round id"
             )
         self._plan(round_id, dim)
         header = {"round": round_id, "dim": dim, "min_clients": min_clients}
-        self._journals[round_id] = RoundJournal.create(path, header, fsync=self.topology.fsync)
+        try:
+            journal = RoundJournal.create(path, header, fsync=self.topology.fsync)
+            try:
+                self.round_index.record(round_id, "open")
+            except OSError:
+                journal.discard()
+                raise
+        except OSError as exc:
+            self._plans.pop(round_id, None)
+            log.error("round %s: cannot open (%s)", round_id, exc)
+            raise StorageFailure(
+                f"aggregator {self.index} could not record round {round_id!r} durably "
+                f"({exc.strerror or exc}); nothing was created, retry later"
+            ) from None
+        self._journals[round_id] = journal
         self.rounds[round_id] = Round(round_id, dim, min_clients, opened_at=self.clock())
         self.metrics["rounds_opened"] += 1
         log.info("round %s opened: dim=%d min_clients=%d", round_id, dim, min_clients)
@@ -167,6 +207,7 @@ class Aggregator:
         """
         directory = self.topology.aggregator_dir(self.index)
         recovered = 0
+        seen: set[str] = set()
         for path in sorted(directory.glob("round-*.journal")):
             try:
                 journal, contents = RoundJournal.recover(path, fsync=self.topology.fsync)
@@ -181,11 +222,29 @@ class Aggregator:
                     contents.torn,
                     contents.valid_bytes,
                 )
-            if contents.end_state is not None:
+            h = contents.header
+            round_id = str(h["round"])
+            seen.add(round_id)
+            if contents.end_state is not None or contents.mark is not None:
+                # Ended, or stopped mid-aggregation: it never comes back open. A round the
+                # other parties saw closing has failed (or been revealed) there; here, it fails.
+                state = contents.end_state or "failed"
+                if contents.end_state is None:
+                    log.warning(
+                        "round %s was %s when this aggregator stopped: it is failed, "
+                        "nothing of it will be revealed",
+                        round_id,
+                        contents.mark,
+                    )
+                self._forget_journal(round_id, journal, state)
+                continue
+            if round_id not in self.round_index:
+                self.round_index.record(round_id, "open")  # a journal from before the index
+            elif self.round_index.state(round_id) != "open":
+                log.warning("round %s ended before this restart; journal discarded", round_id)
                 journal.discard()
                 continue
-            h = contents.header
-            rnd = Round(h["round"], int(h["dim"]), int(h["min_clients"]), opened_at=self.clock())
+            rnd = Round(round_id, int(h["dim"]), int(h["min_clients"]), opened_at=self.clock())
             for rec in contents.shares:  # one body in memory at a time
                 body = journal.read(rec.ref)
                 share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim)
@@ -216,7 +275,34 @@ class Aggregator:
                 len(rnd.accepted),
                 rnd.dim,
             )
+        for round_id in self.round_index.open_ids():
+            if round_id not in seen:  # its journal was removed when it ended
+                self._record_end(round_id, "failed")
         return recovered
+
+    def _journal_path(self, round_id: str) -> Path:
+        return self.topology.aggregator_dir(self.index) / f"round-{round_id}.journal"
+
+    def _record_end(self, round_id: str, state: str) -> None:
+        """Note in the round index how ``round_id`` ended (best effort: the index already
+        holds the id, which is what keeps it from being reused)."""
+        try:
+            self.round_index.record(round_id, state)
+        except OSError as exc:
+            log.error("round %s: cannot record its end in the round index (%s)", round_id, exc)
+
+    def _forget_journal(self, round_id: str, journal: RoundJournal, state: str) -> None:
+        """End ``round_id``'s journal: an END record, then the file goes. If the record cannot
+        be written (disk full), the file goes anyway, so it can never be read as open."""
+        try:
+            journal.append_end(state)
+        except OSError as exc:
+            log.error("round %s: cannot write the END record (%s); deleting the journal", round_id, exc)
+        try:
+            journal.discard()
+        except OSError as exc:
+            log.error("round %s: cannot delete its journal (%s)", round_id, exc)
+        self._record_end(round_id, state)
 
     def _plan(self, round_id: str, dim: int) -> Any:
         """Calibrate the round's noise (with DP) and prove that clients plus noise cannot
@@ -249,6 +335,12 @@ class Aggregator:
     def _round(self, round_id: str) -> Round:
         rnd = self.rounds.get(round_id)
         if rnd is None:
+            used = self.round_index.state(round_id)
+            if used is not None:
+                raise RoundEnded(
+                    f"round {round_id!r} ended ({used}) before aggregator {self.index} last "
+                    "restarted; its result is no longer held"
+                )
             raise UnknownRound(f"round {round_id!r} is unknown at aggregator {self.index}")
         return rnd
 
@@ -485,32 +577,30 @@ class Aggregator:
                 await self._drain(rnd)  # inside the try: a cancellation here fails the round
             live = rnd is not None and rnd.state is RoundState.CLOSING
             plan = self._plans.get(round_id)
+            refusal = self._refusal(round_id, rnd, plan) if live else None
             view = (
                 round_id,
                 rnd.dim if live and rnd else None,
                 rnd.min_clients if live and rnd else 0,
                 sorted(rnd.accepted) if live and rnd else [],
-                self._budget_refusal(round_id, plan),
+                refusal,
             )
             try:
                 raw_views = await self.network.exchange(view)  # exchange 1: client sets
                 views = [PartyView(v[0], v[1], frozenset(v[3])) for v in raw_views]
                 agreement = agree_client_set(views, max(int(v[2]) for v in raw_views))
                 refusals = [v[4] for v in raw_views if v[4]]
-                if refusals:  # any aggregator's ledger refuses: nobody adds noise or reveals
+                if refusals:  # any aggregator refuses: nobody adds noise or reveals
                     raise AgreementFailed(refusals[0])
             except AgreementFailed as exc:  # same views everywhere: same verdict everywhere
                 self._fail(rnd, str(exc))
                 return
             assert rnd is not None  # agree_client_set fails if any party lacks the round
-            local: FieldArray | None = None
+            # The only array the reveal sends: with DP it carries its noise, or it is None
+            # (the abort marker) because some step failed. There is no other path.
+            share: FieldArray | None = None
             try:
-                gone = sorted(rnd.accepted.keys() - agreement.clients)
-                dropped = [self._share_vector(rnd, c) for c in gone]
-                rnd.agree(agreement.clients, dropped, agreement.dropped)
-                local = rnd.local_sum()
-                if plan is not None:
-                    local = self._add_noise(round_id, plan, local)
+                share = self._sum_share(rnd, agreement, plan)
             except Exception:  # noqa: BLE001 - announced to all parties in exchange 2
                 log.exception("round %s: cannot compute this aggregator's sum share", round_id)
             t_agreed = self.clock()
@@ -518,9 +608,9 @@ class Aggregator:
                 await asyncio.sleep(self.reveal_delay_s)
             try:
                 if plan is not None and plan.mechanism == "binomial":
-                    total = await self._reveal_with_joint_noise(local, plan)
+                    total = await self._reveal_with_joint_noise(share, plan)
                 else:
-                    total = await reveal_sum(self.network, local, rnd.dim)  # exchange 2: sums
+                    total = await reveal_sum(self.network, share, rnd.dim)  # exchange 2: sums
             except AgreementFailed as exc:
                 self._fail(rnd, str(exc))
                 return
@@ -564,14 +654,12 @@ class Aggregator:
         """Record the end of ``rnd`` and delete its journal, once no ingest thread can still
         write to it (uploads reserved before a cancelled close are refused as they finish)."""
         if not rnd.pending:
-            journal.append_end(rnd.state.value)
-            journal.discard()
+            self._forget_journal(rnd.round_id, journal, rnd.state.value)
             return
 
         async def when_drained() -> None:
             await self._drain(rnd)
-            journal.append_end(rnd.state.value)
-            journal.discard()
+            self._forget_journal(rnd.round_id, journal, rnd.state.value)
 
         task = asyncio.ensure_future(when_drained())
         self._ingesting.add(task)
@@ -594,24 +682,60 @@ class Aggregator:
         while rnd.pending:
             await asyncio.sleep(0.002)
 
-    def _budget_refusal(self, round_id: str, plan: Any) -> str | None:
-        """Why this aggregator's ledger refuses the round, or None."""
-        if plan is None or self.ledger is None:
-            return None
+    def _refusal(self, round_id: str, rnd: Round | None, plan: Any) -> str | None:
+        """Why this aggregator refuses to aggregate ``round_id`` (sent in exchange 1), or None.
+
+        The round's ledger check comes first; then the ``closing`` mark must be durable, so
+        that after a restart this round can only come back failed.
+        """
+        if plan is not None:
+            if self.ledger is None:
+                return f"aggregator {self.index} has no privacy ledger for a DP round"
+            try:
+                self.ledger.check(plan.event(round_id))
+            except BudgetExceeded as exc:
+                return str(exc)
+        elif self.topology.dp is not None:
+            return f"aggregator {self.index} has no noise plan for round {round_id!r}"
         try:
-            self.ledger.check(plan.event(round_id))
-        except BudgetExceeded as exc:
-            return str(exc)
+            self._journals[round_id].append_mark("closing")
+        except (OSError, KeyError) as exc:
+            log.error("round %s: cannot mark the close durably (%s)", round_id, exc)
+            return (
+                f"aggregator {self.index} could not record the close of round {round_id!r} "
+                "durably; nothing is revealed"
+            )
         return None
 
-    def _add_noise(self, round_id: str, plan: Any, local: FieldArray) -> FieldArray:
-        """Record the round's privacy cost durably, then add this aggregator's Skellam noise
-        to its share of the total (DESIGN.md, "DP mechanisms / distributed")."""
-        from mpc_agg.dp.mechanisms import noise_rng, sample_skellam
+    def _sum_share(self, rnd: Round, agreement: Any, plan: Any) -> FieldArray:
+        """This aggregator's share of the total, ready to reveal: the agreed clients' sum,
+        with this aggregator's noise added when the round has DP. Raises on any failure,
+        and then nothing of the share leaves the party.
 
-        assert self.ledger is not None and self._ledger_file is not None
+        In order, each step complete or raising: subtract dropped clients; mark the round
+        ``revealing`` in its journal (durable); with DP, charge the release in the ledger
+        (durable) and add the noise (docs/design.md, "Fail closed").
+        """
+        gone = sorted(rnd.accepted.keys() - agreement.clients)
+        dropped = [self._share_vector(rnd, c) for c in gone]
+        rnd.agree(agreement.clients, dropped, agreement.dropped)
+        self._journals[rnd.round_id].append_mark("revealing")
+        if self.topology.dp is None:
+            return rnd.local_sum()
+        if plan is None:
+            raise AgreementFailed(f"round {rnd.round_id!r} has DP but no noise plan")
+        return self._noisy(rnd.round_id, plan, rnd.local_sum())
+
+    def _noisy(self, round_id: str, plan: Any, local: FieldArray) -> FieldArray:
+        """Charge the release in the ledger durably, then return ``local`` plus this
+        aggregator's discrete Gaussian noise (docs/design.md, "Differential privacy"); for
+        joint binomial noise the share is returned as is (the noise is made inside MPyC).
+        Every release attempt is charged, before any noisy share leaves the party."""
+        from mpc_agg.dp.discrete_gaussian import NoiseStream, sample_discrete_gaussian
+
+        if self.ledger is None or self._ledger_file is None:
+            raise AgreementFailed(f"aggregator {self.index} has no privacy ledger")
         event = plan.event(round_id)
-        # On disk before anything noisy leaves this party.
         cumulative = self.ledger.commit(event, persist=self._ledger_file.append)
         self._privacy[round_id] = {
             "mechanism": plan.mechanism,
@@ -622,8 +746,11 @@ class Aggregator:
             "cumulative_delta": self.ledger.budget_delta,
         }
         if plan.mechanism == "binomial":
-            return local  # the noise is generated jointly inside MPyC at the reveal
-        noise = sample_skellam(plan.per_party_mu, plan.d, noise_rng())
+            return local
+        stream = (self._noise_stream or NoiseStream)()
+        noise = sample_discrete_gaussian(plan.sigma2, plan.d, stream)
+        if noise.shape != local.shape:
+            raise AgreementFailed(f"noise of shape {noise.shape} for a share of {local.shape}")
         return field.add(local, field.from_signed(noise))
 
     async def _reveal_with_joint_noise(self, local: FieldArray | None, plan: Any) -> FieldArray:

@@ -138,6 +138,20 @@ class RoundConflict(PeerError):
     code = "round_conflict"
 
 
+class RoundIdUsed(RoundConflict):
+    """The round id was used before at this aggregator (round ids are single-use, also
+    across restarts): open the round under a new id."""
+
+    code = "round_id_used"
+
+
+class StorageFailure(PeerError):
+    """The aggregator could not make a record durable (disk full, I/O error); nothing was
+    changed. Retry later."""
+
+    code = "storage_failure"
+
+
 class ConflictingShare(PeerError):
     """A different share was already accepted for the same (round, client)."""
 

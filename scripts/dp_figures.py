@@ -1,16 +1,16 @@
 #!/usr/bin/env python
-"""How much more noise distributed Skellam adds than the central Gaussian reference.
+"""How much more noise the distributed discrete Gaussian adds than the central Gaussian.
 
     python scripts/dp_figures.py [--json] [--m 3] [--t 1] [--delta 1e-5]
 
 For each epsilon in {0.5, 1, 2, 4}, frac_bits in {8, 16} and dimension d in {1e3, 1e5, 1e6}
-(l2_clip = 1), calibrates the total Skellam parameter mu that the m - t honest aggregators
-must jointly add (mpc_agg.dp.calibration.calibrate_skellam), so each of the m aggregators
-adds Sk(mu / (m - t)) and the revealed total carries Sk(mu m / (m - t)), of standard
-deviation sqrt(2 mu m / (m - t)) encoded units. Prints that over the RDP-calibrated Gaussian
-sigma for the same L2 sensitivity, next to the target 1.05 sqrt(m / (m - t)) (the factor
-sqrt(m / (m - t)) is the price of not trusting t aggregators; 1.05 allows 5 % for Skellam's
-own bound). Progress goes to stderr; the table (or, with --json, a JSON list) to stdout.
+(l2_clip = 1), calibrates the variance parameter sigma2 that each of the m aggregators adds
+so that the m - t honest ones alone meet the target (mpc_agg.dp.calibration.calibrate_ddg);
+the revealed total carries noise of standard deviation sqrt(m sigma2) encoded units. Prints
+that over the RDP-calibrated Gaussian sigma for the same L2 sensitivity, next to the target
+1.05 sqrt(m / (m - t)) (the factor sqrt(m / (m - t)) is the price of not trusting t
+aggregators; 1.05 allows 5 % for rounding and the sum's own bound). Progress goes to
+stderr; the table (or, with --json, a JSON list) to stdout.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from mpc_agg.dp.calibration import calibrate_gaussian, calibrate_skellam, sensitivities
+from mpc_agg.dp.calibration import calibrate_ddg, calibrate_gaussian, sensitivities
 from mpc_agg.errors import ConfigError
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0)
@@ -34,9 +34,9 @@ SLACK = 1.05
 def row(eps: float, delta: float, frac_bits: int, d: int, m: int, t: int) -> dict[str, object]:
     """One grid point: calibrated noise, both scales in encoded units, ratio and target."""
     delta1, delta2 = sensitivities(L2_CLIP, frac_bits, d)
-    mu = calibrate_skellam(eps, delta, delta1, delta2)
+    sigma2 = calibrate_ddg(eps, delta, delta1, delta2, d, m - t)
     sigma = calibrate_gaussian(eps, delta, delta2)
-    total_std = math.sqrt(2.0 * mu * m / (m - t))
+    total_std = math.sqrt(sigma2 * m)
     ratio = total_std / sigma
     target = SLACK * math.sqrt(m / (m - t))
     return {
@@ -49,8 +49,8 @@ def row(eps: float, delta: float, frac_bits: int, d: int, m: int, t: int) -> dic
         "t": t,
         "delta1": delta1,
         "delta2": delta2,
-        "mu_per_party": mu / (m - t),
-        "skellam_total_std": total_std,
+        "sigma2_per_party": sigma2,
+        "ddg_total_std": total_std,
         "gaussian_sigma": sigma,
         "ratio": ratio,
         "target": target,
@@ -60,14 +60,14 @@ def row(eps: float, delta: float, frac_bits: int, d: int, m: int, t: int) -> dic
 
 def table(rows: Sequence[dict[str, object]]) -> str:
     head = (
-        f"{'eps':>5} {'frac':>4} {'d':>9} {'delta2':>10} {'mu/party':>11} "
-        f"{'skellam std':>12} {'gauss sigma':>12} {'ratio':>7} {'target':>7}  met"
+        f"{'eps':>5} {'frac':>4} {'d':>9} {'delta2':>10} {'sigma2/party':>12} "
+        f"{'ddg std':>12} {'gauss sigma':>12} {'ratio':>7} {'target':>7}  met"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['epsilon']:>5g} {r['frac_bits']:>4} {r['d']:>9.0e} {r['delta2']:>10.1f} "
-            f"{r['mu_per_party']:>11.4e} {r['skellam_total_std']:>12.5e} "
+            f"{r['sigma2_per_party']:>12.4e} {r['ddg_total_std']:>12.5e} "
             f"{r['gaussian_sigma']:>12.5e} {r['ratio']:>7.4f} {r['target']:>7.4f}  "
             f"{'yes' if r['met'] else 'NO'}"
         )

@@ -2,7 +2,7 @@
 """Federated learning with secure aggregation: a Flower app whose FedAvg runs through mpc_agg.
 
     python scripts/fl_example.py [--rounds 5] [--clients 10] [--config configs/local-3.yaml]
-                                 [--dp-config configs/dp-skellam-3.yaml | --no-dp] [--seed 0]
+                                 [--dp-config configs/dp-gaussian-3.yaml | --no-dp] [--seed 0]
 
 Trains a softmax (multinomial logistic) regression on scikit-learn's bundled digits data
 (8x8 images, 10 classes; no download) split among ``--clients`` Flower clients, three ways,

@@ -58,7 +58,7 @@ def dp_topology_doc(name: str, budget_epsilon: float) -> dict:
     doc = topology_doc(3, 1, name=name)
     doc["encoding"] = {"frac_bits": 16, "coord_clip": None}
     doc["dp"] = {
-        "mechanism": "skellam",
+        "mechanism": "discrete_gaussian",
         "epsilon": 1.0,
         "delta": 1e-5,
         "l2_clip": 1.0,

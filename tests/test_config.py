@@ -78,7 +78,7 @@ def doc(**changes):
 
 DELETE = object()
 DP = {
-    "mechanism": "skellam",
+    "mechanism": "discrete_gaussian",
     "epsilon": 1.0,
     "delta": 1e-5,
     "l2_clip": 1.0,
@@ -108,8 +108,8 @@ def test_defaults_fill_optional_sections():
     ("data", "path", "words"),
     [
         (doc(extra=1), "extra", "unknown key 'extra'"),
-        (doc(dp={"mechanism": "skellam"}), "dp.epsilon", "missing required key"),
-        (doc(dp=dict(DP, mechanism="gauss")), "dp.mechanism", "skellam, binomial or none"),
+        (doc(dp={"mechanism": "discrete_gaussian"}), "dp.epsilon", "missing required key"),
+        (doc(dp=dict(DP, mechanism="gauss")), "dp.mechanism", "discrete_gaussian, binomial or none"),
         (
             doc(dp=dict(DP, mechanism="binomial", max_colluding=2), threshold=1),
             "dp.max_colluding",

@@ -27,18 +27,29 @@ def test_composition_adds_rdp_curves():
     assert cumulative_epsilon([], 1e-5) == 0.0
 
 
-def test_check_refuses_without_changing_anything_and_commit_is_idempotent():
+def test_check_refuses_without_changing_anything():
     sigma = calibrate_gaussian(1.0, 1e-5, 1.0)
     ledger = PrivacyLedger(1.3, 1e-5)
     first = ledger.commit(gaussian_event("r1", sigma))
     assert first <= 1.0 + 1e-9
-    assert ledger.commit(gaussian_event("r1", sigma)) == pytest.approx(first)  # same round
-    assert len(ledger.events) == 1
     with pytest.raises(BudgetExceeded) as err:
         ledger.commit(gaussian_event("r2", sigma))
     assert "'r2'" in str(err.value) and "budget of 1.3" in str(err.value)
     assert [e.round_id for e in ledger.events] == ["r1"]
     assert ledger.spent() == pytest.approx(first)
+
+
+def test_a_second_release_under_the_same_round_id_is_charged_again():
+    # The round-id reuse bypass: a held round id used to cost nothing the second time.
+    sigma = calibrate_gaussian(1.0, 1e-5, 1.0)
+    ledger = PrivacyLedger(8.0, 1e-5)
+    first = ledger.commit(gaussian_event("r1", sigma))
+    second = ledger.commit(gaussian_event("r1", sigma))
+    assert second > first * 1.2  # two Gaussian releases compose to more than one
+    assert len(ledger.events) == 2
+    tight = PrivacyLedger(1.3, 1e-5, [gaussian_event("r1", sigma)])
+    with pytest.raises(BudgetExceeded, match="'r1'"):
+        tight.check(gaussian_event("r1", sigma))
 
 
 def test_mixed_orders_cannot_compose():
@@ -75,7 +86,6 @@ def test_commit_persists_before_recording_and_not_when_refused():
     sigma = calibrate_gaussian(1.0, 1e-5, 1.0)
     ledger = PrivacyLedger(1.3, 1e-5)
     written: list[str] = []
-    ledger.commit(gaussian_event("r1", sigma), persist=lambda e: written.append(e.round_id))
     ledger.commit(gaussian_event("r1", sigma), persist=lambda e: written.append(e.round_id))
     with pytest.raises(BudgetExceeded):
         ledger.commit(gaussian_event("r2", sigma), persist=lambda e: written.append(e.round_id))

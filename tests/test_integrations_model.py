@@ -369,7 +369,7 @@ def test_scheme_for_topology_picks_uniform_under_dp_and_refuses_examples() -> No
             1,
             encoding={"frac_bits": 16, "coord_clip": None},
             dp={
-                "mechanism": "skellam",
+                "mechanism": "discrete_gaussian",
                 "epsilon": 1.0,
                 "delta": 1e-5,
                 "l2_clip": 1.0,

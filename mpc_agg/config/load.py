@@ -213,6 +213,8 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
     try:
         encoding = FixedPointEncoding(**enc_args)
         encoding.check_headroom(max_clients)
+        if dp is not None:
+            _check_dp_round(dp, encoding, policy, len(aggregators))
     except ConfigError as exc:
         raise fail(exc.path, exc.detail) from None
 
@@ -252,6 +254,17 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
     )
 
 
+def _check_dp_round(dp: DPSettings, encoding: FixedPointEncoding, policy: RoundPolicy, m: int) -> None:
+    """Refuse a ``dp`` section under which not even a round of dimension 1 could run (noise
+    beyond the exact sampler's range, or beyond the overflow headroom): the noise grows with
+    the dimension, so such a topology could reveal nothing. Larger rounds are checked when
+    they are opened."""
+    from mpc_agg.dp.planning import plan_noise
+
+    plan = plan_noise(dp, encoding, 1, m)
+    encoding.check_headroom(policy.max_clients, noise_tail=plan.tail)
+
+
 def _positive(raw: dict, key: str, path: str, fail: Any, upper: float = math.inf) -> float:
     value = raw.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -277,7 +290,7 @@ def _dp_settings(data: dict, m: int, threshold: int, fail: Any) -> DPSettings | 
                 "dp.mechanism",
                 f"binomial noise is built inside MPyC from jointly generated secret random "
                 f"bits, which needs m >= 3 aggregators: with m = {m}, MPyC's threshold is 0, "
-                "so every 'secret' bit would be known to both aggregators; use skellam",
+                "so every 'secret' bit would be known to both aggregators; use discrete_gaussian",
             )
         if threshold < 1:
             raise fail(
@@ -285,8 +298,17 @@ def _dp_settings(data: dict, m: int, threshold: int, fail: Any) -> DPSettings | 
                 "binomial noise is generated as secret-shared bits inside MPyC, which needs "
                 "threshold >= 1 (with threshold 0 MPyC's shares are the plain values)",
             )
-    if mechanism not in ("skellam", "binomial"):
-        raise fail("dp.mechanism", f"expected skellam, binomial or none, got {mechanism!r}")
+    if mechanism == "skellam":
+        raise fail(
+            "dp.mechanism",
+            "skellam noise was drawn with numpy's floating-point Poisson sampler, which is "
+            "not exact for large means (it leaks the parity of the noise); it is no longer "
+            "offered: use discrete_gaussian (the same guarantee, drawn exactly)",
+        )
+    if mechanism not in ("discrete_gaussian", "binomial"):
+        raise fail(
+            "dp.mechanism", f"expected discrete_gaussian, binomial or none, got {mechanism!r}"
+        )
     for key in ("epsilon", "delta", "l2_clip", "budget"):
         if key not in raw:
             raise fail(f"dp.{key}", "missing required key")

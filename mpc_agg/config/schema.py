@@ -95,7 +95,8 @@ class AuthSettings:
 class DPSettings:
     """Differential privacy of every round's revealed total (the ``dp`` section).
 
-    ``mechanism``: ``skellam`` (each aggregator adds its own Skellam noise before the reveal).
+    ``mechanism``: ``discrete_gaussian`` (each aggregator adds its own exactly drawn discrete
+    Gaussian noise to its share before the reveal) or ``binomial`` (joint noise inside MPyC).
     ``epsilon``, ``delta``: the per-round target. ``l2_clip``: each client's vector is clipped
     to this L2 norm (float units) before encoding. ``max_colluding``: aggregators that may pool
     their knowledge of their own noise; the others' noise alone meets the target.

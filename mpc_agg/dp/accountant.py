@@ -1,9 +1,9 @@
 """Privacy accounting across rounds: a ledger that checks before it commits.
 
-STYLE.md habit 10 and DESIGN.md ("a privacy accountant that composes rounds and refuses a
-round that would exceed the configured budget"). Each revealed round is a frozen
-:class:`PrivacyEvent` carrying its Rényi-DP curve on a fixed grid of orders. Rounds compose
-by adding their RDP curves (Mironov 2017, Proposition 1); the cumulative spend is converted
+docs/design.md, "Differential privacy" (a privacy accountant that composes rounds and
+refuses a round that would exceed the configured budget). Each release attempt (a round
+whose noise was drawn, revealed or not) is a frozen :class:`PrivacyEvent` carrying its
+Rényi-DP curve on a fixed grid of orders. Rounds compose by adding their RDP curves (Mironov 2017, Proposition 1); the cumulative spend is converted
 to (epsilon, delta) at the budget's delta with dp-accounting's conversion
 (Canonne, Kamath, Steinke 2020). :meth:`PrivacyLedger.check` raises
 :class:`~mpc_agg.errors.BudgetExceeded` and changes nothing; :meth:`commit` checks first.
@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant
-
 from mpc_agg.errors import BudgetExceeded
 
 
@@ -83,6 +81,9 @@ def cumulative_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
             raise ValueError(
                 f"round {e.round_id!r} was accounted on other RDP orders; cannot compose"
             )
+    # Imported here: dp_accounting pulls in much of scipy (about 1 s of import).
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     total = np.sum([e.rdp for e in rdp_events], axis=0)
     eps, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta_left)
     return float(eps) + eps_approx
@@ -105,15 +106,13 @@ class PrivacyLedger:
         """Cumulative epsilon at the budget's delta."""
         return cumulative_epsilon(self.events, self.budget_delta)
 
-    def holds(self, round_id: str) -> bool:
-        """True if ``round_id`` was already committed."""
-        return any(e.round_id == round_id for e in self.events)
-
     def check(self, event: PrivacyEvent) -> float:
         """The cumulative epsilon with ``event`` added; raises BudgetExceeded, changing
-        nothing, if it would exceed the budget. A round already committed costs nothing."""
-        if self.holds(event.round_id):
-            return self.spent()
+        nothing, if it would exceed the budget.
+
+        Every event is charged, whatever its round id: a second release attempt of the same
+        round draws fresh noise and costs as much as the first (dp_accounting's ``compose``
+        never treats a repeated event as free either)."""
         after = cumulative_epsilon([*self.events, event], self.budget_delta)
         if after > self.budget_epsilon:
             raise BudgetExceeded(
@@ -130,8 +129,7 @@ class PrivacyLedger:
         """:meth:`check`, then record ``event`` (calling ``persist`` first, e.g. to write it
         to disk, so a failure there records nothing); returns the cumulative epsilon."""
         after = self.check(event)
-        if not self.holds(event.round_id):
-            if persist is not None:
-                persist(event)
-            self.events.append(event)
+        if persist is not None:
+            persist(event)
+        self.events.append(event)
         return after

@@ -65,7 +65,7 @@ is added to δ whole, so it keeps ε an upper bound and overstates δ by at most
 _DELTA2_MESSAGE = (
     "the exact accounting of joint binomial noise is limited to small sensitivities "
     "(delta2 = l2_clip*2^frac_bits + sqrt(d) <= {max:g}), meant for counts and histograms; "
-    "got delta2={delta2!r}; use skellam, or lower frac_bits/l2_clip"
+    "got delta2={delta2!r}; use discrete_gaussian, or lower frac_bits/l2_clip"
 )
 
 

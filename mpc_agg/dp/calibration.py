@@ -212,3 +212,77 @@ def calibrate_gaussian(epsilon: float, delta: float, delta2: float) -> float:
         return _epsilon_of(ORDERS, gaussian_rdp(sigma, d2), dl)
 
     return _smallest_scale(eps_of, eps, _gaussian_guess(eps, dl, d2))
+
+
+# ------------------------------------------------------------ distributed discrete Gaussian
+
+#: Integer orders >= 2, on which the distributed discrete Gaussian is accounted.
+INTEGER_ORDERS: tuple[float, ...] = SKELLAM_ORDERS
+
+
+def ddg_tau(sigma2: float, n: int) -> float:
+    """``tau = 10 sum_{k=1}^{n-1} exp(-2 pi² sigma2 k / (k + 1))``: how far a sum of ``n``
+    discrete Gaussians of variance parameter ``sigma2`` is from one discrete Gaussian
+    (Kairouz, Liu, Steinke, ICML 2021, arXiv:2102.06387, Theorem 1). Zero for ``n = 1``;
+    below ``1e-40`` once ``sigma2 >= 10``."""
+    s = _check_positive("dp.sigma2", sigma2)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigError("dp.honest_aggregators", f"must be an integer >= 1, got {n!r}")
+    return 10.0 * sum(math.exp(-2.0 * math.pi**2 * s * k / (k + 1)) for k in range(1, int(n)))
+
+
+def ddg_rdp(
+    sigma2: float,
+    n: int,
+    delta1: float,
+    delta2: float,
+    d: int,
+    orders: Sequence[float] = INTEGER_ORDERS,
+) -> npt.NDArray[np.float64]:
+    """RDP ε(α) of the sum of ``n`` independent ``N_Z(0, sigma2)`` noise vectors (one per
+    honest aggregator) added to an integer query of L1/L2 sensitivity ``delta1``/``delta2``
+    in ``d`` coordinates.
+
+    Kairouz, Liu, Steinke 2021 (arXiv:2102.06387), Theorem 1 with Proposition 14: with
+    ``tau`` from :func:`ddg_tau`, ``l2 = delta2 / sqrt(n sigma2)``, ``l1 = delta1 / sqrt(n
+    sigma2)``::
+
+        ε(α) = min(α l2² / 2 + tau d,
+                   α (l2² + 2 l1 tau + tau² d) / 2,
+                   α (l2 + tau sqrt(d))² / 2)
+
+    Requires ``sigma2 >= 1/4``. For ``n = 1`` it is the discrete Gaussian's own bound,
+    ``α l2² / 2`` (Canonne, Kamath, Steinke 2020). Returns one value per order (nats).
+    """
+    s = _check_positive("dp.sigma2", sigma2)
+    if s < 0.25:
+        raise ConfigError("dp.sigma2", f"must be >= 1/4 for this bound, got {sigma2!r}")
+    d1 = _check_positive("dp.delta1", delta1)
+    d2 = _check_positive("dp.delta2", delta2)
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+        raise ConfigError("dimension", f"must be an integer >= 1, got {d!r}")
+    tau = ddg_tau(s, n)
+    a = _check_orders(orders)
+    l2 = d2 / math.sqrt(n * s)
+    l1 = d1 / math.sqrt(n * s)
+    first = a * l2**2 / 2.0 + tau * d
+    second = a * (l2**2 + 2.0 * l1 * tau + tau**2 * d) / 2.0
+    third = a * (l2 + tau * math.sqrt(d)) ** 2 / 2.0
+    return np.minimum(np.minimum(first, second), third)
+
+
+def calibrate_ddg(epsilon: float, delta: float, delta1: float, delta2: float, d: int, n: int) -> int:
+    """The smallest integer ``sigma2 >= 1`` such that ``n`` honest aggregators each adding
+    ``N_Z(0, sigma2)`` make the sum (``epsilon``, ``delta``)-DP (:func:`ddg_rdp` on
+    :data:`INTEGER_ORDERS`, converted by :func:`epsilon`); to within relative 1e-4 of the
+    smallest real value, rounded up, never below it."""
+    eps = _check_positive("dp.epsilon", epsilon)
+    dl = _check_delta(delta)
+
+    def eps_of(s: float) -> float:
+        return _epsilon_of(INTEGER_ORDERS, ddg_rdp(max(s, 1.0), n, delta1, delta2, d), dl)
+
+    if eps_of(1.0) <= eps:
+        return 1
+    guess = _gaussian_guess(eps, dl, _check_positive("dp.delta2", delta2)) ** 2 / n
+    return max(1, math.ceil(_smallest_scale(eps_of, eps, max(guess, 1.0))))

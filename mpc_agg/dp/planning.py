@@ -1,13 +1,17 @@
 """A round's noise plan: from the ``dp`` settings and the round's dimension to what each
 aggregator adds and what the round costs.
 
-DESIGN.md, "DP mechanisms / distributed": each of the ``m`` aggregators adds Skellam noise
-Sk(mu / (m - t), mu / (m - t)) to its own share of the total, where ``t`` is
-``dp.max_colluding`` and ``mu`` is calibrated (Agarwal, Kairouz, Liu 2021) so that the noise
-of the ``m - t`` honest aggregators *alone* meets (epsilon, delta); Skellam is closed under
-addition, so that honest noise is Sk(mu, mu). The total noise has variance
-``2 mu m / (m - t)``: the ``m / (m - t)`` factor is the price of not trusting any one
-aggregator with the noise.
+docs/design.md, "Differential privacy". ``discrete_gaussian`` (the distributed discrete
+Gaussian of Kairouz, Liu, Steinke 2021): each of the ``m`` aggregators adds ``N_Z(0,
+sigma2)`` to its own share of the total, drawn by the exact sampler of
+:mod:`mpc_agg.dp.discrete_gaussian`; ``sigma2`` is calibrated so that the noise of the ``m -
+t`` honest aggregators *alone* (``t = dp.max_colluding``) meets (epsilon, delta). The total
+noise has variance about ``m sigma2``: the ``m / (m - t)`` factor over one trusted party's
+noise is the price of trusting none. ``binomial``: joint noise inside MPyC
+(:mod:`mpc_agg.dp.binomial`).
+
+The neighbouring relation is *zero-out*: one client's vector replaced by zeros. The revealed
+``num_clients`` is exact, so adding or removing a client is not hidden by the noise.
 """
 
 from __future__ import annotations
@@ -18,18 +22,18 @@ from dataclasses import dataclass
 from mpc_agg.config.schema import DPSettings
 from mpc_agg.core.encoding import FixedPointEncoding
 from mpc_agg.dp.accountant import PrivacyEvent
-from mpc_agg.dp.calibration import SKELLAM_ORDERS, calibrate_skellam, sensitivities, skellam_rdp
-from mpc_agg.dp.mechanisms import skellam_tail_bound
+from mpc_agg.dp.calibration import INTEGER_ORDERS, calibrate_ddg, ddg_rdp, sensitivities
+from mpc_agg.dp.discrete_gaussian import MAX_SIGMA2, gaussian_tail_bound
 from mpc_agg.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class NoisePlan:
-    """Noise for one round of dimension ``d``; Skellam parameters in encoded units.
+    """Noise for one round of dimension ``d``, in encoded units.
 
-    ``mu``: the honest aggregators' combined Skellam parameter (calibrated);
-    ``per_party_mu``: what each aggregator adds; ``scale``: ``2**frac_bits``;
-    ``tail``: |total noise| per coordinate stays below it except with probability 2^-64.
+    ``sigma2``: each aggregator's discrete Gaussian variance parameter (integer; 0 for
+    binomial); ``scale``: ``2**frac_bits``; ``tail``: |total noise| per coordinate stays
+    below it except with probability 2^-64.
     """
 
     mechanism: str
@@ -40,8 +44,7 @@ class NoisePlan:
     honest: int
     delta1: float
     delta2: float
-    mu: float
-    per_party_mu: float
+    sigma2: int
     scale: float
     tail: int
     trials: int = 0
@@ -60,10 +63,11 @@ class NoisePlan:
 
     @property
     def noise_stddev_encoded(self) -> float:
-        """Standard deviation of the total noise per coordinate, in encoded units."""
+        """Standard deviation of the total noise per coordinate, in encoded units (for the
+        discrete Gaussian an upper bound, exponentially close)."""
         if self.mechanism == "binomial":
             return math.sqrt(self.trials / 4.0)
-        return math.sqrt(2.0 * self.per_party_mu * self.m)
+        return math.sqrt(self.sigma2 * self.m)
 
     @property
     def noise_stddev(self) -> float:
@@ -75,20 +79,20 @@ class NoisePlan:
         binomial rounds are approximate-DP events (no RDP curve)."""
         if self.mechanism == "binomial":
             return PrivacyEvent(round_id, self.mechanism, self.binomial_epsilon, self.delta, (), ())
-        rdp = skellam_rdp(self.mu, self.delta1, self.delta2, SKELLAM_ORDERS)
+        rdp = ddg_rdp(self.sigma2, self.honest, self.delta1, self.delta2, self.d)
         return PrivacyEvent(
             round_id,
             self.mechanism,
             self.epsilon,
             self.delta,
-            tuple(float(o) for o in SKELLAM_ORDERS),
+            tuple(float(o) for o in INTEGER_ORDERS),
             tuple(float(r) for r in rdp),
         )
 
 
 JOINT_BITS_PER_SECOND = 7.0e4
-"""Secret random bits per second MPyC generated among 3 local parties (../shared/NOTES.md:
-1e5 bits in 1.9 s, 1e6 in 13 s)."""
+"""Secret random bits per second MPyC generated among 3 local parties (1e5 bits in 1.9 s,
+1e6 in 13 s, on the 2-core development machine)."""
 
 MAX_JOINT_BITS = 2_000_000
 """Joint binomial rounds needing more secret bits than this (~30 s) are refused."""
@@ -97,15 +101,27 @@ MAX_JOINT_BITS = 2_000_000
 def plan_noise(dp: DPSettings, encoding: FixedPointEncoding, d: int, m: int) -> NoisePlan:
     """Calibrate the round's noise for vectors of length ``d`` among ``m`` aggregators.
 
-    Raises :class:`~mpc_agg.errors.ConfigError` when joint binomial noise would be too costly
-    or its sensitivity too large for exact accounting (the message suggests skellam).
+    Raises :class:`~mpc_agg.errors.ConfigError` when the noise cannot be drawn exactly
+    (the per-aggregator variance exceeds the sampler's range), or joint binomial noise
+    would be too costly or its sensitivity too large for exact accounting.
     """
     delta1, delta2 = sensitivities(dp.l2_clip, encoding.frac_bits, d)
     if dp.mechanism == "binomial":
         return _plan_binomial(dp, encoding, d, m, delta1, delta2)
-    mu = calibrate_skellam(dp.epsilon, dp.delta, delta1, delta2)
     honest = m - dp.max_colluding
-    per_party = mu / honest
+    sigma2 = calibrate_ddg(dp.epsilon, dp.delta, delta1, delta2, d, honest)
+    if sigma2 > MAX_SIGMA2:
+        # Each fractional bit less divides the needed variance by about 4.
+        shrink = math.ceil(math.log2(sigma2 / MAX_SIGMA2) / 2)
+        raise ConfigError(
+            "dp",
+            f"the noise for d = {d} needs a per-aggregator variance of 2^"
+            f"{math.log2(sigma2):.2f} (encoded units², from l2_clip = {dp.l2_clip:g}, "
+            f"frac_bits = {encoding.frac_bits}, epsilon = {dp.epsilon:g}, delta = "
+            f"{dp.delta:g}, {honest} honest aggregators), beyond the 2^56 the exact "
+            f"discrete Gaussian sampler draws; lower encoding.frac_bits by at least {shrink} "
+            "or raise dp.epsilon",
+        )
     return NoisePlan(
         mechanism=dp.mechanism,
         epsilon=dp.epsilon,
@@ -115,10 +131,9 @@ def plan_noise(dp: DPSettings, encoding: FixedPointEncoding, d: int, m: int) -> 
         honest=honest,
         delta1=delta1,
         delta2=delta2,
-        mu=mu,
-        per_party_mu=per_party,
+        sigma2=sigma2,
         scale=encoding.scale,
-        tail=skellam_tail_bound(per_party * m, d),
+        tail=gaussian_tail_bound(sigma2 * m, d),
     )
 
 
@@ -134,7 +149,7 @@ def _plan_binomial(
             f"joint binomial noise for d = {d} needs {trials} secret bits per coordinate, "
             f"{trials * d:,} in all (about {trials * d / JOINT_BITS_PER_SECOND:.0f} s of MPC; "
             f"the limit is {MAX_JOINT_BITS:,}): it is meant for small outputs such as counts "
-            "and histograms; use skellam",
+            "and histograms; use discrete_gaussian",
         )
     return NoisePlan(
         mechanism="binomial",
@@ -145,8 +160,7 @@ def _plan_binomial(
         honest=m - dp.max_colluding,
         delta1=delta1,
         delta2=delta2,
-        mu=0.0,
-        per_party_mu=0.0,
+        sigma2=0,
         scale=encoding.scale,
         tail=trials // 2,
         trials=trials,

@@ -11,6 +11,10 @@ client must be dropped at agreement time, so memory stays O(d). Record layout
 * type 1, OPEN  (first record): JSON ``{"round", "dim", "min_clients"}``
 * type 2, SHARE: ``u16 len(client_id) || client_id || upload body``
 * type 3, END: JSON ``{"state"}``; the round ended and the file is about to be deleted.
+* type 4, MARK: JSON ``{"state"}``, ``closing`` (written when the round closes) or
+  ``revealing`` (written before this aggregator's share of the total is computed). A round
+  whose journal holds a MARK but no END was mid-aggregation when the party stopped: recovery
+  fails it, so it never comes back open (docs/design.md, "Durable state").
 
 A record is valid only if it is complete and its checksum matches (XXH3-64 rather than
 CRC-32: it runs at memory speed, 20x faster than zlib's CRC-32 here, and detects torn or
@@ -32,9 +36,13 @@ from typing import Any
 
 import xxhash
 
+from mpc_agg.storage.durable import fsync_directory
+
 RECORD_OPEN = 1
 RECORD_SHARE = 2
 RECORD_END = 3
+RECORD_MARK = 4
+MARKS = ("closing", "revealing")
 _LEN = struct.Struct("<I")
 _CHECK = struct.Struct("<Q")
 _CID = struct.Struct("<H")
@@ -57,13 +65,15 @@ class JournalShare:
 @dataclass(frozen=True)
 class JournalContents:
     """What :func:`read_journal` found: the OPEN header, shares in order, the END state if
-    any, the length of the valid prefix, and why reading stopped early (None if clean)."""
+    any, the length of the valid prefix, why reading stopped early (None if clean), and
+    the last MARK (None if none)."""
 
     header: dict[str, Any]
     shares: list[JournalShare]
     end_state: str | None
     valid_bytes: int
     torn: str | None
+    mark: str | None = None
 
 
 def _frame(rtype: int, payload_parts: list[bytes | bytearray]) -> list[bytes | bytearray]:
@@ -88,6 +98,7 @@ def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalCont
     header: dict[str, Any] | None = None
     shares: list[JournalShare] = []
     end_state: str | None = None
+    mark: str | None = None
     torn: str | None = None
     while pos < size:
         if size - pos < _LEN.size + 1 + _CHECK.size:
@@ -116,6 +127,8 @@ def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalCont
             shares.append(JournalShare(cid, (body_start, length - 1 - _CID.size - n)))
         elif rtype == RECORD_END:
             end_state = json.loads(bytes(payload))["state"]
+        elif rtype == RECORD_MARK:
+            mark = json.loads(bytes(payload))["state"]
         else:
             torn = f"unknown record type {rtype} at byte {pos}"
             break
@@ -123,7 +136,7 @@ def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalCont
         pos = end
     if header is None:
         raise ValueError(f"journal has no valid OPEN record ({torn or 'empty file'})")
-    return JournalContents(header, shares, end_state, pos, torn)
+    return JournalContents(header, shares, end_state, pos, torn, mark)
 
 
 def _write_all(fd: int, parts: list[bytes | bytearray], total: int) -> int:
@@ -161,7 +174,13 @@ class RoundJournal:
     def create(cls, path: Path, header: dict[str, Any], *, fsync: bool = True) -> RoundJournal:
         """A new journal whose first record is OPEN with ``header``."""
         journal = cls(path, fsync=fsync)
-        journal._append(RECORD_OPEN, [json.dumps(header, sort_keys=True).encode()])
+        try:
+            journal._append(RECORD_OPEN, [json.dumps(header, sort_keys=True).encode()])
+            if fsync:
+                fsync_directory(path.parent)  # the file itself survives a crash
+        except OSError:
+            journal.discard()  # an open that fails leaves no journal behind
+            raise
         return journal
 
     @classmethod
@@ -207,6 +226,13 @@ class RoundJournal:
         """Record that the round ended (before the file is deleted)."""
         self._append(RECORD_END, [json.dumps({"state": state}).encode()])
 
+    def append_mark(self, state: str) -> None:
+        """Record durably that the round is ``closing`` or ``revealing`` (see the module
+        docstring); raises OSError if it could not be made durable."""
+        if state not in MARKS:
+            raise ValueError(f"mark must be one of {MARKS}, got {state!r}")
+        self._append(RECORD_MARK, [json.dumps({"state": state}).encode()])
+
     def read(self, ref: tuple[int, int]) -> bytes:
         """The body stored at ``ref`` (as returned by :meth:`append_share`)."""
         offset, length = ref
@@ -227,4 +253,6 @@ class RoundJournal:
         try:
             self.path.unlink()
         except FileNotFoundError:
-            pass
+            return
+        if self.fsync:
+            fsync_directory(self.path.parent)

@@ -1,0 +1,99 @@
+"""Every round id an aggregator ever opened, and how each ended: single-use round ids.
+
+docs/design.md, "Durable state". Journals of ended rounds are deleted, so they cannot tell
+that an id was used; this index can. One JSON line per event, appended and fsync'd (and the
+directory fsync'd when the file is created)::
+
+    {"round": "r1", "state": "open"}      before the round's journal is created
+    {"round": "r1", "state": "done"}      once it ended ("failed" likewise)
+
+An id present in any state is never opened again. A torn last line (a crash mid-append) is
+dropped on load: the open it described never completed, so its round never existed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from mpc_agg.storage.durable import fsync_directory
+
+log = logging.getLogger("mpc_agg.storage")
+
+STATES = ("open", "done", "failed")
+
+
+class RoundIndex:
+    """The append-only index file at ``path``, with its contents in memory."""
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = path
+        self.fsync = fsync
+        self._states: dict[str, str] = {}
+        self._load()
+
+    def __repr__(self) -> str:
+        return f"RoundIndex({str(self.path)!r}, {len(self._states)} rounds)"
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        good = 0
+        for n, line in enumerate(lines):
+            if n == len(lines) - 1:
+                if line:  # no newline: torn by a crash
+                    log.warning("%s: dropped a torn last line", self.path)
+                break
+            try:
+                record = json.loads(line)
+                round_id, state = str(record["round"]), str(record["state"])
+                if state not in STATES:
+                    raise ValueError(f"unknown state {state!r}")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{self.path}, line {n + 1}: {exc}") from None
+            self._states[round_id] = state
+            good += len(line) + 1
+        if good != len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+
+    def state(self, round_id: str) -> str | None:
+        """``open``, ``done`` or ``failed`` (the last recorded), or None if never opened."""
+        return self._states.get(round_id)
+
+    def __contains__(self, round_id: object) -> bool:
+        return round_id in self._states
+
+    def open_ids(self) -> list[str]:
+        """Ids recorded as opened and never as ended."""
+        return [r for r, s in self._states.items() if s == "open"]
+
+    def record(self, round_id: str, state: str) -> None:
+        """Append ``(round_id, state)`` durably; raises OSError and records nothing in memory
+        if the write or fsync fails."""
+        if state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        line = (json.dumps({"round": round_id, "state": state}, sort_keys=True) + "\n").encode()
+        created = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)  # no torn line stays behind a later good one
+                raise
+        finally:
+            os.close(fd)
+        if created and self.fsync:
+            fsync_directory(self.path.parent)
+        self._states[round_id] = state
