@@ -24,9 +24,9 @@ import asyncio
 import logging
 import os
 import time
-from pathlib import Path
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from mpc_agg.config.schema import Topology
@@ -62,8 +62,8 @@ from mpc_agg.errors import (
 )
 from mpc_agg.mpc.network import PartyNetwork
 from mpc_agg.mpc.reveal import reveal_sum
-from mpc_agg.transport.journal import RoundJournal
 from mpc_agg.storage.round_index import RoundIndex
+from mpc_agg.transport.journal import RoundJournal
 from mpc_agg.transport.ledger import LedgerFile
 
 log = logging.getLogger("mpc_agg.aggregator")
@@ -297,7 +297,9 @@ class Aggregator:
         try:
             journal.append_end(state)
         except OSError as exc:
-            log.error("round %s: cannot write the END record (%s); deleting the journal", round_id, exc)
+            log.error(
+                "round %s: cannot write the END record (%s); deleting the journal", round_id, exc
+            )
         try:
             journal.discard()
         except OSError as exc:
@@ -564,9 +566,10 @@ class Aggregator:
     async def aggregate(self, round_id: str) -> None:
         """Close, agree on the client set, and reveal ``round_id``; every party runs this.
 
-        Every party makes the same two exchanges whatever happens locally (a local failure
-        after agreement is announced in the second exchange), so the parties never fall out
-        of step, and every party reaches the same verdict.
+        Every party makes the same exchanges whatever happens locally (views, then a readiness
+        vote, then the sum shares; a local failure after agreement is announced in the vote),
+        so the parties never fall out of step, every party reaches the same verdict, and no
+        share of the total leaves any party unless every party holds its noised share.
         """
         t0 = self.clock()
         rnd = self.rounds.get(round_id)
@@ -607,10 +610,11 @@ class Aggregator:
             if self.reveal_delay_s:
                 await asyncio.sleep(self.reveal_delay_s)
             try:
+                ready = await self._vote_ready(share)  # exchange 2: all or nothing
                 if plan is not None and plan.mechanism == "binomial":
-                    total = await self._reveal_with_joint_noise(share, plan)
+                    total = await self.network.joint_binomial_sum(ready, plan.trials)
                 else:
-                    total = await reveal_sum(self.network, share, rnd.dim)  # exchange 2: sums
+                    total = await reveal_sum(self.network, ready, rnd.dim)  # exchange 3: sums
             except AgreementFailed as exc:
                 self._fail(rnd, str(exc))
                 return
@@ -753,17 +757,18 @@ class Aggregator:
             raise AgreementFailed(f"noise of shape {noise.shape} for a share of {local.shape}")
         return field.add(local, field.from_signed(noise))
 
-    async def _reveal_with_joint_noise(self, local: FieldArray | None, plan: Any) -> FieldArray:
-        """Exchange 2 is a readiness vote (any party that could not compute its share
-        aborts the round everywhere); then the total plus joint binomial noise is opened."""
-        ready = await self.network.exchange(local is not None)
-        not_ready = [j for j, ok in enumerate(ready) if not ok]
-        if not_ready or local is None:
+    async def _vote_ready(self, share: FieldArray | None) -> FieldArray:
+        """Exchange 2, a readiness vote: every party says whether it holds its share of the
+        total (noised, with DP). Any "no" fails the round at every party before a single
+        share is sent; otherwise returns ``share`` for the reveal."""
+        ready = await self.network.exchange(share is not None)
+        not_ready = [j for j, ok in enumerate(ready) if ok is not True]
+        if not_ready or share is None:
             raise AgreementFailed(
                 f"aggregator(s) {not_ready} could not compute their share of the total; "
                 "nothing is revealed"
             )
-        return await self.network.joint_binomial_sum(local, plan.trials)
+        return share
 
     def _fail(self, rnd: Round | None, reason: str) -> None:
         if rnd is None:

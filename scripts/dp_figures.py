@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dp_figures.py",
         description=(
-            "Tabulate the distributed Skellam mechanism's total noise against the "
+            "Tabulate the distributed discrete Gaussian mechanism's total noise against the "
             "RDP-calibrated Gaussian at the same (epsilon, delta) and L2 sensitivity."
         ),
         epilog="All noise scales are in encoded integer units (1 unit = 2**-frac_bits).",

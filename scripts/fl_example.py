@@ -11,8 +11,9 @@ with the same seed and the same client code:
 * plaintext: Flower's own ``FedAvg``; every client sends its model to the server;
 * mpc_agg: ``MpcFedAvg`` on the topology of ``--config``; each client's update goes as
   secret shares to the aggregators, the Flower server sees only the weighted sum;
-* mpc_agg + DP: ``MpcFedAvg`` on ``--dp-config``; the sum carries distributed Skellam noise
-  and every round spends privacy budget (uniform weighting, updates clipped to l2_clip).
+* mpc_agg + DP: ``MpcFedAvg`` on ``--dp-config``; the sum carries distributed discrete
+  Gaussian noise and every round spends privacy budget (uniform weighting, updates clipped
+  to l2_clip).
 
 The Flower server and clients run in this process (``mpc_agg.integrations.flower_local``:
 no Ray, no SuperLink); the aggregators are real processes on 127.0.0.1, started here for each

@@ -109,7 +109,11 @@ def test_defaults_fill_optional_sections():
     [
         (doc(extra=1), "extra", "unknown key 'extra'"),
         (doc(dp={"mechanism": "discrete_gaussian"}), "dp.epsilon", "missing required key"),
-        (doc(dp=dict(DP, mechanism="gauss")), "dp.mechanism", "discrete_gaussian, binomial or none"),
+        (
+            doc(dp=dict(DP, mechanism="gauss")),
+            "dp.mechanism",
+            "discrete_gaussian, binomial or none",
+        ),
         (
             doc(dp=dict(DP, mechanism="binomial", max_colluding=2), threshold=1),
             "dp.max_colluding",

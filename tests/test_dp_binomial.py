@@ -270,7 +270,9 @@ def test_large_sensitivity_is_refused_with_advice() -> None:
         lambda: binomial_epsilon(1000, DELTA, 1 + math.sqrt(50), 50),
         lambda: worst_case_shifts(9.0, 81),
     ):
-        with pytest.raises(ConfigError, match="use discrete_gaussian, or lower frac_bits/l2_clip") as e:
+        with pytest.raises(
+            ConfigError, match="use discrete_gaussian, or lower frac_bits/l2_clip"
+        ) as e:
             call()
         assert e.value.path == "dp.mechanism"
         assert "limited to small sensitivities" in str(e.value)

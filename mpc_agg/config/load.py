@@ -254,7 +254,9 @@ def build_topology(data: Any, source: str = "<dict>") -> Topology:
     )
 
 
-def _check_dp_round(dp: DPSettings, encoding: FixedPointEncoding, policy: RoundPolicy, m: int) -> None:
+def _check_dp_round(
+    dp: DPSettings, encoding: FixedPointEncoding, policy: RoundPolicy, m: int
+) -> None:
     """Refuse a ``dp`` section under which not even a round of dimension 1 could run (noise
     beyond the exact sampler's range, or beyond the overflow headroom): the noise grows with
     the dimension, so such a topology could reveal nothing. Larger rounds are checked when

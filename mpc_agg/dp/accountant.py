@@ -3,10 +3,11 @@
 docs/design.md, "Differential privacy" (a privacy accountant that composes rounds and
 refuses a round that would exceed the configured budget). Each release attempt (a round
 whose noise was drawn, revealed or not) is a frozen :class:`PrivacyEvent` carrying its
-Rényi-DP curve on a fixed grid of orders. Rounds compose by adding their RDP curves (Mironov 2017, Proposition 1); the cumulative spend is converted
-to (epsilon, delta) at the budget's delta with dp-accounting's conversion
-(Canonne, Kamath, Steinke 2020). :meth:`PrivacyLedger.check` raises
-:class:`~mpc_agg.errors.BudgetExceeded` and changes nothing; :meth:`commit` checks first.
+Rényi-DP curve on a fixed grid of orders. Rounds compose by adding their RDP curves
+(Mironov 2017, Proposition 1); the cumulative spend is converted to (epsilon, delta) at the
+budget's delta with dp-accounting's conversion (Canonne, Kamath, Steinke 2020).
+:meth:`PrivacyLedger.check` raises :class:`~mpc_agg.errors.BudgetExceeded` and changes
+nothing; :meth:`commit` checks first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from mpc_agg.errors import BudgetExceeded
 
 

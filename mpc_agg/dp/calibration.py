@@ -271,7 +271,9 @@ def ddg_rdp(
     return np.minimum(np.minimum(first, second), third)
 
 
-def calibrate_ddg(epsilon: float, delta: float, delta1: float, delta2: float, d: int, n: int) -> int:
+def calibrate_ddg(
+    epsilon: float, delta: float, delta1: float, delta2: float, d: int, n: int
+) -> int:
     """The smallest integer ``sigma2 >= 1`` such that ``n`` honest aggregators each adding
     ``N_Z(0, sigma2)`` make the sum (``epsilon``, ``delta``)-DP (:func:`ddg_rdp` on
     :data:`INTEGER_ORDERS`, converted by :func:`epsilon`); to within relative 1e-4 of the

@@ -262,9 +262,7 @@ def _check_sigma2(sigma2: int) -> int:
     return s
 
 
-def sample_discrete_gaussian(
-    sigma2: int, size: int, stream: NoiseStream
-) -> npt.NDArray[np.int64]:
+def sample_discrete_gaussian(sigma2: int, size: int, stream: NoiseStream) -> npt.NDArray[np.int64]:
     """``size`` independent draws of ``N_Z(0, sigma2)`` (int64), exactly.
 
     ``sigma2`` is an integer variance parameter in ``1..MAX_SIGMA2`` (encoded units²); the
@@ -316,8 +314,10 @@ def gaussian_tail_bound(sigma2: float, d: int, failure: float = 2.0**-64) -> int
     is subgaussian with the summed parameter, ``P(|X_i| >= u) <= 2 exp(-u² / (2 sigma2))``
     (Chernoff), and a union bound over the ``d`` coordinates gives ``T``.
     """
-    if isinstance(sigma2, bool) or not isinstance(sigma2, (int, float, np.integer)) or not (
-        math.isfinite(float(sigma2)) and sigma2 >= 0
+    if (
+        isinstance(sigma2, bool)
+        or not isinstance(sigma2, (int, float, np.integer))
+        or not (math.isfinite(float(sigma2)) and sigma2 >= 0)
     ):
         raise ValueError(f"sigma2 must be a finite number >= 0, got {sigma2!r}")
     if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:

@@ -1,0 +1,309 @@
+"""Fail closed: a failure at any step between "the sums are fixed" and the reveal, at one
+party, fails the round at every party with nothing revealed (docs/design.md, "Fail closed").
+
+Three Aggregator objects over an in-memory party network that records what each party
+sends. Each test injects one fault at aggregator 1 (plan lookup, budget check, the durable
+close and reveal marks, the ledger append, noise sampling) and checks that every party
+ends FAILED, that no party sent any share of the total, and what each ledger holds.
+Faults are injected by replacing one method or file write (a full disk with real processes
+is in tests/test_fail_closed_processes.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mpc_agg import Client, Topology
+from mpc_agg.aggregator import Aggregator
+from mpc_agg.core.rounds import RoundState
+from mpc_agg.dp.accountant import PrivacyEvent
+from mpc_agg.dp.discrete_gaussian import NoiseStream
+from mpc_agg.errors import RoundAborted, RoundEnded, RoundIdUsed
+from mpc_agg.transport.journal import RoundJournal
+
+from .conftest import dp_topology_doc, topology_doc
+from .test_aggregator import InMemoryNetwork
+
+FAULTY = 1
+D = 64
+
+
+class RecordingNetwork(InMemoryNetwork):
+    """An in-memory party network that keeps every object this party sent in an exchange."""
+
+    def __init__(self, pid: int, links: dict) -> None:
+        super().__init__(pid, links)
+        self.sent: list[Any] = []
+
+    async def exchange(self, obj: Any) -> list[Any]:
+        self.sent.append(obj)
+        return await super().exchange(obj)
+
+
+def federation(
+    tmp_path: Path, *, dp: bool = True, budget: float = 8.0, **kwargs: Any
+) -> list[Aggregator]:
+    doc = dp_topology_doc("failclosed", budget) if dp else topology_doc(3, 1, name="fc")
+    doc["data_dir"] = str(tmp_path / "data")
+    topo = Topology.from_dict(doc)
+    links = {(i, j): asyncio.Queue() for i in range(3) for j in range(3)}
+    return [Aggregator(topo, i, RecordingNetwork(i, links), **kwargs) for i in range(3)]
+
+
+def fill(aggs: list[Aggregator], round_id: str, n: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(5)
+    data = rng.normal(size=(n, D)) * 0.05
+    for a in aggs:
+        a.open_round(round_id, D)
+    for i, x in enumerate(data):
+        bodies = Client(aggs[0].topology, f"c{i}").prepare(round_id, x)
+        for a in aggs:
+            assert a.receive_share(round_id, f"c{i}", bodies[a.index]) is True
+    return data
+
+
+async def close(aggs: list[Aggregator], round_id: str) -> None:
+    tasks = [asyncio.ensure_future(a.serve_commands()) for a in aggs]
+    try:
+        aggs[0].request_close(round_id)
+        for _ in range(2000):
+            if all(a.rounds[round_id].state in (RoundState.DONE, RoundState.FAILED) for a in aggs):
+                return
+            await asyncio.sleep(0.002)
+        raise AssertionError("round did not end")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sum_shares_sent(agg: Aggregator) -> list[bytes]:
+    """Every share of the total this party sent (reveal payloads are bytes)."""
+    return [obj for obj in agg.network.sent if isinstance(obj, (bytes, bytearray))]
+
+
+def assert_failed_everywhere_nothing_revealed(aggs: list[Aggregator], round_id: str) -> None:
+    for a in aggs:
+        rnd = a.rounds[round_id]
+        assert rnd.state is RoundState.FAILED, (a.index, rnd.state)
+        assert rnd.total is None
+        with pytest.raises(RoundAborted):
+            a.result(round_id)
+        assert sum_shares_sent(a) == [], f"aggregator {a.index} sent a share of the total"
+
+
+def ledger_rounds(agg: Aggregator) -> list[str]:
+    """Round ids charged in the ledger, in memory and on disk (which must agree)."""
+    assert agg.ledger is not None
+    path = agg.topology.ledger_path(agg.index)
+    on_disk = (
+        [PrivacyEvent.from_json(x).round_id for x in path.read_text().splitlines()]
+        if path.exists()
+        else []
+    )
+    in_memory = [e.round_id for e in agg.ledger.events]
+    assert on_disk == in_memory
+    return in_memory
+
+
+def test_baseline_the_same_round_without_a_fault_is_revealed(tmp_path) -> None:
+    aggs = federation(tmp_path)
+    data = fill(aggs, "r")
+    asyncio.run(close(aggs, "r"))
+    for a in aggs:
+        assert a.rounds["r"].state is RoundState.DONE
+        assert ledger_rounds(a) == ["r"]
+        assert len(sum_shares_sent(a)) == 1
+    assert aggs[0].rounds["r"].num_clients == len(data)
+
+
+def test_missing_noise_plan_refuses_before_anything_is_sent(tmp_path) -> None:
+    aggs = federation(tmp_path)
+    fill(aggs, "r")
+    del aggs[FAULTY]._plans["r"]
+    asyncio.run(close(aggs, "r"))
+    assert_failed_everywhere_nothing_revealed(aggs, "r")
+    assert "no noise plan" in aggs[0].rounds["r"].failure
+    assert all(ledger_rounds(a) == [] for a in aggs)
+
+
+def test_budget_refusal_at_one_party_fails_the_round_everywhere(tmp_path) -> None:
+    aggs = federation(tmp_path, budget=1.2)
+
+    async def two_rounds() -> None:
+        fill(aggs, "r0")
+        await close(aggs, "r0")
+        # Only aggregator 1 has spent its budget (say, its ledger holds an earlier release).
+        for a in aggs:
+            a.network.sent.clear()
+            if a.index != FAULTY:
+                a.ledger.events.clear()
+        fill(aggs, "r")
+        await close(aggs, "r")
+
+    asyncio.run(two_rounds())
+    assert_failed_everywhere_nothing_revealed(aggs, "r")
+    assert "over the budget" in aggs[2].rounds["r"].failure
+    assert [e.round_id for e in aggs[FAULTY].ledger.events] == ["r0"]
+    assert [e.round_id for e in aggs[0].ledger.events] == []
+
+
+@pytest.mark.parametrize("mark", ["closing", "revealing"])
+def test_a_mark_that_cannot_be_made_durable_fails_the_round(tmp_path, monkeypatch, mark) -> None:
+    aggs = federation(tmp_path)
+    fill(aggs, "r")
+    journal = aggs[FAULTY]._journals["r"]
+    real = journal.append_mark
+
+    def failing(state: str) -> None:
+        if state == mark:
+            raise OSError(28, "No space left on device")
+        real(state)
+
+    monkeypatch.setattr(journal, "append_mark", failing)
+    asyncio.run(close(aggs, "r"))
+    assert_failed_everywhere_nothing_revealed(aggs, "r")
+    assert ledger_rounds(aggs[FAULTY]) == []
+    # The others charged the attempt only if they had got as far as the noise.
+    expected = ["r"] if mark == "revealing" else []
+    assert ledger_rounds(aggs[0]) == expected and ledger_rounds(aggs[2]) == expected
+
+
+def test_ledger_append_failure_reveals_nothing_and_records_nothing(tmp_path, monkeypatch) -> None:
+    aggs = federation(tmp_path)
+    fill(aggs, "r")
+
+    def disk_full(event: PrivacyEvent) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aggs[FAULTY]._ledger_file, "append", disk_full)
+    asyncio.run(close(aggs, "r"))
+    assert_failed_everywhere_nothing_revealed(aggs, "r")
+    assert ledger_rounds(aggs[FAULTY]) == []  # not charged in memory either
+    assert ledger_rounds(aggs[0]) == ["r"] and ledger_rounds(aggs[2]) == ["r"]
+
+
+def test_noise_sampling_failure_reveals_nothing_but_is_charged(tmp_path) -> None:
+    class BrokenStream(NoiseStream):
+        def words(self, n: int) -> np.ndarray:
+            raise RuntimeError("keystream failure")
+
+    aggs = federation(tmp_path)
+    aggs[FAULTY]._noise_stream = BrokenStream
+    fill(aggs, "r")
+    asyncio.run(close(aggs, "r"))
+    assert_failed_everywhere_nothing_revealed(aggs, "r")
+    assert all(ledger_rounds(a) == ["r"] for a in aggs)  # charged before the noise
+
+
+def test_a_noise_plan_the_sampler_cannot_draw_is_an_abort_not_a_plain_share(
+    tmp_path, monkeypatch
+) -> None:
+    # The original bug: a sampler error left the un-noised share to be revealed.
+    aggs = federation(tmp_path)
+    fill(aggs, "r")
+    plan = aggs[FAULTY]._plans["r"]
+    monkeypatch.setitem(aggs[FAULTY]._plans, "r", type(plan)(**{**plan.__dict__, "sigma2": 2**60}))
+    asyncio.run(close(aggs, "r"))
+    assert_failed_everywhere_nothing_revealed(aggs, "r")
+
+
+def test_the_revealed_share_carries_noise(tmp_path) -> None:
+    # With DP, what a party sends differs from its plain sum share by noise of the plan's size.
+    aggs = federation(tmp_path)
+    fill(aggs, "r")
+    plain = aggs[FAULTY].rounds["r"].local_sum()
+    asyncio.run(close(aggs, "r"))
+    (sent,) = sum_shares_sent(aggs[FAULTY])
+    from mpc_agg.core import field
+
+    noise = field.to_signed(field.sub(np.frombuffer(sent, dtype="<u8").astype(np.uint64), plain))
+    sigma = np.sqrt(aggs[FAULTY]._plans["r"].sigma2)
+    # 64 coordinates: the sample std is within 30 % of sigma except with probability < 1e-6.
+    assert 0.7 * sigma < float(np.std(noise.astype(np.float64))) < 1.3 * sigma
+
+
+# --------------------------------------------------------------------------- round ids
+
+
+def test_round_ids_are_single_use_also_after_the_journal_is_gone(tmp_path) -> None:
+    aggs = federation(tmp_path, dp=False)
+    fill(aggs, "r1")
+    asyncio.run(close(aggs, "r1"))
+    assert not list(aggs[0].topology.aggregator_dir(0).glob("round-*.journal"))
+    with pytest.raises(RoundIdUsed, match="single-use"):
+        aggs[0].open_round("r1", D)
+    # A restarted aggregator still knows the id.
+    for a in aggs:
+        a.close_journals()
+    again = federation(tmp_path, dp=False)
+    assert again[1].recover() == 0
+    with pytest.raises(RoundIdUsed) as err:
+        again[1].open_round("r1", D)
+    assert err.value.code == "round_id_used"
+    with pytest.raises(RoundEnded, match="before aggregator 1 last restarted"):
+        again[1].round_status("r1")
+
+
+@pytest.mark.parametrize("mark", ["closing", "revealing"])
+def test_a_round_stopped_mid_aggregation_comes_back_failed(tmp_path, mark) -> None:
+    aggs = federation(tmp_path, dp=False)
+    fill(aggs, "r")
+    aggs[FAULTY]._journals["r"].append_mark(mark)  # the party stops here (crash)
+    for a in aggs:
+        a.close_journals()
+    again = federation(tmp_path, dp=False)
+    assert again[FAULTY].recover() == 0
+    assert "r" not in again[FAULTY].rounds
+    assert again[FAULTY].round_index.state("r") == "failed"
+    with pytest.raises(RoundEnded):
+        again[FAULTY].receive_share("r", "late", b"\x00" * 16)
+    with pytest.raises(RoundIdUsed):
+        again[FAULTY].open_round("r", D)
+    # Its journal is gone; the other parties, which never marked it, still hold it open.
+    assert not list(again[FAULTY].topology.aggregator_dir(FAULTY).glob("round-*.journal"))
+    assert again[0].recover() == 1 and again[0].rounds["r"].state is RoundState.OPEN
+
+
+def test_an_open_that_cannot_be_recorded_leaves_no_trace(tmp_path, monkeypatch) -> None:
+    aggs = federation(tmp_path, dp=False)
+
+    def disk_full(round_id: str, state: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(aggs[0].round_index, "record", disk_full)
+    from mpc_agg.errors import StorageFailure
+
+    with pytest.raises(StorageFailure, match="nothing was created"):
+        aggs[0].open_round("r", D)
+    assert "r" not in aggs[0].rounds
+    assert not list(aggs[0].topology.aggregator_dir(0).glob("round-*.journal"))
+    monkeypatch.undo()
+    assert aggs[0].open_round("r", D) is True  # the id is still usable
+
+
+def test_a_journal_end_that_cannot_be_written_still_removes_the_journal(
+    tmp_path, monkeypatch
+) -> None:
+    aggs = federation(tmp_path, dp=False)
+    fill(aggs, "r")
+
+    def disk_full(self: RoundJournal, state: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RoundJournal, "append_end", disk_full)
+    asyncio.run(close(aggs, "r"))
+    assert all(a.rounds["r"].state is RoundState.DONE for a in aggs)
+    for a in aggs:
+        assert not list(a.topology.aggregator_dir(a.index).glob("round-*.journal"))
+        a.close_journals()
+    monkeypatch.undo()
+    again = federation(tmp_path, dp=False)
+    assert again[0].recover() == 0  # it cannot come back open for a second reveal
+    with pytest.raises(RoundIdUsed):
+        again[0].open_round("r", D)
