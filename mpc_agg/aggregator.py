@@ -541,7 +541,16 @@ class Aggregator:
     # -- the command loop run by every party ----------------------------------------------
 
     async def serve_commands(self) -> None:
-        """Forever: receive the leader's next command and execute it with all parties."""
+        """Forever: receive the leader's next command and execute it with all parties.
+
+        Starts with :meth:`reconcile` (run each time the links come up)."""
+        try:
+            failed = await self.reconcile()
+        except PartyLinkLost as exc:
+            log.error("reconciling rounds with the other parties: %s", exc)
+            raise
+        if failed:
+            log.warning("%d round(s) failed here because they had ended elsewhere", failed)
         while True:
             if self.is_leader:
                 round_id = await self._close_queue.get()
@@ -646,13 +655,46 @@ class Aggregator:
         finally:
             self._close_requested.discard(round_id)
             if rnd is not None and rnd.state in TERMINAL:
-                rnd.free_sum()  # only the total (DONE) is served from now on
-                if rnd.total is not None:
-                    self._results.append(round_id)
-                    self._expire_results()
-                journal = self._journals.pop(round_id, None)
-                if journal is not None:
-                    self._end_journal(rnd, journal)
+                self._wind_up(rnd)
+
+    def _wind_up(self, rnd: Round) -> None:
+        """An ended round keeps only its total (DONE); its journal ends and goes."""
+        rnd.free_sum()
+        if rnd.total is not None:
+            self._results.append(rnd.round_id)
+            self._expire_results()
+        journal = self._journals.pop(rnd.round_id, None)
+        if journal is not None:
+            self._end_journal(rnd, journal)
+
+    async def reconcile(self) -> int:
+        """Every party, each time the party links come up: a round that has ended at any
+        party ends at every party (e.g. one this party got back open after it crashed before
+        it could mark the close). Two exchanges, the same at every party; returns how many
+        rounds this party failed."""
+        mine = sorted(r for r, rnd in self.rounds.items() if rnd.state not in TERMINAL)
+        opened = await self.network.exchange(mine)
+        union = sorted(
+            {r for ids in opened if isinstance(ids, list) for r in ids if isinstance(r, str)}
+        )
+        ended = [r for r in union if self._ended_here(r)]
+        verdicts = await self.network.exchange(ended)
+        failed = 0
+        for j, rounds in enumerate(verdicts):
+            for round_id in rounds if isinstance(rounds, list) else []:
+                rnd = self.rounds.get(round_id) if isinstance(round_id, str) else None
+                if rnd is None or rnd.state in TERMINAL or j == self.index:
+                    continue
+                self._fail(rnd, f"round {round_id!r} had ended at aggregator {j}; nothing revealed")
+                self._wind_up(rnd)
+                failed += 1
+        return failed
+
+    def _ended_here(self, round_id: str) -> bool:
+        rnd = self.rounds.get(round_id)
+        if rnd is not None:
+            return rnd.state in TERMINAL
+        return self.round_index.state(round_id) in ("done", "failed")
 
     def _end_journal(self, rnd: Round, journal: RoundJournal) -> None:
         """Record the end of ``rnd`` and delete its journal, once no ingest thread can still

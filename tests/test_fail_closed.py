@@ -307,3 +307,55 @@ def test_a_journal_end_that_cannot_be_written_still_removes_the_journal(
     assert again[0].recover() == 0  # it cannot come back open for a second reveal
     with pytest.raises(RoundIdUsed):
         again[0].open_round("r", D)
+
+
+def test_reconcile_fails_a_round_that_ended_at_another_party(tmp_path) -> None:
+    # Aggregator 1 crashed after the leader's close but before its closing mark: it got the
+    # round back open, while the others had failed it when its link was lost.
+    aggs = federation(tmp_path, dp=False)
+    fill(aggs, "r")
+    fill(aggs, "still-open")
+    for a in (aggs[0], aggs[2]):
+        a._fail(a.rounds["r"], "the party network was lost during aggregation")
+        a._wind_up(a.rounds["r"])
+
+    async def reconcile_all() -> list[int]:
+        return list(await asyncio.gather(*(a.reconcile() for a in aggs)))
+
+    assert asyncio.run(reconcile_all()) == [0, 1, 0]
+    assert aggs[FAULTY].rounds["r"].state is RoundState.FAILED
+    assert "had ended at aggregator 0" in aggs[FAULTY].rounds["r"].failure
+    assert aggs[FAULTY].round_index.state("r") == "failed"
+    assert not (aggs[FAULTY].topology.aggregator_dir(FAULTY) / "round-r.journal").exists()
+    assert all(a.rounds["still-open"].state is RoundState.OPEN for a in aggs)
+
+
+def test_noise_the_sampler_cannot_draw_is_refused_at_open_naming_the_values(
+    tmp_path, monkeypatch
+) -> None:
+    from mpc_agg.dp import planning
+    from mpc_agg.errors import InvalidRequest
+
+    aggs = federation(tmp_path)
+    small = aggs[0]._plan("probe-small", 1).sigma2
+    big = aggs[0]._plan("probe-big", 10_000).sigma2
+    assert small < big
+    monkeypatch.setattr(planning, "MAX_SIGMA2", small)  # as if the sampler stopped in between
+    assert aggs[0].open_round("ok", 1) is True
+    with pytest.raises(InvalidRequest) as err:
+        aggs[0].open_round("too-big", 10_000)
+    for part in ("d = 10000", "l2_clip = 1", "frac_bits = 16", "epsilon = 1", "lower"):
+        assert part in err.value.detail
+    assert "too-big" not in aggs[0].rounds and "too-big" not in aggs[0].round_index
+
+
+def test_a_topology_whose_noise_cannot_be_drawn_is_refused_at_load() -> None:
+    from mpc_agg.errors import ConfigError
+
+    doc = dp_topology_doc("tooprecise", 8.0)
+    doc["encoding"] = {"frac_bits": 32, "coord_clip": None}  # the auditor's setting
+    with pytest.raises(ConfigError) as err:
+        Topology.from_dict(doc)
+    assert err.value.path == "dp"
+    assert "frac_bits = 32" in err.value.detail and "exact" in err.value.detail
+    assert "lower encoding.frac_bits by at least" in err.value.detail
