@@ -57,6 +57,7 @@ from mpc_agg.errors import (
     RoundEnded,
     RoundFull,
     RoundIdUsed,
+    StateError,
     StorageFailure,
     UnknownRound,
 )
@@ -72,6 +73,22 @@ LEADER = 0
 
 INGEST_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads doing the O(d) work of uploads at one aggregator."""
+
+
+def plan_summary(plan: Any) -> dict[str, Any] | None:
+    """What every party must agree on about a round's noise (None without DP): journaled
+    when the round opens and compared in the exchange of views."""
+    if plan is None:
+        return None
+    return {
+        "mechanism": plan.mechanism,
+        "epsilon": plan.epsilon,
+        "delta": plan.delta,
+        "d": plan.d,
+        "honest": plan.honest,
+        "sigma2": plan.sigma2,
+        "trials": plan.trials,
+    }
 
 
 class Aggregator:
@@ -121,6 +138,7 @@ class Aggregator:
             self.ledger = self._ledger_file.load(
                 topology.dp.budget_epsilon, topology.dp.budget_delta
             )
+            self._check_ledger_against_index()
         self.metrics: dict[str, int] = {
             "uploads_accepted": 0,
             "uploads_retried": 0,
@@ -130,6 +148,24 @@ class Aggregator:
             "rounds_done": 0,
             "rounds_failed": 0,
         }
+
+    def _check_ledger_against_index(self) -> None:
+        """The ledger must hold every round the index says was revealed with DP; a new
+        index starts with every round id the ledger holds (they were used before it)."""
+        assert self.ledger is not None
+        charged = {e.round_id for e in self.ledger.events}
+        if not self.round_index.existed:
+            for round_id in sorted(charged):  # ids spent before round indexes existed
+                self.round_index.record(round_id, "failed")
+            return
+        missing = sorted(set(self.round_index.revealed_with_dp()) - charged)
+        if missing:
+            raise StateError(
+                f"aggregator {self.index}: the privacy ledger {self._ledger_file} lacks "
+                f"{len(missing)} round(s) that were revealed with DP (e.g. {missing[0]!r}); "
+                "refusing to start with a budget that forgot them. Restore the ledger; only "
+                "to start a new privacy budget on purpose, remove both it and rounds.index"
+            )
 
     @property
     def is_leader(self) -> bool:
@@ -176,12 +212,17 @@ class Aggregator:
                 f"round id {round_id!r} was used before at aggregator {self.index} "
                 f"(journal {path} exists); use a new round id"
             )
-        self._plan(round_id, dim)
-        header = {"round": round_id, "dim": dim, "min_clients": min_clients}
+        plan = self._plan(round_id, dim)
+        header = {
+            "round": round_id,
+            "dim": dim,
+            "min_clients": min_clients,
+            "plan": plan_summary(plan),
+        }
         try:
             journal = RoundJournal.create(path, header, fsync=self.topology.fsync)
             try:
-                self.round_index.record(round_id, "open")
+                self.round_index.record(round_id, "open", dp=self.topology.dp is not None)
             except OSError:
                 journal.discard()
                 raise
@@ -214,6 +255,9 @@ class Aggregator:
             except (OSError, ValueError) as exc:
                 log.error("cannot recover %s (%s); moving it aside", path, exc)
                 path.rename(path.with_suffix(".unreadable"))
+                lost = path.name[len("round-") : -len(".journal")]
+                if self.round_index.state(lost) in (None, "open"):
+                    self._record_end(lost, "failed")  # its id is used up all the same
                 continue
             if contents.torn is not None:
                 log.warning(
@@ -238,12 +282,20 @@ class Aggregator:
                     )
                 self._forget_journal(round_id, journal, state)
                 continue
-            if round_id not in self.round_index:
-                self.round_index.record(round_id, "open")  # a journal from before the index
-            elif self.round_index.state(round_id) != "open":
+            if self.round_index.state(round_id) not in (None, "open"):
                 log.warning("round %s ended before this restart; journal discarded", round_id)
                 journal.discard()
                 continue
+            mismatch = self._plan_mismatch(round_id, int(h["dim"]), h.get("plan"))
+            if mismatch is not None:
+                log.error("round %s cannot be recovered: %s; it is failed", round_id, mismatch)
+                self._forget_journal(round_id, journal, "failed")
+                continue
+            if round_id not in self.round_index:  # a journal from before the index
+                try:
+                    self.round_index.record(round_id, "open")
+                except OSError as exc:  # the journal itself still keeps the id from reuse
+                    log.error("round %s: cannot add it to the round index (%s)", round_id, exc)
             rnd = Round(round_id, int(h["dim"]), int(h["min_clients"]), opened_at=self.clock())
             for rec in contents.shares:  # one body in memory at a time
                 body = journal.read(rec.ref)
@@ -279,6 +331,18 @@ class Aggregator:
             if round_id not in seen:  # its journal was removed when it ended
                 self._record_end(round_id, "failed")
         return recovered
+
+    def _plan_mismatch(self, round_id: str, dim: int, recorded: Any) -> str | None:
+        """Why a journal's recorded noise plan does not match what this topology would add
+        now (None if it matches): a round opened under one DP setting is never revealed
+        under another, or without noise."""
+        try:
+            current = plan_summary(self._plan(round_id, dim))
+        except InvalidRequest as exc:
+            return exc.detail
+        if recorded != current:
+            return f"it was opened with noise plan {recorded}, the topology now gives {current}"
+        return None
 
     def _journal_path(self, round_id: str) -> Path:
         return self.topology.aggregator_dir(self.index) / f"round-{round_id}.journal"
@@ -558,8 +622,14 @@ class Aggregator:
                     command = await self.network.broadcast(("close", round_id), sender=LEADER)
                 except PartyLinkLost as exc:
                     self._close_requested.discard(round_id)
-                    self._fail(self.rounds.get(round_id), f"cannot close: {exc}")
+                    rnd = self.rounds.get(round_id)
+                    self._fail(rnd, f"cannot close: {exc}")
+                    if rnd is not None and rnd.state in TERMINAL:
+                        self._wind_up(rnd)  # ended for good; reconcile tells the others
                     continue
+                except BaseException:
+                    self._close_requested.discard(round_id)  # a later close may try again
+                    raise
             else:
                 try:
                     command = await self.network.broadcast(None, sender=LEADER)
@@ -596,6 +666,7 @@ class Aggregator:
                 rnd.min_clients if live and rnd else 0,
                 sorted(rnd.accepted) if live and rnd else [],
                 refusal,
+                plan_summary(plan),
             )
             try:
                 raw_views = await self.network.exchange(view)  # exchange 1: client sets
@@ -604,6 +675,13 @@ class Aggregator:
                 refusals = [v[4] for v in raw_views if v[4]]
                 if refusals:  # any aggregator refuses: nobody adds noise or reveals
                     raise AgreementFailed(refusals[0])
+                plans = [v[5] if len(v) > 5 else "missing" for v in raw_views]
+                if any(p != plans[0] for p in plans):  # each must add what the others assume
+                    listing = "; ".join(f"aggregator {j}: {p}" for j, p in enumerate(plans))
+                    raise AgreementFailed(
+                        f"the aggregators disagree on the noise plan of round {round_id!r} "
+                        f"({listing}); nothing is revealed"
+                    )
             except AgreementFailed as exc:  # same views everywhere: same verdict everywhere
                 self._fail(rnd, str(exc))
                 return
@@ -694,7 +772,7 @@ class Aggregator:
         rnd = self.rounds.get(round_id)
         if rnd is not None:
             return rnd.state in TERMINAL
-        return self.round_index.state(round_id) in ("done", "failed")
+        return round_id in self.round_index  # known here, and not live: it has ended
 
     def _end_journal(self, rnd: Round, journal: RoundJournal) -> None:
         """Record the end of ``rnd`` and delete its journal, once no ingest thread can still
@@ -741,6 +819,9 @@ class Aggregator:
                 self.ledger.check(plan.event(round_id))
             except BudgetExceeded as exc:
                 return str(exc)
+            except Exception as exc:  # noqa: BLE001 - refused in step with the others
+                log.exception("round %s: the privacy ledger cannot check the round", round_id)
+                return f"aggregator {self.index} cannot check its privacy budget ({exc})"
         elif self.topology.dp is not None:
             return f"aggregator {self.index} has no noise plan for round {round_id!r}"
         try:

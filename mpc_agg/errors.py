@@ -40,6 +40,12 @@ class ConfigError(LocalError, ValueError):
         super().__init__(f"{where}{path}: {detail}")
 
 
+class StateError(LocalError):
+    """An aggregator's durable state is inconsistent (e.g. its privacy ledger lacks a round
+    its round index says was revealed with DP): it refuses to start rather than run with a
+    budget that forgot spending."""
+
+
 class EncodingError(LocalError, ValueError):
     """A vector cannot be encoded (wrong shape, NaN/inf, ...)."""
 

@@ -185,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         mpyc_argv(topology, args.index, log_level=mpc_level),
         step_timeout_s=topology.deadlines.step_s,
     )
-    network.run(serve(topology, args.index, network, credentials))
+    from mpc_agg.errors import StateError
+
+    try:
+        network.run(serve(topology, args.index, network, credentials))
+    except StateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

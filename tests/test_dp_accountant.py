@@ -98,3 +98,38 @@ def test_commit_persists_before_recording_and_not_when_refused():
     with pytest.raises(OSError):
         fresh.commit(gaussian_event("r1", sigma), persist=failing)
     assert fresh.events == []
+
+
+def test_a_failed_append_leaves_no_partial_line_to_swallow_the_next(tmp_path, monkeypatch):
+    # A short write (disk full) used to leave a fragment; the next, real charge was glued to
+    # it and dropped on load as "a torn last line".
+    import os
+
+    from mpc_agg.transport import ledger as ledger_module
+
+    original_write = os.write
+
+    path = tmp_path / "ledger.jsonl"
+    store = LedgerFile(path, fsync=False)
+    store.append(gaussian_event("r0", 5.0))
+    calls = {"n": 0}
+
+    def short_write(fd: int, data: bytes) -> int:
+        calls["n"] += 1
+        return original_write(fd, data[:10])
+
+    monkeypatch.setattr(ledger_module.os, "write", short_write)
+    with pytest.raises(OSError, match="short write"):
+        store.append(gaussian_event("r1", 5.0))
+    monkeypatch.undo()
+    assert calls["n"] == 1
+    store.append(gaussian_event("r2", 5.0))
+    assert [e.round_id for e in store.load(8.0, 1e-4).events] == ["r0", "r2"]
+
+
+def test_append_refuses_a_file_without_a_final_newline(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text(gaussian_event("r0", 5.0).to_json())  # no newline: torn
+    with pytest.raises(OSError, match="complete line"):
+        LedgerFile(path, fsync=False).append(gaussian_event("r1", 5.0))
+    assert LedgerFile(path, fsync=False).load(8.0, 1e-4).events == []  # dropped as torn

@@ -201,16 +201,103 @@ def test_noise_sampling_failure_reveals_nothing_but_is_charged(tmp_path) -> None
     assert all(ledger_rounds(a) == ["r"] for a in aggs)  # charged before the noise
 
 
-def test_a_noise_plan_the_sampler_cannot_draw_is_an_abort_not_a_plain_share(
+def test_parties_that_disagree_on_the_noise_plan_refuse_before_anything_is_sent(
     tmp_path, monkeypatch
 ) -> None:
-    # The original bug: a sampler error left the un-noised share to be revealed.
+    # E.g. one party's topology file has another epsilon: it would add other noise than the
+    # others' ledgers assume (and a plan the sampler cannot draw must never mean no noise).
     aggs = federation(tmp_path)
     fill(aggs, "r")
     plan = aggs[FAULTY]._plans["r"]
-    monkeypatch.setitem(aggs[FAULTY]._plans, "r", type(plan)(**{**plan.__dict__, "sigma2": 2**60}))
+    changed = type(plan)(**{**plan.__dict__, "sigma2": 2**60})
+    monkeypatch.setitem(aggs[FAULTY]._plans, "r", changed)
     asyncio.run(close(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
+    assert "disagree on the noise plan" in aggs[0].rounds["r"].failure
+    assert all(ledger_rounds(a) == [] for a in aggs)
+
+
+def test_a_ledger_that_cannot_check_refuses_in_step_with_the_others(tmp_path, monkeypatch) -> None:
+    aggs = federation(tmp_path)
+    fill(aggs, "r")
+
+    def broken(event: PrivacyEvent) -> float:
+        raise ValueError("round 'old' was accounted on other RDP orders; cannot compose")
+
+    monkeypatch.setattr(aggs[FAULTY].ledger, "check", broken)
+    asyncio.run(close(aggs, "r"))
+    assert_failed_everywhere_nothing_revealed(aggs, "r")
+    assert "cannot check its privacy budget" in aggs[0].rounds["r"].failure
+    assert len({len(a.network.sent) for a in aggs}) == 1  # every party made the same calls
+
+
+async def _no_reconcile() -> int:
+    return 0
+
+
+def test_a_failed_close_broadcast_ends_the_round_for_good(tmp_path) -> None:
+    from mpc_agg.errors import PartyLinkLost
+
+    aggs = federation(tmp_path, dp=False)
+    fill(aggs, "r")
+
+    async def lost(obj: Any, sender: int) -> Any:
+        raise PartyLinkLost("link to aggregator 2 lost")
+
+    aggs[0].network.broadcast = lost
+    aggs[0].reconcile = _no_reconcile  # the others are not running here
+
+    async def leader_only() -> None:
+        task = asyncio.ensure_future(aggs[0].serve_commands())
+        aggs[0].request_close("r")
+        for _ in range(500):
+            if aggs[0].rounds["r"].state is RoundState.FAILED:
+                break
+            await asyncio.sleep(0.002)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(leader_only())
+    assert aggs[0].rounds["r"].state is RoundState.FAILED
+    assert aggs[0].round_index.state("r") == "failed"
+    assert not (aggs[0].topology.aggregator_dir(0) / "round-r.journal").exists()
+
+
+def test_a_round_opened_under_other_dp_settings_is_not_recovered(tmp_path) -> None:
+    aggs = federation(tmp_path)
+    fill(aggs, "r")
+    for a in aggs:
+        a.close_journals()
+    again = federation(tmp_path, dp=False)  # the same data directory, DP switched off
+    assert again[0].recover() == 0
+    assert again[0].round_index.state("r") == "failed"
+    with pytest.raises(RoundEnded):
+        again[0].round_status("r")
+
+
+def test_ids_spent_before_the_round_index_existed_stay_spent(tmp_path) -> None:
+    aggs = federation(tmp_path)
+    fill(aggs, "old")
+    asyncio.run(close(aggs, "old"))
+    for a in aggs:
+        a.close_journals()
+        a.round_index.path.unlink()  # as after an upgrade from a version without it
+    again = federation(tmp_path)
+    with pytest.raises(RoundIdUsed):
+        again[1].open_round("old", D)
+
+
+def test_a_ledger_that_forgot_a_revealed_round_stops_the_party(tmp_path) -> None:
+    from mpc_agg.errors import StateError
+
+    aggs = federation(tmp_path)
+    fill(aggs, "r")
+    asyncio.run(close(aggs, "r"))
+    for a in aggs:
+        a.close_journals()
+    aggs[2].topology.ledger_path(2).unlink()  # lost, or started from another directory
+    with pytest.raises(StateError, match="lacks 1 round"):
+        federation(tmp_path)
 
 
 def test_the_revealed_share_carries_noise(tmp_path) -> None:
@@ -273,7 +360,7 @@ def test_a_round_stopped_mid_aggregation_comes_back_failed(tmp_path, mark) -> No
 def test_an_open_that_cannot_be_recorded_leaves_no_trace(tmp_path, monkeypatch) -> None:
     aggs = federation(tmp_path, dp=False)
 
-    def disk_full(round_id: str, state: str) -> None:
+    def disk_full(round_id: str, state: str, **kwargs: Any) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(aggs[0].round_index, "record", disk_full)
@@ -359,3 +446,14 @@ def test_a_topology_whose_noise_cannot_be_drawn_is_refused_at_load() -> None:
     assert err.value.path == "dp"
     assert "frac_bits = 32" in err.value.detail and "exact" in err.value.detail
     assert "lower encoding.frac_bits by at least" in err.value.detail
+
+
+def test_an_unreadable_journal_uses_up_its_round_id(tmp_path) -> None:
+    aggs = federation(tmp_path, dp=False)
+    directory = aggs[0].topology.aggregator_dir(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "round-x.journal").write_bytes(b"not a journal")
+    assert aggs[0].recover() == 0
+    assert (directory / "round-x.unreadable").exists()
+    with pytest.raises(RoundIdUsed):
+        aggs[0].open_round("x", D)

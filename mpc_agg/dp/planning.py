@@ -113,12 +113,13 @@ def plan_noise(dp: DPSettings, encoding: FixedPointEncoding, d: int, m: int) -> 
     if sigma2 > MAX_SIGMA2:
         # Each fractional bit less divides the needed variance by about 4.
         shrink = math.ceil(math.log2(sigma2 / MAX_SIGMA2) / 2)
+        limit = math.log2(MAX_SIGMA2)
         raise ConfigError(
             "dp",
             f"the noise for d = {d} needs a per-aggregator variance of 2^"
             f"{math.log2(sigma2):.2f} (encoded units², from l2_clip = {dp.l2_clip:g}, "
             f"frac_bits = {encoding.frac_bits}, epsilon = {dp.epsilon:g}, delta = "
-            f"{dp.delta:g}, {honest} honest aggregators), beyond the 2^{math.log2(MAX_SIGMA2):.0f} the exact "
+            f"{dp.delta:g}, {honest} honest aggregators), beyond the 2^{limit:.0f} the exact "
             f"discrete Gaussian sampler draws; lower encoding.frac_bits by at least {shrink} "
             "or raise dp.epsilon",
         )

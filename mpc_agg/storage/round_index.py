@@ -4,8 +4,8 @@ docs/design.md, "Durable state". Journals of ended rounds are deleted, so they c
 that an id was used; this index can. One JSON line per event, appended and fsync'd (and the
 directory fsync'd when the file is created)::
 
-    {"round": "r1", "state": "open"}      before the round's journal is created
-    {"round": "r1", "state": "done"}      once it ended ("failed" likewise)
+    {"round": "r1", "state": "open", "dp": true}   once its journal exists ("dp" with DP)
+    {"round": "r1", "state": "done"}               once it ended ("failed" likewise)
 
 An id present in any state is never opened again. A torn last line (a crash mid-append) is
 dropped on load: the open it described never completed, so its round never existed.
@@ -32,6 +32,9 @@ class RoundIndex:
         self.path = path
         self.fsync = fsync
         self._states: dict[str, str] = {}
+        self._dp: set[str] = set()
+        self.existed = path.exists()
+        """Whether the file was there when this index was loaded (False: a new index)."""
         self._load()
 
     def __repr__(self) -> str:
@@ -56,6 +59,8 @@ class RoundIndex:
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{self.path}, line {n + 1}: {exc}") from None
             self._states[round_id] = state
+            if record.get("dp"):
+                self._dp.add(round_id)
             good += len(line) + 1
         if good != len(data):
             with open(self.path, "r+b") as f:
@@ -72,12 +77,19 @@ class RoundIndex:
         """Ids recorded as opened and never as ended."""
         return [r for r, s in self._states.items() if s == "open"]
 
-    def record(self, round_id: str, state: str) -> None:
-        """Append ``(round_id, state)`` durably; raises OSError and records nothing in memory
-        if the write or fsync fails."""
+    def revealed_with_dp(self) -> list[str]:
+        """Ids of rounds opened with DP that ended ``done``: each must be in the ledger."""
+        return [r for r in self._dp if self._states.get(r) == "done"]
+
+    def record(self, round_id: str, state: str, *, dp: bool = False) -> None:
+        """Append ``(round_id, state)`` durably (``dp``: the round has DP noise); raises
+        OSError and records nothing in memory if the write or fsync fails."""
         if state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
-        line = (json.dumps({"round": round_id, "state": state}, sort_keys=True) + "\n").encode()
+        entry: dict[str, object] = {"round": round_id, "state": state}
+        if dp:
+            entry["dp"] = True
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
         created = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -97,3 +109,5 @@ class RoundIndex:
         if created and self.fsync:
             fsync_directory(self.path.parent)
         self._states[round_id] = state
+        if dp:
+            self._dp.add(round_id)

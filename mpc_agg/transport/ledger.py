@@ -1,5 +1,6 @@
-"""The privacy ledger on disk: one JSON line per revealed round, appended and fsync'd before
-the round's noisy total is revealed, so a restart never resets the spent budget."""
+"""The privacy ledger on disk: one JSON line per release attempt, appended and fsync'd before
+the round's noise is drawn, so a restart never resets the spent budget (docs/design.md,
+"Durable state")."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from pathlib import Path
 
 from mpc_agg.dp.accountant import PrivacyEvent, PrivacyLedger
+from mpc_agg.storage.durable import fsync_directory
 
 log = logging.getLogger("mpc_agg.ledger")
 
@@ -45,14 +47,31 @@ class LedgerFile:
         return PrivacyLedger(budget_epsilon, budget_delta, events)
 
     def append(self, event: PrivacyEvent) -> None:
-        """Record ``event`` durably."""
+        """Record ``event`` durably, or raise OSError leaving the file as it was.
+
+        A partial line (short write, failed fsync) is cut off again, so a later line is never
+        glued to it (a reader would drop the pair as one torn line, losing a real charge); a
+        file that does not end in a newline is refused rather than appended to. Creating
+        the file also fsyncs its directory, so the ledger cannot vanish with a power loss.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            if start and os.pread(fd, 1, start - 1) != b"\n":
+                raise OSError(f"{self.path} does not end with a complete line; not appending")
             data = (event.to_json() + "\n").encode("utf-8")
-            if os.write(fd, data) != len(data):
-                raise OSError(f"short write to {self.path}")
-            if self.fsync:
-                os.fsync(fd)
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
         finally:
             os.close(fd)
+        if created and self.fsync:
+            fsync_directory(self.path.parent)
