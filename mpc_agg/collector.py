@@ -152,7 +152,7 @@ class Collector:
                     raise AggregationTimeout(f"{late}: {exc}") from None
                 except RemoteRefusal as exc:
                     if exc.code == "round_failed":
-                        raise RoundFailed(round_id, exc.detail) from None
+                        raise RoundFailed(round_id, exc.detail, exc.failure or "unknown") from None
                     if exc.code != "result_not_ready":
                         raise
                 if time.monotonic() + delay > deadline:

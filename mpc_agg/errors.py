@@ -69,6 +69,10 @@ class PeerError(MpcAggError):
         self.detail = detail
         super().__init__(detail)
 
+    def body(self) -> dict[str, str]:
+        """The JSON error body: ``{"error": code, "detail": text}`` (subclasses may add)."""
+        return {"error": self.code, "detail": self.detail}
+
 
 class MalformedUpload(PeerError):
     """An upload body does not decode: bad header, wrong length, value >= p."""
@@ -195,9 +199,17 @@ class ResultExpired(PeerError):
 
 
 class RoundAborted(PeerError):
-    """The round FAILED, so it has no result; the detail says why."""
+    """The round FAILED, so it has no result; the detail says why, ``failure`` (one of
+    :data:`FAILURE_CODES`) what kind of failure, also in the JSON body."""
 
     code = "round_failed"
+
+    def __init__(self, detail: str, failure: str = "aggregation_error") -> None:
+        super().__init__(detail)
+        self.failure = failure
+
+    def body(self) -> dict[str, str]:
+        return {**super().body(), "failure": self.failure}
 
 
 class NotLeader(PeerError):
@@ -228,8 +240,43 @@ class BudgetExceeded(MpcAggError):
     is added or anything revealed."""
 
 
+FAILURE_CODES: dict[str, str] = {
+    "unknown_round": "an aggregator does not hold the round open",
+    "round_mismatch": "an aggregator answered for another round",
+    "dimension_mismatch": "the aggregators hold the round with different dimensions",
+    "too_few_clients": "fewer than min_clients clients reached every aggregator",
+    "budget_exceeded": "the round would exceed an aggregator's privacy budget",
+    "ledger_error": "an aggregator's privacy ledger could not check the round",
+    "no_noise_plan": "an aggregator has no noise plan for a round with DP",
+    "plan_mismatch": "the aggregators disagree on the round's noise",
+    "storage_failure": "an aggregator could not make a step of the round durable",
+    "aborted": "an aggregator could not compute its share of the total",
+    "bad_share": "an aggregator sent a malformed share of the total",
+    "party_lost": "a party link was lost or a step missed its deadline",
+    "ended_elsewhere": "the round had ended at another aggregator",
+    "protocol_violation": "an aggregator sent a malformed party message",
+    "aggregation_error": "an unexpected error at an aggregator (see its log)",
+}
+"""Every code a failed round can carry (``Round.failure_code``, the 410 body's ``failure``,
+:attr:`RoundFailed.code`), with its meaning. Match codes, never messages."""
+
+
 class AgreementFailed(MpcAggError):
-    """The aggregators could not agree on what to reveal; nothing is revealed."""
+    """The aggregators could not agree on what to reveal; nothing is revealed. ``code`` is
+    one of :data:`FAILURE_CODES`."""
+
+    def __init__(self, detail: str, *, code: str = "aggregation_error") -> None:
+        if code not in FAILURE_CODES:
+            raise ValueError(f"unknown failure code {code!r}")
+        self.code = code
+        super().__init__(detail)
+
+
+class ProtocolViolation(AgreementFailed):
+    """A party message does not have the exact shape of :mod:`mpc_agg.core.protocol`."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, code="protocol_violation")
 
 
 # --------------------------------------------------------------------------- remote outcomes
@@ -242,11 +289,15 @@ class RemoteRefusal(MpcAggError):
     JSON error body.
     """
 
-    def __init__(self, aggregator: int, status: int, code: str, detail: str) -> None:
+    def __init__(
+        self, aggregator: int, status: int, code: str, detail: str, *, failure: str | None = None
+    ) -> None:
         self.aggregator = aggregator
         self.status = status
         self.code = code
         self.detail = detail
+        self.failure = failure
+        """For ``round_failed``: the round's failure code (:data:`FAILURE_CODES`)."""
         super().__init__(f"aggregator {aggregator} refused ({status} {code}): {detail}")
 
 
@@ -265,11 +316,14 @@ class UploadRefused(RemoteRefusal):
 
 
 class RoundFailed(MpcAggError):
-    """A round ended FAILED; ``reason`` says why. Nothing was revealed."""
+    """A round ended FAILED; ``reason`` says why and ``code`` (one of
+    :data:`FAILURE_CODES`, or ``unknown`` from an older aggregator) what kind of failure it
+    was. Nothing was revealed."""
 
-    def __init__(self, round_id: str, reason: str) -> None:
+    def __init__(self, round_id: str, reason: str, code: str = "unknown") -> None:
         self.round_id = round_id
         self.reason = reason
+        self.code = code
         super().__init__(f"round {round_id!r} failed: {reason}")
 
 

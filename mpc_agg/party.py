@@ -57,9 +57,7 @@ async def serve(topology: Topology, index: int, network: Any, credentials: Any =
     from mpc_agg.aggregator import Aggregator
     from mpc_agg.transport.http_server import build_app
 
-    aggregator = Aggregator(
-        topology, index, network, reveal_delay_s=float(os.environ.get(FAULT_DELAY_REVEAL_ENV, 0))
-    )
+    aggregator = Aggregator(topology, index, network)
     recovered = aggregator.recover()
     if recovered:
         log.info("aggregator %d: recovered %d open round(s) from journals", index, recovered)

@@ -349,14 +349,14 @@ def test_cancelled_close_while_uploads_are_ingested_fails_the_round_cleanly(tmp_
     leader.open_round("r", 50)
     body = Client(leader.topology, "c0").prepare("r", np.ones(50))[0]
     gate = threading.Event()
-    real_ingest = leader._ingest
+    real_ingest = leader.ingest._work
 
     def slow_ingest(*args):
         gate.wait(10)
         return real_ingest(*args)
 
-    leader._ingest = slow_ingest  # type: ignore[method-assign]
-    journal_path = leader._journals["r"].path
+    leader.ingest._work = slow_ingest  # type: ignore[method-assign]
+    journal_path = leader.store.journals["r"].path
 
     async def main() -> object:
         upload = asyncio.ensure_future(leader.receive_share_async("r", "c0", body))
@@ -384,4 +384,4 @@ def test_cancelled_close_while_uploads_are_ingested_fails_the_round_cleanly(tmp_
     assert rnd.pending == set() and rnd.accepted == {}
     assert "network was lost" in (rnd.failure or "")
     assert not journal_path.exists()
-    assert "r" not in leader._close_requested
+    assert "r" not in leader.driver.close_requested

@@ -62,6 +62,7 @@ def test_budget_refuses_the_next_round_also_after_a_restart(tmp_path):
         with pytest.raises(RoundFailed) as refused:
             run_round(fed, "r2")
         assert "over the budget of 1.2" in refused.value.reason
+        assert refused.value.code == "budget_exceeded"
         assert "refused before any noise or reveal" in refused.value.reason
 
     # Every aggregator restarts from its ledger on disk: the budget is still spent.

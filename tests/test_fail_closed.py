@@ -125,7 +125,7 @@ def test_baseline_the_same_round_without_a_fault_is_revealed(tmp_path) -> None:
 def test_missing_noise_plan_refuses_before_anything_is_sent(tmp_path) -> None:
     aggs = federation(tmp_path)
     fill(aggs, "r")
-    del aggs[FAULTY]._plans["r"]
+    del aggs[FAULTY].privacy.mechanisms["r"]
     asyncio.run(close(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
     assert "no noise plan" in aggs[0].rounds["r"].failure
@@ -157,7 +157,7 @@ def test_budget_refusal_at_one_party_fails_the_round_everywhere(tmp_path) -> Non
 def test_a_mark_that_cannot_be_made_durable_fails_the_round(tmp_path, monkeypatch, mark) -> None:
     aggs = federation(tmp_path)
     fill(aggs, "r")
-    journal = aggs[FAULTY]._journals["r"]
+    journal = aggs[FAULTY].store.journals["r"]
     real = journal.append_mark
 
     def failing(state: str) -> None:
@@ -181,7 +181,7 @@ def test_ledger_append_failure_reveals_nothing_and_records_nothing(tmp_path, mon
     def disk_full(event: PrivacyEvent) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(aggs[FAULTY]._ledger_file, "append", disk_full)
+    monkeypatch.setattr(aggs[FAULTY].privacy.ledger_file, "append", disk_full)
     asyncio.run(close(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
     assert ledger_rounds(aggs[FAULTY]) == []  # not charged in memory either
@@ -194,7 +194,7 @@ def test_noise_sampling_failure_reveals_nothing_but_is_charged(tmp_path) -> None
             raise RuntimeError("keystream failure")
 
     aggs = federation(tmp_path)
-    aggs[FAULTY]._noise_stream = BrokenStream
+    aggs[FAULTY].privacy.noise_stream = BrokenStream
     fill(aggs, "r")
     asyncio.run(close(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
@@ -208,9 +208,11 @@ def test_parties_that_disagree_on_the_noise_plan_refuse_before_anything_is_sent(
     # others' ledgers assume (and a plan the sampler cannot draw must never mean no noise).
     aggs = federation(tmp_path)
     fill(aggs, "r")
-    plan = aggs[FAULTY]._plans["r"]
+    plan = aggs[FAULTY].privacy.mechanisms["r"].plan
     changed = type(plan)(**{**plan.__dict__, "sigma2": 2**60})
-    monkeypatch.setitem(aggs[FAULTY]._plans, "r", changed)
+    from mpc_agg.aggregator.privacy import DiscreteGaussianNoise
+
+    monkeypatch.setitem(aggs[FAULTY].privacy.mechanisms, "r", DiscreteGaussianNoise(changed))
     asyncio.run(close(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
     assert "disagree on the noise plan" in aggs[0].rounds["r"].failure
@@ -245,7 +247,7 @@ def test_a_failed_close_broadcast_ends_the_round_for_good(tmp_path) -> None:
         raise PartyLinkLost("link to aggregator 2 lost")
 
     aggs[0].network.broadcast = lost
-    aggs[0].reconcile = _no_reconcile  # the others are not running here
+    aggs[0].driver.reconcile = _no_reconcile  # the others are not running here
 
     async def leader_only() -> None:
         task = asyncio.ensure_future(aggs[0].serve_commands())
@@ -310,7 +312,7 @@ def test_the_revealed_share_carries_noise(tmp_path) -> None:
     from mpc_agg.core import field
 
     noise = field.to_signed(field.sub(np.frombuffer(sent, dtype="<u8").astype(np.uint64), plain))
-    sigma = np.sqrt(aggs[FAULTY]._plans["r"].sigma2)
+    sigma = np.sqrt(aggs[FAULTY].privacy.mechanisms["r"].plan.sigma2)
     # 64 coordinates: the sample std is within 30 % of sigma except with probability < 1e-6.
     assert 0.7 * sigma < float(np.std(noise.astype(np.float64))) < 1.3 * sigma
 
@@ -341,7 +343,7 @@ def test_round_ids_are_single_use_also_after_the_journal_is_gone(tmp_path) -> No
 def test_a_round_stopped_mid_aggregation_comes_back_failed(tmp_path, mark) -> None:
     aggs = federation(tmp_path, dp=False)
     fill(aggs, "r")
-    aggs[FAULTY]._journals["r"].append_mark(mark)  # the party stops here (crash)
+    aggs[FAULTY].store.journals["r"].append_mark(mark)  # the party stops here (crash)
     for a in aggs:
         a.close_journals()
     again = federation(tmp_path, dp=False)
@@ -403,8 +405,8 @@ def test_reconcile_fails_a_round_that_ended_at_another_party(tmp_path) -> None:
     fill(aggs, "r")
     fill(aggs, "still-open")
     for a in (aggs[0], aggs[2]):
-        a._fail(a.rounds["r"], "the party network was lost during aggregation")
-        a._wind_up(a.rounds["r"])
+        a.driver.fail(a.rounds["r"], "the party network was lost", "party_lost")
+        a.driver.wind_up(a.rounds["r"])
 
     async def reconcile_all() -> list[int]:
         return list(await asyncio.gather(*(a.reconcile() for a in aggs)))
@@ -424,8 +426,8 @@ def test_noise_the_sampler_cannot_draw_is_refused_at_open_naming_the_values(
     from mpc_agg.errors import InvalidRequest
 
     aggs = federation(tmp_path)
-    small = aggs[0]._plan("probe-small", 1).sigma2
-    big = aggs[0]._plan("probe-big", 10_000).sigma2
+    small = aggs[0].privacy.plan("probe-small", 1).sigma2
+    big = aggs[0].privacy.plan("probe-big", 10_000).sigma2
     assert small < big
     monkeypatch.setattr(planning, "MAX_SIGMA2", small)  # as if the sampler stopped in between
     assert aggs[0].open_round("ok", 1) is True

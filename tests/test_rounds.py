@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpc_agg.core import codec, rounds, sharing
+from mpc_agg.core.protocol import PartyView
 from mpc_agg.core.rounds import (
     Agreement,
-    PartyView,
     Round,
     RoundEvent,
     RoundState,
@@ -352,7 +352,7 @@ def test_federation_of_rounds_reveals_the_kept_total() -> None:
             aggs[j].accept(cid, got, upload_digest(body), got.expand("r1", cid))
     for r in aggs:
         r.close()
-    views = [PartyView("r1", r.dim, frozenset(r.accepted)) for r in aggs]
+    views = [PartyView("r1", r.dim, 0, frozenset(r.accepted)) for r in aggs]
     agreement = agree_client_set(views, min_clients=2)
     assert agreement.dropped == frozenset(missing)
     for j, r in enumerate(aggs):
@@ -373,7 +373,7 @@ def test_federation_of_rounds_reveals_the_kept_total() -> None:
 
 
 def view(clients: set[str], dim: int | None = DIM, round_id: str = "r1") -> PartyView:
-    return PartyView(round_id, dim, frozenset(clients))
+    return PartyView(round_id, dim, 0, frozenset(clients))
 
 
 def test_agree_client_set_intersection_and_dropped() -> None:
@@ -393,7 +393,7 @@ def test_agree_client_set_property(sets: list[set[str]]) -> None:
         # Every party, holding its own copy of the same views, decides the same.
         for _ in range(len(views)):
             copies = [
-                PartyView(v.round_id, v.dim, frozenset(sorted(v.clients, reverse=True)))
+                PartyView(v.round_id, v.dim, 0, frozenset(sorted(v.clients, reverse=True)))
                 for v in views
             ]
             assert agree_client_set(copies, min_clients=2) == got

@@ -25,6 +25,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from typing import Protocol
 
 import xxhash
 
@@ -117,6 +118,10 @@ class Round:
     accepted: dict[str, AcceptedShare] = dc_field(default_factory=dict)
     pending: set[str] = dc_field(default_factory=set)
     failure: str | None = None
+    failure_code: str | None = None
+    """One of :data:`mpc_agg.errors.FAILURE_CODES` once FAILED."""
+    expired: bool = False
+    """DONE, and its total was dropped to bound memory (see :meth:`expire`)."""
     total: FieldArray | None = None
     num_clients: int | None = None
     dropped_clients: tuple[str, ...] = ()
@@ -245,10 +250,19 @@ class Round:
         self._apply(RoundEvent.REVEAL)
         self.total = total
 
-    def fail(self, reason: str) -> None:
-        """Any live state -> FAILED; nothing will be revealed."""
+    def fail(self, reason: str, code: str = "aggregation_error") -> None:
+        """Any live state -> FAILED; nothing will be revealed. ``code`` says what kind of
+        failure (one of :data:`mpc_agg.errors.FAILURE_CODES`)."""
         self._apply(RoundEvent.FAIL)
         self.failure = reason
+        self.failure_code = code
+
+    def expire(self) -> None:
+        """Drop the total of a DONE round (the round stays known, its result answers 410)."""
+        if self.state is not RoundState.DONE:
+            raise IllegalTransition(f"round {self.round_id!r} is {self.state.value}, not done")
+        self.total = None
+        self.expired = True
 
     def local_sum(self) -> FieldArray:
         """This aggregator's share of the total (canonical)."""
@@ -273,18 +287,24 @@ class Round:
             "num_clients": self.num_clients,
             "dropped_clients": len(self.dropped_clients),
             "failure": self.failure,
+            "failure_code": self.failure_code,
             "timings": dict(self.timings),
         }
 
 
-@dataclass(frozen=True)
-class PartyView:
-    """What one aggregator reports at agreement time (sent to every other aggregator)."""
+class ClientSetView(Protocol):
+    """What :func:`agree_client_set` reads of each aggregator's view (the whole message is
+    :class:`mpc_agg.core.protocol.PartyView`)."""
 
-    round_id: str
-    dim: int | None
-    """None when this aggregator does not know the round."""
-    clients: frozenset[str]
+    @property
+    def round_id(self) -> str: ...
+
+    @property
+    def dim(self) -> int | None:
+        """None when this aggregator does not hold the round open."""
+
+    @property
+    def clients(self) -> frozenset[str]: ...
 
 
 @dataclass(frozen=True)
@@ -295,33 +315,39 @@ class Agreement:
     dropped: frozenset[str]
 
 
-def agree_client_set(views: Sequence[PartyView], min_clients: int) -> Agreement:
-    """DESIGN.md, "Rounds": keep the clients every aggregator accepted.
+def agree_client_set(views: Sequence[ClientSetView], min_clients: int) -> Agreement:
+    """docs/design.md, "A round, step by step": keep the clients every aggregator accepted.
 
     Every aggregator computes this from the same ``views`` (one per aggregator, index order)
     and so reaches the same decision. Raises :class:`AgreementFailed` when an aggregator does
     not know the round, dimensions differ, or fewer than ``min_clients`` remain.
     """
     if not views:
-        raise AgreementFailed("no aggregator views to agree on")
+        raise AgreementFailed("no aggregator views to agree on", code="unknown_round")
     round_id = views[0].round_id
     for i, v in enumerate(views):
         if v.round_id != round_id:
             raise AgreementFailed(
-                f"aggregator {i} answered for round {v.round_id!r}, not {round_id!r}"
+                f"aggregator {i} answered for round {v.round_id!r}, not {round_id!r}",
+                code="round_mismatch",
             )
         if v.dim is None:
-            raise AgreementFailed(f"round {round_id!r} is unknown at aggregator {i}")
+            raise AgreementFailed(
+                f"round {round_id!r} is unknown at aggregator {i}", code="unknown_round"
+            )
     dims = {v.dim for v in views}
     if len(dims) != 1:
         listing = ", ".join(f"aggregator {i}: {v.dim}" for i, v in enumerate(views))
-        raise AgreementFailed(f"round {round_id!r} has different dimensions ({listing})")
+        raise AgreementFailed(
+            f"round {round_id!r} has different dimensions ({listing})", code="dimension_mismatch"
+        )
     common = frozenset.intersection(*(v.clients for v in views))
     union = frozenset.union(*(v.clients for v in views))
     if len(common) < min_clients:
         partial = len(union) - len(common)
         raise AgreementFailed(
             f"only {len(common)} client(s) reached every aggregator ({partial} partial "
-            f"upload(s) dropped); min_clients is {min_clients}, so nothing is revealed"
+            f"upload(s) dropped); min_clients is {min_clients}, so nothing is revealed",
+            code="too_few_clients",
         )
     return Agreement(common, union - common)

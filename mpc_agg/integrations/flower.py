@@ -247,8 +247,8 @@ class MpcFedAvg(FedAvg):
                 timeout=self.aggregate_timeout,
             )
         except RoundFailed as exc:
-            # The aggregators' ledger refusal says "over the budget"; nothing else does.
-            if "over the budget" in exc.reason:
+            # Match the failure code, never the message.
+            if exc.code == "budget_exceeded":
                 raise PrivacyBudgetExhausted(str(exc)) from exc
             log(WARNING, "aggregate_train: %s; the global model is unchanged", exc)
             return None, metrics

@@ -37,15 +37,20 @@ def combine_sum_shares(payloads: list[bytes | None], d: int) -> FieldArray:
     if aborted:
         raise AgreementFailed(
             f"aggregator(s) {aborted} could not compute their share of the total; "
-            "nothing is revealed"
+            "nothing is revealed",
+            code="aborted",
         )
     parts = []
     for j, raw in enumerate(payloads):
         if not isinstance(raw, bytes) or len(raw) != 8 * d:
-            raise AgreementFailed(f"aggregator {j} sent a sum share of the wrong size")
+            raise AgreementFailed(
+                f"aggregator {j} sent a sum share of the wrong size", code="bad_share"
+            )
         part = np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
         if not is_canonical(part):
-            raise AgreementFailed(f"aggregator {j} sent a sum share with a value not below p")
+            raise AgreementFailed(
+                f"aggregator {j} sent a sum share with a value not below p", code="bad_share"
+            )
         parts.append(part)
     return unshard(parts)
 

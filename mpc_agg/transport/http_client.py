@@ -83,8 +83,10 @@ class AggregatorAPI:
                     if resp.status >= 500:
                         last = f"HTTP {resp.status}"
                         continue
-                    code, detail = parse_error(resp.status, body)
-                    raise RemoteRefusal(self.address.index, resp.status, code, detail)
+                    code, detail, failure = parse_error(resp.status, body)
+                    raise RemoteRefusal(
+                        self.address.index, resp.status, code, detail, failure=failure
+                    )
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise AggregatorUnavailable(
@@ -92,14 +94,20 @@ class AggregatorAPI:
         )
 
 
-def parse_error(status: int, body: bytes) -> tuple[str, str]:
-    """``(code, detail)`` from a JSON error body, tolerating non-JSON bodies."""
+def parse_error(status: int, body: bytes) -> tuple[str, str, str | None]:
+    """``(code, detail, failure)`` from a JSON error body (``failure``: the failure code of
+    a failed round, else None), tolerating non-JSON bodies."""
     try:
         data = json.loads(body)
-        return str(data["error"]), str(data["detail"])
-    except (ValueError, KeyError, TypeError):
+        failure = data.get("failure")
+        return (
+            str(data["error"]),
+            str(data["detail"]),
+            None if failure is None else str(failure),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
         text = body[:200].decode("utf-8", "replace")
-        return f"http_{status}", text or f"HTTP {status}"
+        return f"http_{status}", text or f"HTTP {status}", None
 
 
 def new_session(timeout_s: float, topology: Topology | None = None) -> aiohttp.ClientSession:

@@ -103,7 +103,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except PeerError as exc:
         status = status_for(exc)
         log.info("%s %s -> %d %s: %s", request.method, request.path, status, exc.code, exc.detail)
-        response = error_response(status, exc.code, exc.detail)
+        response = web.json_response(exc.body(), status=status)
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="mpc_agg"'
         return response

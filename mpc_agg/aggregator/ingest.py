@@ -1,0 +1,183 @@
+"""Upload admission and the O(d) work of accepting a share, on ingest threads.
+
+README, "How a round works" (step 3). :class:`Ingest` checks an upload's header and reserves
+the client in its round on the event loop, runs the value check, seed expansion and journal
+write + fsync on a thread pool (numpy, OpenSSL and file I/O release the GIL), then settles
+the reservation. A close waits for the reservations made before it: :meth:`Ingest.drain`
+awaits an event set when a round has none left, it does not poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from mpc_agg.core import codec
+from mpc_agg.core.field import FieldArray
+from mpc_agg.core.rounds import Round, RoundState, upload_digest
+from mpc_agg.core.sharing import Share
+from mpc_agg.errors import RoundEnded, RoundFull
+from mpc_agg.transport.journal import RoundJournal
+
+from .store import RoundStore
+
+INGEST_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Threads doing the O(d) work of uploads at one aggregator."""
+
+
+class Ingest:
+    """Uploads into the rounds of ``store``; ``counters`` receives the upload metrics."""
+
+    def __init__(self, store: RoundStore, counters: dict[str, int]) -> None:
+        self.store = store
+        self.index = store.index
+        self.counters = counters
+        self._pool = ThreadPoolExecutor(
+            max_workers=INGEST_THREADS, thread_name_prefix=f"ingest-{store.index}"
+        )
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._idle: dict[str, asyncio.Event] = {}  # round id -> set while nothing is pending
+
+    def receive_share(self, round_id: str, client_id: str, body: bytes | bytearray) -> bool:
+        """Validate, journal and accumulate one upload, all in the calling thread.
+
+        True when accepted (201), False for an identical retry (200); raises a
+        :class:`~mpc_agg.errors.PeerError` otherwise, and a refused upload changes nothing.
+        """
+        rnd, share, digest = self._admit(round_id, client_id, body)
+        if share is None:
+            return False
+        try:
+            vector, ref = self._work(self.store.journals[round_id], rnd, client_id, share, body)
+        except BaseException:
+            self._refuse(rnd, client_id)
+            raise
+        self._settle(rnd, client_id, share, digest, vector, ref, len(body))
+        return True
+
+    async def receive_share_async(
+        self, round_id: str, client_id: str, body: bytes | bytearray
+    ) -> bool:
+        """:meth:`receive_share` with the O(d) work on the ingest threads. Once reserved,
+        the upload is finished even if the request is cancelled."""
+        rnd, share, digest = self._admit(round_id, client_id, body)
+        if share is None:
+            return False
+        loop = asyncio.get_running_loop()
+        journal = self.store.journals[round_id]  # the thread writes here even if it ends
+
+        async def work() -> None:
+            try:
+                vector, ref = await loop.run_in_executor(
+                    self._pool, self._work, journal, rnd, client_id, share, body
+                )
+                if rnd.state not in (RoundState.OPEN, RoundState.CLOSING):
+                    raise RoundEnded(
+                        f"round {round_id!r} ended ({rnd.state.value}) while this upload was "
+                        "being processed; it was not counted"
+                    )
+            except BaseException:
+                self._refuse(rnd, client_id)
+                raise
+            self._settle(rnd, client_id, share, digest, vector, ref, len(body))
+
+        await asyncio.shield(self.track(work()))
+        return True
+
+    def track(self, coro: object) -> asyncio.Future[None]:
+        """Run ``coro`` as a task this object keeps until it is done."""
+        task: asyncio.Future[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _admit(
+        self, round_id: str, client_id: str, body: bytes | bytearray
+    ) -> tuple[Round, Share | None, bytes]:
+        """The checks that need no O(d) work besides the digest: ids, round, header, length,
+        retry or conflict, capacity. Returns the share (None for an identical retry) and
+        reserves it in the round."""
+        max_clients = self.store.topology.rounds.max_clients
+        try:
+            codec.check_id("client", client_id)
+            rnd = self.store.lookup(round_id)
+            share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim, check_values=False)
+            digest = upload_digest(body)
+            if not rnd.check_upload(client_id, share, digest):
+                self.counters["uploads_retried"] += 1
+                return rnd, None, digest
+            if rnd.occupancy >= max_clients:
+                raise RoundFull(
+                    f"round {round_id!r} already holds max_clients = {max_clients} clients"
+                )
+        except Exception:
+            self.counters["uploads_refused"] += 1
+            raise
+        rnd.reserve(client_id)
+        self._event(round_id).clear()
+        return rnd, share, digest
+
+    def _work(
+        self,
+        journal: RoundJournal,
+        rnd: Round,
+        client_id: str,
+        share: Share,
+        body: bytes | bytearray,
+    ) -> tuple[FieldArray, tuple[int, int]]:
+        """The O(d) part of accepting a reserved upload (any thread): check the values,
+        expand a seed, journal the body durably. Touches no round state."""
+        codec.check_share_values(share)
+        vector = share.expand(rnd.round_id, client_id)
+        ref = journal.append_share(client_id, body)
+        return vector, ref
+
+    def _refuse(self, rnd: Round, client_id: str) -> None:
+        rnd.release(client_id)
+        self.counters["uploads_refused"] += 1
+        self._maybe_idle(rnd)
+
+    def _settle(
+        self,
+        rnd: Round,
+        client_id: str,
+        share: Share,
+        digest: bytes,
+        vector: FieldArray,
+        ref: tuple[int, int],
+        nbytes: int,
+    ) -> None:
+        rnd.accept(client_id, share, digest, vector, ref=ref)
+        self.counters["uploads_accepted"] += 1
+        self.counters["bytes_accepted"] += nbytes
+        self._maybe_idle(rnd)
+
+    def _event(self, round_id: str) -> asyncio.Event:
+        event = self._idle.get(round_id)
+        if event is None:
+            event = self._idle[round_id] = asyncio.Event()
+            event.set()
+        return event
+
+    def _maybe_idle(self, rnd: Round) -> None:
+        if not rnd.pending:
+            self._event(rnd.round_id).set()
+
+    async def drain(self, rnd: Round) -> None:
+        """Wait until the uploads reserved in ``rnd`` are settled (local work only)."""
+        while rnd.pending:
+            event = self._event(rnd.round_id)
+            event.clear()
+            if rnd.pending:
+                await event.wait()
+        self._idle.pop(rnd.round_id, None)
+
+    async def settle_then(self, rnd: Round, then: object) -> None:
+        """Once ``rnd`` has no upload in progress, call ``then()``."""
+        await self.drain(rnd)
+        then()  # type: ignore[operator]
+
+    def shutdown(self) -> None:
+        """Wait for the ingest threads to finish (on shutdown)."""
+        self._pool.shutdown(wait=True)
