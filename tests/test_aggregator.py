@@ -384,4 +384,4 @@ def test_cancelled_close_while_uploads_are_ingested_fails_the_round_cleanly(tmp_
     assert rnd.pending == set() and rnd.accepted == {}
     assert "network was lost" in (rnd.failure or "")
     assert not journal_path.exists()
-    assert "r" not in leader.driver.close_requested
+    assert not leader.rounds["r"].close_requested

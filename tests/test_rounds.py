@@ -44,6 +44,15 @@ EXPECTED_TRANSITIONS = {
     (RoundState.OPEN, RoundEvent.FAIL): RoundState.FAILED,
     (RoundState.CLOSING, RoundEvent.FAIL): RoundState.FAILED,
     (RoundState.AGGREGATING, RoundEvent.FAIL): RoundState.FAILED,
+    (RoundState.OPEN, RoundEvent.RESERVE): RoundState.OPEN,
+    (RoundState.OPEN, RoundEvent.ACCEPT): RoundState.OPEN,
+    (RoundState.CLOSING, RoundEvent.ACCEPT): RoundState.CLOSING,
+    (RoundState.OPEN, RoundEvent.RELEASE): RoundState.OPEN,
+    (RoundState.CLOSING, RoundEvent.RELEASE): RoundState.CLOSING,
+    (RoundState.FAILED, RoundEvent.RELEASE): RoundState.FAILED,
+    (RoundState.OPEN, RoundEvent.REQUEST_CLOSE): RoundState.OPEN,
+    (RoundState.OPEN, RoundEvent.WITHDRAW_CLOSE): RoundState.OPEN,
+    (RoundState.DONE, RoundEvent.EXPIRE): RoundState.DONE,
 }
 
 
@@ -90,26 +99,45 @@ def round_in(state: RoundState) -> Round:
 def snapshot(r: Round) -> tuple:
     return (
         r.state,
+        set(r.pending),
+        r.close_requested,
+        r.expired,
         r.failure,
         None if r.total is None else [int(v) for v in r.total],
         r.num_clients,
         r.dropped_clients,
         dict(r.accepted),
-        [int(v) for v in r.local_sum()],
-        r.sum.count,
+        None if r.sum is None else [int(v) for v in r.local_sum()],
+        None if r.sum is None else r.sum.count,
         copy.deepcopy(r.status()),
     )
 
 
 def fire(r: Round, event: RoundEvent) -> None:
     """Drive ``event`` through the Round method, with arguments valid in any state."""
-    actions: dict[RoundEvent, Callable[[], None]] = {
+    carol = full([5, 5, 5])
+    actions: dict[RoundEvent, Callable[[], object]] = {
         RoundEvent.CLOSE: r.close,
         RoundEvent.AGREE: lambda: r.agree(frozenset(r.accepted), []),
         RoundEvent.REVEAL: lambda: r.reveal(arr([1, 2, 3])),
         RoundEvent.FAIL: lambda: r.fail("boom"),
+        RoundEvent.RESERVE: lambda: r.reserve("carol"),
+        RoundEvent.ACCEPT: lambda: r.accept("carol", carol, b"d" * 16, carol.vector),
+        RoundEvent.RELEASE: lambda: r.release("carol"),
+        RoundEvent.REQUEST_CLOSE: r.request_close,
+        RoundEvent.WITHDRAW_CLOSE: r.withdraw_close,
+        RoundEvent.EXPIRE: r.expire,
     }
     actions[event]()
+
+
+def prepared(state: RoundState, event: RoundEvent) -> Round:
+    """``round_in(state)``, with an upload of carol in progress where the event settles one
+    (reserved before the close, as the ingest threads leave it)."""
+    r = round_in(state)
+    if event in (RoundEvent.ACCEPT, RoundEvent.RELEASE):
+        r.pending.add("carol")
+    return r
 
 
 # --------------------------------------------------------------------------- the table
@@ -118,7 +146,8 @@ def fire(r: Round, event: RoundEvent) -> None:
 def test_transition_table_matches_design() -> None:
     assert rounds.TRANSITIONS == EXPECTED_TRANSITIONS
     assert rounds.TERMINAL == {RoundState.DONE, RoundState.FAILED}
-    assert not any(s in rounds.TERMINAL for s, _ in rounds.TRANSITIONS)
+    # A terminal state only ever leads to itself (bookkeeping events).
+    assert all(t == s for (s, _), t in rounds.TRANSITIONS.items() if s in rounds.TERMINAL)
 
 
 @pytest.mark.parametrize("state", list(RoundState))
@@ -130,7 +159,7 @@ def test_round_in_builds_the_state(state: RoundState) -> None:
     ("state", "event"), list(itertools.product(list(RoundState), list(RoundEvent)))
 )
 def test_every_state_event_pair(state: RoundState, event: RoundEvent) -> None:
-    r = round_in(state)
+    r = prepared(state, event)
     before = snapshot(r)
     target = rounds.TRANSITIONS.get((state, event))
     assert target == EXPECTED_TRANSITIONS.get((state, event))
@@ -148,6 +177,18 @@ def test_every_state_event_pair(state: RoundState, event: RoundEvent) -> None:
             assert [int(v) for v in r.total] == [1, 2, 3]
         if event is RoundEvent.AGREE:
             assert r.num_clients == 2 and r.dropped_clients == ()
+        if event is RoundEvent.RESERVE:
+            assert r.pending == {"carol"}
+        if event is RoundEvent.ACCEPT:
+            assert "carol" in r.accepted and not r.pending
+        if event is RoundEvent.RELEASE:
+            assert not r.pending and "carol" not in r.accepted
+        if event is RoundEvent.REQUEST_CLOSE:
+            assert r.close_requested and r.request_close() is False  # idempotent
+        if event is RoundEvent.WITHDRAW_CLOSE:
+            assert not r.close_requested
+        if event is RoundEvent.EXPIRE:
+            assert r.expired and r.total is None
 
 
 # --------------------------------------------------------------------------- check_upload

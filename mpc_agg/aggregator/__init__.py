@@ -192,14 +192,14 @@ class Aggregator:
                 f"aggregator 0 at {self.topology.leader.url}"
             )
         rnd = self.store.lookup(round_id)
-        if rnd.state in TERMINAL or round_id in self.driver.close_requested:
+        if rnd.state is not RoundState.OPEN or rnd.close_requested:
             return
         if not self.network.connected:
             raise PartyNetworkDown(
                 f"the party network is down (waiting for aggregator(s) "
                 f"{self.network.missing()}); the round stays open, retry the close later"
             )
-        self.driver.close_requested.add(round_id)
+        rnd.request_close()
         self.driver.close_queue.put_nowait(round_id)
         log.info("round %s: close requested", round_id)
 

@@ -72,7 +72,6 @@ class Driver:
         self.clock = clock
         self.index = store.index
         self.close_queue: asyncio.Queue[str] = asyncio.Queue()
-        self.close_requested: set[str] = set()
 
     @property
     def is_leader(self) -> bool:
@@ -92,14 +91,15 @@ class Driver:
                 try:
                     raw = await self.network.broadcast(encode(CloseCommand(round_id)), LEADER)
                 except PartyLinkLost as exc:
-                    self.close_requested.discard(round_id)
                     rnd = self.store.rounds.get(round_id)
                     self.fail(rnd, f"cannot close: {exc}", "party_lost")
                     if rnd is not None and rnd.state in TERMINAL:
                         self.wind_up(rnd)  # ended for good; reconcile tells the others
                     continue
                 except BaseException:
-                    self.close_requested.discard(round_id)  # a later close may try again
+                    rnd = self.store.rounds.get(round_id)
+                    if rnd is not None and rnd.state is RoundState.OPEN:
+                        rnd.withdraw_close()  # a later close may try again
                     raise
             else:
                 try:
@@ -224,7 +224,6 @@ class Driver:
                 "party_lost" if lost else "aggregation_error",
             )
         finally:
-            self.close_requested.discard(round_id)
             if rnd is not None and rnd.state in TERMINAL:
                 self.wind_up(rnd)
 

@@ -14,6 +14,11 @@ DESIGN.md, "Rounds". A round moves through one table of legal transitions::
   ``min_clients`` remain; clients missing at any aggregator are subtracted everywhere.
 * DONE: the total is revealed. FAILED: nothing is revealed; ``failure`` says why.
 
+Uploads and bookkeeping are events of the same table that keep the state: ``reserve`` (OPEN),
+``accept`` (OPEN, CLOSING: reserved before the close), ``release`` (OPEN, CLOSING, FAILED: a
+refused upload, also one finishing after a failure), ``request_close`` / ``withdraw_close``
+(OPEN: the leader's queued close), ``expire`` (DONE: the total dropped to bound memory).
+
 An illegal event raises :class:`IllegalTransition` and changes nothing. The caller does the
 I/O (journal, network) and feeds decisions back in; nothing here blocks or reads a clock
 (times are passed in).
@@ -60,6 +65,18 @@ class RoundEvent(enum.Enum):
     AGREE = "agree"
     REVEAL = "reveal"
     FAIL = "fail"
+    RESERVE = "reserve"
+    """An upload starts being processed (data event: the state stays)."""
+    ACCEPT = "accept"
+    """A reserved upload is added to the running sum."""
+    RELEASE = "release"
+    """A reserved upload was refused: nothing of it remains."""
+    REQUEST_CLOSE = "request_close"
+    """The collector asked the leader to close; the close command is queued."""
+    WITHDRAW_CLOSE = "withdraw_close"
+    """The queued close was not sent (the command loop stopped): it may be requested again."""
+    EXPIRE = "expire"
+    """A DONE round's total is dropped to bound memory."""
 
 
 TRANSITIONS: dict[tuple[RoundState, RoundEvent], RoundState] = {
@@ -69,6 +86,16 @@ TRANSITIONS: dict[tuple[RoundState, RoundEvent], RoundState] = {
     (RoundState.OPEN, RoundEvent.FAIL): RoundState.FAILED,
     (RoundState.CLOSING, RoundEvent.FAIL): RoundState.FAILED,
     (RoundState.AGGREGATING, RoundEvent.FAIL): RoundState.FAILED,
+    # Data and bookkeeping events: the state stays (h11's SEND_BODY: {Data: SEND_BODY}).
+    (RoundState.OPEN, RoundEvent.RESERVE): RoundState.OPEN,
+    (RoundState.OPEN, RoundEvent.ACCEPT): RoundState.OPEN,
+    (RoundState.CLOSING, RoundEvent.ACCEPT): RoundState.CLOSING,  # reserved before the close
+    (RoundState.OPEN, RoundEvent.RELEASE): RoundState.OPEN,
+    (RoundState.CLOSING, RoundEvent.RELEASE): RoundState.CLOSING,
+    (RoundState.FAILED, RoundEvent.RELEASE): RoundState.FAILED,  # finished after a failure
+    (RoundState.OPEN, RoundEvent.REQUEST_CLOSE): RoundState.OPEN,
+    (RoundState.OPEN, RoundEvent.WITHDRAW_CLOSE): RoundState.OPEN,
+    (RoundState.DONE, RoundEvent.EXPIRE): RoundState.DONE,
 }
 """Every legal (state, event) pair and the state it leads to; all others are illegal."""
 
@@ -121,6 +148,8 @@ class Round:
     failure_code: str | None = None
     """One of :data:`mpc_agg.errors.FAILURE_CODES` once FAILED."""
     expired: bool = False
+    close_requested: bool = False
+    """OPEN, and a close command is queued at the leader."""
     """DONE, and its total was dropped to bound memory (see :meth:`expire`)."""
     total: FieldArray | None = None
     num_clients: int | None = None
@@ -132,14 +161,18 @@ class Round:
 
     # -- events ---------------------------------------------------------------------------
 
-    def _apply(self, event: RoundEvent) -> None:
+    def _check(self, event: RoundEvent) -> RoundState:
+        """The state ``event`` leads to; raises IllegalTransition (changing nothing)."""
         nxt = TRANSITIONS.get((self.state, event))
         if nxt is None:
             raise IllegalTransition(
                 f"round {self.round_id!r}: event {event.value!r} is illegal in state "
                 f"{self.state.value!r}"
             )
-        self.state = nxt
+        return nxt
+
+    def _apply(self, event: RoundEvent) -> None:
+        self.state = self._check(event)
 
     def check_upload(self, client_id: str, share: Share, digest: bytes) -> bool:
         """Decide on an upload without changing anything.
@@ -179,14 +212,15 @@ class Round:
         round counts it against ``max_clients`` and cannot agree until it is settled by
         :meth:`accept` or :meth:`release`.
         """
-        if self.state is not RoundState.OPEN:
-            raise IllegalTransition(f"round {self.round_id!r} is {self.state.value}")
+        self._check(RoundEvent.RESERVE)
         if client_id in self.pending or client_id in self.accepted:
             raise IllegalTransition(f"client {client_id!r} is already reserved or accepted")
+        self._apply(RoundEvent.RESERVE)
         self.pending.add(client_id)
 
     def release(self, client_id: str) -> None:
         """Give up a reservation (the upload was refused): nothing of it remains."""
+        self._apply(RoundEvent.RELEASE)
         self.pending.discard(client_id)
 
     def accept(
@@ -197,10 +231,10 @@ class Round:
         Legal in OPEN and CLOSING (an upload reserved before the close is finished before
         the round agrees), never later.
         """
+        self._check(RoundEvent.ACCEPT)
         if client_id not in self.pending:
             raise IllegalTransition(f"client {client_id!r} was not reserved")
-        if self.state not in (RoundState.OPEN, RoundState.CLOSING):
-            raise IllegalTransition(f"round {self.round_id!r} is {self.state.value}")
+        self._apply(RoundEvent.ACCEPT)
         self.sum.add(vector)
         self.accepted[client_id] = AcceptedShare(share.kind, digest, share.seed, ref)
         self.pending.discard(client_id)
@@ -213,6 +247,22 @@ class Round:
     def close(self) -> None:
         """OPEN -> CLOSING: stop accepting uploads."""
         self._apply(RoundEvent.CLOSE)
+        self.close_requested = False
+
+    def request_close(self) -> bool:
+        """The collector asks for the close: True if it must be queued now, False if it
+        already is (idempotent)."""
+        self._check(RoundEvent.REQUEST_CLOSE)
+        if self.close_requested:
+            return False
+        self._apply(RoundEvent.REQUEST_CLOSE)
+        self.close_requested = True
+        return True
+
+    def withdraw_close(self) -> None:
+        """The queued close was never sent: it may be requested again."""
+        self._apply(RoundEvent.WITHDRAW_CLOSE)
+        self.close_requested = False
 
     def agree(
         self,
@@ -259,8 +309,7 @@ class Round:
 
     def expire(self) -> None:
         """Drop the total of a DONE round (the round stays known, its result answers 410)."""
-        if self.state is not RoundState.DONE:
-            raise IllegalTransition(f"round {self.round_id!r} is {self.state.value}, not done")
+        self._apply(RoundEvent.EXPIRE)
         self.total = None
         self.expired = True
 
