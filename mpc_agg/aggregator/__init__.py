@@ -22,7 +22,7 @@ from typing import Any
 
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
-from mpc_agg.core.rounds import TERMINAL, Round, RoundState
+from mpc_agg.core.rounds import Round, RoundState
 from mpc_agg.core.sharing import ShareKind
 from mpc_agg.dp.accountant import PrivacyLedger
 from mpc_agg.dp.discrete_gaussian import NoiseStream
