@@ -1,6 +1,6 @@
 """The client role: encode, share and upload one vector per round.
 
-DESIGN.md, "Client library". ``Client(topology, client_id).submit(round_id, vector)``
+docs/design.md, "Processes". ``Client(topology, client_id).submit(round_id, vector)``
 clips and encodes the vector, splits it into one additive share per aggregator (one full
 share, the others 16-byte seeds) and uploads all of them concurrently. Retries resend the
 same bytes, so they are idempotent.

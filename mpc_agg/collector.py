@@ -1,6 +1,6 @@
 """The collector role: open rounds on every aggregator, trigger aggregation, fetch the total.
 
-DESIGN.md, "Collector". The collector opens a round on each aggregator (same id and
+docs/design.md, "Processes". The collector opens a round on each aggregator (same id and
 dimension), asks the leader to close it once clients have submitted, and polls the leader
 for the revealed total, which it decodes with the topology's encoding.
 """

@@ -1,7 +1,8 @@
 """Importing the core (and the package) has no side effects and leaves MPyC unloaded.
 
-STYLE.md habit 3: only the MPyC glue module imports ``mpyc``, after it has set ``sys.argv``.
-Each check runs in a fresh interpreter, so modules imported by other tests do not count.
+docs/design.md, "Processes": only the MPyC glue module imports ``mpyc``, after it has set
+``sys.argv``. A module that cannot be imported at all fails the test. Each check runs in a fresh
+interpreter, so modules imported by other tests do not count.
 """
 
 from __future__ import annotations
@@ -14,18 +15,12 @@ from pathlib import Path
 import pytest
 
 CHILD = r"""
-import json, os, sys, traceback
-out = {"ok": False, "mpyc": None, "error": None, "from_init": False}
+import json, sys, traceback
+out = {"ok": False, "mpyc": None, "error": None}
 try:
     import {modules}
-except ImportError as exc:
-    out["error"] = repr(exc)
-    frames = traceback.extract_tb(exc.__traceback__)
-    init = os.path.join("mpc_agg", "__init__.py")
-    # Failing inside mpc_agg/__init__.py on a module that is not part of the core.
-    out["from_init"] = any(f.filename.endswith(init) for f in frames) and not (
-        (exc.name or "").startswith("mpc_agg.core")
-    )
+except Exception:
+    out["error"] = traceback.format_exc()
 else:
     out["ok"] = True
     out["mpyc"] = sorted(m for m in sys.modules if m == "mpyc" or m.startswith("mpyc."))
@@ -50,13 +45,21 @@ def run_child(modules: str, cwd: Path) -> dict:
 
 @pytest.mark.parametrize(
     "modules",
-    [CORE_MODULES, "mpc_agg.core.xof, mpc_agg.core.encoding, mpc_agg.core.accumulator", "mpc_agg"],
+    [
+        CORE_MODULES,
+        "mpc_agg.core.xof, mpc_agg.core.encoding, mpc_agg.core.accumulator",
+        "mpc_agg.core.protocol",
+        "mpc_agg",
+        "mpc_agg.aggregator",
+    ],
 )
 def test_import_leaves_mpyc_out(modules: str, tmp_path: Path) -> None:
     out = run_child(modules, tmp_path)
-    if not out["ok"]:
-        if out["from_init"]:
-            pytest.skip(f"mpc_agg/__init__.py is incomplete: {out['error']}")
-        pytest.fail(f"import {modules} failed: {out['error']}")
+    assert out["ok"], f"import {modules} failed:\n{out['error']}"  # a broken import fails
     assert out["mpyc"] == [], f"import {modules} loaded {out['mpyc']}"
     assert out["argv"] == ["-c"]  # nothing rewrote sys.argv at import time
+
+
+def test_a_broken_import_fails_instead_of_skipping(tmp_path: Path) -> None:
+    out = run_child("mpc_agg.core.no_such_module", tmp_path)
+    assert not out["ok"] and "ModuleNotFoundError" in out["error"]

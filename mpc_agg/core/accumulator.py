@@ -1,6 +1,7 @@
 """A running sum of field vectors in O(d) memory, reduced lazily.
 
-DESIGN.md, "Rounds": each accepted share is added to a running sum, so an aggregator's
+docs/design.md, "A round, step by step": each accepted share is added to a running sum, so an
+aggregator's
 memory is O(d), not O(clients x d). The sum is folded once every
 :data:`~mpc_agg.core.field.LAZY_ADDS` additions (see :mod:`mpc_agg.core.field` for the bound),
 so most additions are one numpy ``+=``.

@@ -1,6 +1,7 @@
 """Fixed-point encoding of float vectors into GF(p), and back.
 
-DESIGN.md, "Fixed-point encoding": clip (L2 norm and/or per-coordinate bound), scale by
+docs/design.md, "Cryptographic core" (fixed-point encoding): clip (L2 norm and/or per-coordinate
+bound), scale by
 ``2**frac_bits``, round to an integer *at random* so that the rounding is unbiased
 (``E[round(y)] = y``), embed in GF(p) two's-complement style. Decoding maps values above
 p/2 back to negatives and divides by ``2**frac_bits``.

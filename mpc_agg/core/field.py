@@ -1,6 +1,6 @@
 """Vector arithmetic in GF(p), p = 2**61 - 1, on numpy ``uint64`` arrays.
 
-DESIGN.md, "Cryptographic core / Field". Elements are stored as ``uint64``. An array is
+docs/design.md, "Cryptographic core" (field). Elements are stored as ``uint64``. An array is
 *canonical* when every value is in ``[0, p)``; the wire and the public functions speak only
 canonical values. Internally, sums may be *lazy*: ``fold`` maps any ``uint64`` ``x`` to
 ``(x & p) + (x >> 61)``, which is congruent to ``x`` mod p (since ``2**61 = 1 mod p``) and at

@@ -1,6 +1,7 @@
 """The round state machine and the client-set agreement, sans I/O.
 
-DESIGN.md, "Rounds". A round moves through one table of legal transitions::
+docs/design.md, "Cryptographic core" (rounds) and "A round, step by step". A round moves through
+one table of legal transitions::
 
     OPEN --close--> CLOSING --agree--> AGGREGATING --reveal--> DONE
       \\               \\                   \\

@@ -1,6 +1,7 @@
 """Additive sharing with seed-compressed shares.
 
-DESIGN.md, "Additive sharing with seed compression" (the ``shard`` step of Prio3,
+docs/design.md, "Cryptographic core" (additive sharing with seed compression) (the ``shard`` step
+of Prio3,
 draft-irtf-cfrg-vdaf section 7.2, without proofs). For ``m`` aggregators a client draws
 ``m - 1`` fresh seeds; aggregator ``j``'s share is ``expand(seed_j, context(round, client, j))``
 except for one aggregator, which gets the *full* share ``x - sum of the others``. Only that

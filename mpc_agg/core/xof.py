@@ -1,6 +1,7 @@
 """Seed expansion: a 16-byte seed and a context become ``d`` uniform elements of GF(p).
 
-DESIGN.md, "Additive sharing with seed compression" (after the XOF of Prio3/DAP,
+docs/design.md, "Cryptographic core" (additive sharing with seed compression) (after the XOF of
+Prio3/DAP,
 draft-irtf-cfrg-vdaf section 6.2). Construction:
 
 * ``key = SHA-256("mpc_agg/xof/v1" || u32le(len(context)) || context || seed)[:16]``: the context

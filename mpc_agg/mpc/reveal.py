@@ -1,6 +1,7 @@
 """Reveal of an additive sum over the party network.
 
-DESIGN.md, "Reveal": each aggregator holds ``S_j``, its share of the total (the sum of the
+docs/design.md, "A round, step by step" (step 6): each aggregator holds ``S_j``, its share of the
+total (the sum of the
 shares it accepted from the agreed clients). Every party sends ``S_j`` to all and adds the
 ``m`` vectors. Given the total, the ``S_j`` are uniformly random subject to summing to it
 (each client's shares are), so seeing them reveals nothing beyond the total. This is raw

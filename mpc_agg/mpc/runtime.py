@@ -188,7 +188,8 @@ class MpycNetwork:
         return await self._await(self._mpc.transfer(obj), self.step_timeout_s)
 
     async def joint_binomial_sum(self, local_sum: Any, trials: int) -> Any:
-        """DESIGN.md, "DP mechanisms / joint": open ``sum_j S_j + Z`` where each coordinate of
+        """docs/design.md, "Differential privacy" (``binomial``): open ``sum_j S_j + Z`` where
+        each coordinate of
         ``Z`` is ``Bin(trials, 1/2) - trials/2`` built from secret random bits generated
         jointly inside MPyC, so no aggregator knows any part of the noise. Every party
         inputs its canonical sum share ``S_j``; returns the opened total (canonical uint64).

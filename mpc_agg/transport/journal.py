@@ -1,6 +1,7 @@
 """Append-only journal of a round, one file per round, and its replay after a crash.
 
-DESIGN.md, "Rounds": each accepted share is journaled (append-only, fsync'd) before it is
+docs/design.md, "Durable state": each accepted share is journaled (append-only, fsync'd) before
+it is
 acknowledged; a restarted aggregator rebuilds its rounds (running sums, accepted clients,
 duplicate detection) from the journals; a FULL share's bytes are read back from here if its
 client must be dropped at agreement time, so memory stays O(d). Record layout

@@ -1,6 +1,6 @@
 """TLS contexts for an aggregator's HTTPS API and the files MPyC's ``--ssl`` reads.
 
-DESIGN.md, "Security model": client uploads travel over TLS, and the MPyC party links are
+README, "Security model": client uploads travel over TLS, and the MPyC party links are
 mutually authenticated so only the configured aggregators can send anything (MPyC unpickles
 what arrives on a party link). ``scripts/make_certs.py CONFIG`` writes one directory per
 topology, for ``m`` aggregators::
@@ -128,7 +128,7 @@ def check_tls_dir(tls_dir: Path, m: int, *, index: int | None = None) -> None:
 def server_context(tls_dir: Path, index: int) -> ssl.SSLContext:
     """TLS server context for aggregator ``index``'s HTTPS API (TLS >= 1.2, no client cert).
 
-    Clients authenticate with bearer tokens, not certificates (DESIGN.md, "Security model").
+    Clients authenticate with bearer tokens, not certificates (README, "Security model").
     """
     crt, key = http_cert_paths(tls_dir, index)
     _require([crt, key], tls_dir)
