@@ -106,7 +106,7 @@ class Client:
         answer "identical retry" and the others accept them: retries are idempotent.
         """
         # A fingerprint of the vector, not a copy of it: XXH3 at memory speed.
-        key = xxhash.xxh3_128_digest(np.ascontiguousarray(vector, dtype=np.float64))
+        key = xxhash.xxh3_128_digest(np.ascontiguousarray(vector, dtype=np.float64).data)
         cached = self._prepared.get(round_id)
         if cached is not None and cached[0] == key:
             bodies = cached[1]

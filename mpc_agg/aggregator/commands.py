@@ -32,7 +32,6 @@ from mpc_agg.core.protocol import (
     Refusal,
     decide_views,
     decide_votes,
-    decode,
     decode_as,
     encode,
     ended_elsewhere,
@@ -122,13 +121,12 @@ class Driver:
         rounds this party failed."""
         mine = sorted(r for r, rnd in self.store.rounds.items() if rnd.state not in TERMINAL)
         opened = [
-            _or_empty(raw, OpenRounds)
+            _open_or_empty(raw)
             for raw in await self.network.exchange(encode(OpenRounds(tuple(mine))))
         ]
         ended = tuple(r for r in union_of_open(opened) if self.store.ended_here(r))
         verdicts = [
-            _or_empty(raw, EndedRounds)
-            for raw in await self.network.exchange(encode(EndedRounds(ended)))
+            _ended_or_empty(raw) for raw in await self.network.exchange(encode(EndedRounds(ended)))
         ]
         failed = 0
         for round_id, j in ended_elsewhere(verdicts, self.index).items():
@@ -295,21 +293,31 @@ class Driver:
         if journal is None:
             return
         state = rnd.state.value
-        forget = lambda: self.store.forget_journal(rnd.round_id, journal, state)  # noqa: E731
+
+        def forget() -> None:
+            self.store.forget_journal(rnd.round_id, journal, state)
+
         if not rnd.pending:
             forget()
         else:
             self.ingest.track(self.ingest.settle_then(rnd, forget))
 
 
-def _or_empty(raw: object, kind: type[OpenRounds] | type[EndedRounds]) -> OpenRounds | EndedRounds:
+def _open_or_empty(raw: object) -> OpenRounds:
     """A reconcile message, or an empty one (logged) if a peer sent something malformed."""
     try:
-        message = decode(raw)
+        message: OpenRounds = decode_as(raw, OpenRounds)
     except ProtocolViolation as exc:
         log.error("reconcile: %s", exc)
-        return kind(())
-    if not isinstance(message, kind):
-        log.error("reconcile: expected %s, got %s", kind.__name__, type(message).__name__)
-        return kind(())
+        return OpenRounds(())
+    return message
+
+
+def _ended_or_empty(raw: object) -> EndedRounds:
+    """A reconcile message, or an empty one (logged) if a peer sent something malformed."""
+    try:
+        message: EndedRounds = decode_as(raw, EndedRounds)
+    except ProtocolViolation as exc:
+        log.error("reconcile: %s", exc)
+        return EndedRounds(())
     return message

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from mpc_agg.core import codec
 from mpc_agg.core.field import FieldArray
@@ -85,9 +87,9 @@ class Ingest:
         await asyncio.shield(self.track(work()))
         return True
 
-    def track(self, coro: object) -> asyncio.Future[None]:
+    def track(self, coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Run ``coro`` as a task this object keeps until it is done."""
-        task: asyncio.Future[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        task: asyncio.Future[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -173,10 +175,10 @@ class Ingest:
                 await event.wait()
         self._idle.pop(rnd.round_id, None)
 
-    async def settle_then(self, rnd: Round, then: object) -> None:
+    async def settle_then(self, rnd: Round, then: Callable[[], None]) -> None:
         """Once ``rnd`` has no upload in progress, call ``then()``."""
         await self.drain(rnd)
-        then()  # type: ignore[operator]
+        then()
 
     def shutdown(self) -> None:
         """Wait for the ingest threads to finish (on shutdown)."""

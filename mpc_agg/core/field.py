@@ -122,7 +122,8 @@ def to_signed(x: FieldArray) -> npt.NDArray[np.int64]:
     x = np.asarray(x, dtype=np.uint64)
     # (HALF - x) >> 63 as int64 is -1 (all ones) exactly when x > HALF.
     neg_mask = np.right_shift((np.uint64(HALF) - x).view(np.int64), 63).view(np.uint64)
-    return (x - (neg_mask & _P64)).view(np.int64)
+    signed: npt.NDArray[np.int64] = (x - (neg_mask & _P64)).view(np.int64)
+    return signed
 
 
 def sum_vectors(vectors: list[FieldArray]) -> FieldArray:

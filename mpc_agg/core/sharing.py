@@ -159,7 +159,7 @@ def _apply_expansion(acc: FieldArray, key: bytes, *, subtract: bool, finish: boo
     """Add (or subtract) ``key``'s stream to ``acc`` block by block, folding after each
     block (reducing it to canonical with ``finish``); stops before a block holding a
     rejected word. Returns how many elements it did."""
-    d = acc.shape[0]
+    d = int(acc.shape[0])
     stream = BlockStream(key, min(d, field.BLOCK))
     hi = np.empty(min(d, field.BLOCK), dtype=np.uint64)
     for start in range(0, d, field.BLOCK):

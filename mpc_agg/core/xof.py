@@ -128,7 +128,7 @@ def expand(seed: bytes, context: bytes, d: int) -> FieldArray:
         raise ValueError(f"dimension must be >= 0, got {d}")
     key = derive_key(seed, context)
     buf = np.empty(d + 2, dtype=np.uint64)  # 16 spare bytes for OpenSSL, see above
-    _fill_keystream(key, memoryview(buf).cast("B"))
+    _fill_keystream(key, memoryview(buf.data).cast("B"))
     out = buf[:d]
     if sys.byteorder == "big":  # pragma: no cover - the stream's words are little-endian
         out.byteswap(inplace=True)
@@ -150,7 +150,7 @@ class BlockStream:
     def __init__(self, key: bytes, block: int) -> None:
         self._enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor()
         self._buf = np.empty(block + 2, dtype=np.uint64)  # 16 spare bytes for OpenSSL
-        self._bytes = memoryview(self._buf).cast("B")
+        self._bytes = memoryview(self._buf.data).cast("B")
 
     def next_block(self, n: int) -> FieldArray | None:
         self._enc.update_into(_ZEROS[: 8 * n], self._bytes[: 8 * n + 15])

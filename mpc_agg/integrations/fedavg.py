@@ -127,7 +127,8 @@ class FedAvgScheme:
             bad = int(np.flatnonzero(~np.isfinite(x))[0])
             raise EncodingError(f"update has a non-finite value {x[bad]} at index {bad}")
         if self.weighting == "uniform":
-            return x.copy()
+            copied: npt.NDArray[np.float64] = x.copy()
+            return copied
         if isinstance(weight, bool) or not (
             isinstance(weight, (int, float, np.integer, np.floating))
             and math.isfinite(weight)
@@ -205,7 +206,8 @@ def weighted_mean(
         raise UsageError(f"need one finite weight >= 0 per vector, got {list(w)}")
     if not w.sum() > 0:
         raise UsageError("the weights sum to 0")
-    return (w @ stacked) / w.sum()
+    mean: npt.NDArray[np.float64] = (w @ stacked) / w.sum()
+    return mean
 
 
 # --------------------------------------------------------------------------- I/O

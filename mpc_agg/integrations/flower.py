@@ -312,7 +312,7 @@ def secure_train_mod(
         scheme = FedAvgScheme.for_topology(
             topo,
             str(config[WEIGHTING_KEY]),  # type: ignore[arg-type]
-            float(config[WEIGHT_SCALE_KEY]),
+            float(config[WEIGHT_SCALE_KEY]),  # type: ignore[arg-type]
         )
 
         reply = call_next(msg, context)

@@ -257,7 +257,7 @@ class InProcessGrid(Grid):
         except Exception as exc:  # an app's failure becomes an Error reply, as in Flower
             logger.exception("ClientApp of node %d raised", node_id)
             reason = f"{type(exc)}:<'{exc}'>"  # the format of Flower's simulation engine
-            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+            error: Error | None = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
         else:
             problem = _reply_problem(returned, delivered)
             if problem is None:

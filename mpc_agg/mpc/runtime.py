@@ -185,7 +185,8 @@ class MpycNetwork:
     async def exchange(self, obj: Any) -> list[Any]:
         """All-to-all; fails after ``step_timeout_s`` or as soon as a link is lost."""
         self._check()
-        return await self._await(self._mpc.transfer(obj), self.step_timeout_s)
+        objects: list[Any] = await self._await(self._mpc.transfer(obj), self.step_timeout_s)
+        return objects
 
     async def joint_binomial_sum(self, local_sum: Any, trials: int) -> Any:
         """docs/design.md, "Differential privacy" (``binomial``): open ``sum_j S_j + Z`` where

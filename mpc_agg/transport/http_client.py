@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 
 from mpc_agg.config.schema import AggregatorAddress, Topology
 from mpc_agg.errors import AggregationTimeout, AggregatorUnavailable, RemoteRefusal
+
+T = TypeVar("T")
 
 
 class AggregatorAPI:
@@ -44,7 +47,7 @@ class AggregatorAPI:
         method: str,
         path: str,
         *,
-        data: bytes | None = None,
+        data: bytes | bytearray | None = None,
         json_body: Any = None,
         deadline: float | None = None,
     ) -> tuple[int, bytes]:
@@ -123,7 +126,7 @@ def new_session(timeout_s: float, topology: Topology | None = None) -> aiohttp.C
     )
 
 
-def run_sync(coro: Any, what: str) -> Any:
+def run_sync(coro: Coroutine[Any, Any, T], what: str) -> T:
     """Run ``coro`` for a synchronous API call; refuse inside a running event loop."""
     try:
         asyncio.get_running_loop()
