@@ -105,8 +105,6 @@ def test_a_failed_append_leaves_no_partial_line_to_swallow_the_next(tmp_path, mo
     # it and dropped on load as "a torn last line".
     import os
 
-    from mpc_agg.transport import ledger as ledger_module
-
     original_write = os.write
 
     path = tmp_path / "ledger.jsonl"
@@ -118,7 +116,7 @@ def test_a_failed_append_leaves_no_partial_line_to_swallow_the_next(tmp_path, mo
         calls["n"] += 1
         return original_write(fd, data[:10])
 
-    monkeypatch.setattr(ledger_module.os, "write", short_write)
+    monkeypatch.setattr(os, "write", short_write)
     with pytest.raises(OSError, match="short write"):
         store.append(gaussian_event("r1", 5.0))
     monkeypatch.undo()

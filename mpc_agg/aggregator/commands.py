@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 from mpc_agg.core import codec
 from mpc_agg.core.field import FieldArray
@@ -121,12 +122,13 @@ class Driver:
         rounds this party failed."""
         mine = sorted(r for r, rnd in self.store.rounds.items() if rnd.state not in TERMINAL)
         opened = [
-            _open_or_empty(raw)
+            _or_empty(raw, OpenRounds)
             for raw in await self.network.exchange(encode(OpenRounds(tuple(mine))))
         ]
         ended = tuple(r for r in union_of_open(opened) if self.store.ended_here(r))
         verdicts = [
-            _ended_or_empty(raw) for raw in await self.network.exchange(encode(EndedRounds(ended)))
+            _or_empty(raw, EndedRounds)
+            for raw in await self.network.exchange(encode(EndedRounds(ended)))
         ]
         failed = 0
         for round_id, j in ended_elsewhere(verdicts, self.index).items():
@@ -303,21 +305,15 @@ class Driver:
             self.ingest.track(self.ingest.settle_then(rnd, forget))
 
 
-def _open_or_empty(raw: object) -> OpenRounds:
-    """A reconcile message, or an empty one (logged) if a peer sent something malformed."""
-    try:
-        message: OpenRounds = decode_as(raw, OpenRounds)
-    except ProtocolViolation as exc:
-        log.error("reconcile: %s", exc)
-        return OpenRounds(())
-    return message
+M = TypeVar("M", OpenRounds, EndedRounds)
 
 
-def _ended_or_empty(raw: object) -> EndedRounds:
-    """A reconcile message, or an empty one (logged) if a peer sent something malformed."""
+def _or_empty(raw: object, kind: type[M]) -> M:
+    """A reconcile message of ``kind``, or an empty one (logged) if a peer sent something
+    malformed: a broken peer cannot stop the others from reconciling."""
     try:
-        message: EndedRounds = decode_as(raw, EndedRounds)
+        message: M = decode_as(raw, kind)
     except ProtocolViolation as exc:
         log.error("reconcile: %s", exc)
-        return EndedRounds(())
+        return kind(())
     return message

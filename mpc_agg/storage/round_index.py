@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
-from mpc_agg.storage.durable import fsync_directory
+from mpc_agg.storage.durable import append_line
 
 log = logging.getLogger("mpc_agg.storage")
 
@@ -90,24 +89,7 @@ class RoundIndex:
         if dp:
             entry["dp"] = True
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        created = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            start = os.lseek(fd, 0, os.SEEK_END)
-            try:
-                written = os.write(fd, line)
-                if written != len(line):
-                    raise OSError(f"short write to {self.path}: {written} of {len(line)} bytes")
-                if self.fsync:
-                    os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, start)  # no torn line stays behind a later good one
-                raise
-        finally:
-            os.close(fd)
-        if created and self.fsync:
-            fsync_directory(self.path.parent)
+        append_line(self.path, line, fsync=self.fsync)
         self._states[round_id] = state
         if dp:
             self._dp.add(round_id)

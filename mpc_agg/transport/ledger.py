@@ -5,11 +5,10 @@ the round's noise is drawn, so a restart never resets the spent budget (docs/des
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from mpc_agg.dp.accountant import PrivacyEvent, PrivacyLedger
-from mpc_agg.storage.durable import fsync_directory
+from mpc_agg.storage.durable import append_line
 
 log = logging.getLogger("mpc_agg.ledger")
 
@@ -54,24 +53,4 @@ class LedgerFile:
         file that does not end in a newline is refused rather than appended to. Creating
         the file also fsyncs its directory, so the ledger cannot vanish with a power loss.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            start = os.lseek(fd, 0, os.SEEK_END)
-            if start and os.pread(fd, 1, start - 1) != b"\n":
-                raise OSError(f"{self.path} does not end with a complete line; not appending")
-            data = (event.to_json() + "\n").encode("utf-8")
-            try:
-                written = os.write(fd, data)
-                if written != len(data):
-                    raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
-                if self.fsync:
-                    os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, start)
-                raise
-        finally:
-            os.close(fd)
-        if created and self.fsync:
-            fsync_directory(self.path.parent)
+        append_line(self.path, (event.to_json() + "\n").encode("utf-8"), fsync=self.fsync)
