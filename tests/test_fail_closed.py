@@ -313,8 +313,13 @@ def test_the_revealed_share_carries_noise(tmp_path) -> None:
 
     noise = field.to_signed(field.sub(np.frombuffer(sent, dtype="<u8").astype(np.uint64), plain))
     sigma = np.sqrt(aggs[FAULTY].privacy.mechanisms["r"].plan.sigma2)
-    # 64 coordinates: the sample std is within 30 % of sigma except with probability < 1e-6.
-    assert 0.7 * sigma < float(np.std(noise.astype(np.float64))) < 1.3 * sigma
+    # (n - 1) s^2 / sigma^2 is chi-square(n - 1) for Gaussian noise: outside its 1e-9 and
+    # 1 - 1e-9 quantiles with probability 2e-9 (a correct sampler fails this that rarely).
+    from scipy import stats
+
+    n = noise.size
+    ratio = (n - 1) * float(np.var(noise.astype(np.float64), ddof=1)) / sigma**2
+    assert stats.chi2.ppf(1e-9, n - 1) < ratio < stats.chi2.ppf(1 - 1e-9, n - 1)
 
 
 # --------------------------------------------------------------------------- round ids
