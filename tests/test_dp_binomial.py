@@ -19,6 +19,7 @@ from scipy import stats
 from mpc_agg.dp.binomial import (
     MAX_DELTA2,
     VALUE_DISCRETIZATION,
+    SensitivityTooLarge,
     binomial_bits,
     binomial_epsilon,
     binomial_pld,
@@ -28,7 +29,7 @@ from mpc_agg.dp.binomial import (
     worst_case_shifts,
 )
 from mpc_agg.dp.calibration import calibrate_gaussian
-from mpc_agg.errors import ConfigError
+from mpc_agg.dp.checks import ParameterError
 
 DELTA = 1e-5
 TARGET_RATIO = 1.15  # joint binomial noise std over the RDP-calibrated Gaussian sigma
@@ -257,7 +258,7 @@ def test_no_sensitivity_means_no_loss() -> None:
 
 def test_bits() -> None:
     assert binomial_bits(954, 10) == 9540
-    with pytest.raises(ConfigError, match="dimension"):
+    with pytest.raises(ParameterError, match="^d must be an integer >= 1"):
         binomial_bits(954, 0)
 
 
@@ -271,47 +272,49 @@ def test_large_sensitivity_is_refused_with_advice() -> None:
         lambda: worst_case_shifts(9.0, 81),
     ):
         with pytest.raises(
-            ConfigError, match="use discrete_gaussian, or lower frac_bits/l2_clip"
+            SensitivityTooLarge, match="use discrete_gaussian, or lower frac_bits/l2_clip"
         ) as e:
             call()
-        assert e.value.path == "dp.mechanism"
+        assert isinstance(e.value, ParameterError) and e.value.name == "delta2"
         assert "limited to small sensitivities" in str(e.value)
 
 
 @pytest.mark.parametrize(
-    "kwargs, path",
+    "kwargs, name",
     [
-        (dict(epsilon=0.0), "dp.epsilon"),
-        (dict(epsilon=math.inf), "dp.epsilon"),
-        (dict(epsilon=True), "dp.epsilon"),
-        (dict(delta=0.0), "dp.delta"),
-        (dict(delta=1.0), "dp.delta"),
-        (dict(delta2=-1.0), "dp.delta2"),
-        (dict(delta2=math.nan), "dp.delta2"),
-        (dict(d=0), "dimension"),
-        (dict(d=2.0), "dimension"),
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=math.inf), "epsilon"),
+        (dict(epsilon=True), "epsilon"),
+        (dict(delta=0.0), "delta"),
+        (dict(delta=1.0), "delta"),
+        (dict(delta2=-1.0), "delta2"),
+        (dict(delta2=math.nan), "delta2"),
+        (dict(d=0), "d"),
+        (dict(d=2.0), "d"),
     ],
 )
-def test_bad_calibration_parameters(kwargs: dict[str, object], path: str) -> None:
+def test_bad_calibration_parameters(kwargs: dict[str, object], name: str) -> None:
     args: dict[str, object] = dict(epsilon=1.0, delta=DELTA, delta2=2.0, d=1) | kwargs
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ParameterError) as e:
         calibrate_binomial(**args)  # type: ignore[arg-type]
-    assert e.value.path == path
+    assert e.value.name == name
+    assert not isinstance(e.value, SensitivityTooLarge)
 
 
 @pytest.mark.parametrize("trials", [0, 3, -2, 4.0, True])
 def test_bad_trials(trials: object) -> None:
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ParameterError) as e:
         binomial_epsilon(trials, DELTA, 2.0, 1)  # type: ignore[arg-type]
-    assert e.value.path == "dp.trials"
-    with pytest.raises(ConfigError):
+    assert e.value.name == "trials"
+    with pytest.raises(ParameterError):
         binomial_pld(trials, 1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("shift", [0, -1, 1.0, False])
 def test_bad_shift(shift: object) -> None:
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ParameterError) as e:
         binomial_pld(10, shift)  # type: ignore[arg-type]
-    assert e.value.path == "dp.shift"
-    with pytest.raises(ConfigError):
+    assert e.value.name == "shift"
+    with pytest.raises(ParameterError) as e:
         shifts_pld(10, (2, shift))  # type: ignore[arg-type]
+    assert e.value.name == "shifts"

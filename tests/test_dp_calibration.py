@@ -28,7 +28,7 @@ from mpc_agg.dp.calibration import (
     sensitivities,
     skellam_rdp,
 )
-from mpc_agg.errors import ConfigError
+from mpc_agg.dp.checks import ParameterError
 
 DELTA = 1e-5
 
@@ -196,50 +196,53 @@ def test_epsilon_matches_dp_accounting_for_the_gaussian() -> None:
 
 
 # --------------------------------------------------------------------------- errors
+# Pure functions raise ParameterError (a ValueError naming the argument), never ConfigError:
+# only the planning boundary (tests/test_dp_planning.py) maps them to YAML paths.
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf, "1", None, True])
 def test_bad_epsilon_names_the_parameter(bad: object) -> None:
-    with pytest.raises(ConfigError, match=r"^dp\.epsilon: ") as info:
+    with pytest.raises(ParameterError, match=r"^epsilon must be ") as info:
         calibrate_skellam(bad, DELTA, 1.0, 1.0)  # type: ignore[arg-type]
-    assert info.value.path == "dp.epsilon"
-    with pytest.raises(ConfigError, match=r"^dp\.epsilon: "):
+    assert info.value.name == "epsilon"
+    with pytest.raises(ParameterError, match=r"^epsilon "):
         calibrate_gaussian(bad, DELTA, 1.0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -1e-5, 1.5, math.nan, "1e-5"])
 def test_bad_delta_names_the_parameter(bad: object) -> None:
-    with pytest.raises(ConfigError, match=r"^dp\.delta: .*got"):
+    with pytest.raises(ParameterError, match=r"^delta .*got"):
         calibrate_skellam(1.0, bad, 1.0, 1.0)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"^dp\.delta: "):
+    with pytest.raises(ParameterError, match=r"^delta "):
         calibrate_gaussian(1.0, bad, 1.0)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"^dp\.delta: "):
+    with pytest.raises(ParameterError, match=r"^delta "):
         epsilon([2.0], [0.1], bad)  # type: ignore[arg-type]
 
 
 def test_bad_sensitivities_and_scales_name_the_parameter() -> None:
-    with pytest.raises(ConfigError, match=r"^dp\.delta1: .*got 0"):
+    with pytest.raises(ParameterError, match=r"^delta1 .*got 0"):
         calibrate_skellam(1.0, DELTA, 0.0, 1.0)
-    with pytest.raises(ConfigError, match=r"^dp\.delta2: .*got -2"):
+    with pytest.raises(ParameterError, match=r"^delta2 .*got -2"):
         calibrate_skellam(1.0, DELTA, 1.0, -2.0)
-    with pytest.raises(ConfigError, match=r"^dp\.delta2: "):
+    with pytest.raises(ParameterError, match=r"^delta2 "):
         calibrate_gaussian(1.0, DELTA, math.inf)
-    with pytest.raises(ConfigError, match=r"^dp\.mu: "):
+    with pytest.raises(ParameterError, match=r"^mu "):
         skellam_rdp(0.0, 1.0, 1.0)
-    with pytest.raises(ConfigError, match=r"^dp\.sigma: "):
+    with pytest.raises(ParameterError, match=r"^sigma "):
         gaussian_rdp(-1.0, 1.0)
-    with pytest.raises(ConfigError, match=r"^dp\.orders: "):
+    with pytest.raises(ParameterError, match=r"^orders "):
         skellam_rdp(1.0, 1.0, 1.0, [1.0, 2.0])
-    with pytest.raises(ConfigError, match=r"^dp\.orders: "):
+    with pytest.raises(ParameterError, match=r"^rdp must hold one value per order") as info:
         epsilon([2.0, 3.0], [0.1], DELTA)
+    assert info.value.name == "rdp"
 
 
 def test_bad_sensitivity_inputs_name_the_parameter() -> None:
-    with pytest.raises(ConfigError, match=r"^dp\.l2_clip: .*got 0"):
+    with pytest.raises(ParameterError, match=r"^l2_clip .*got 0"):
         sensitivities(0.0, 8, 10)
-    with pytest.raises(ConfigError, match=r"^encoding\.frac_bits: .*got -1"):
+    with pytest.raises(ParameterError, match=r"^frac_bits .*got -1"):
         sensitivities(1.0, -1, 10)
-    with pytest.raises(ConfigError, match=r"^encoding\.frac_bits: .*got 8.0"):
+    with pytest.raises(ParameterError, match=r"^frac_bits .*got 8.0"):
         sensitivities(1.0, 8.0, 10)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"^dimension: .*got 0"):
+    with pytest.raises(ParameterError, match=r"^d .*got 0"):
         sensitivities(1.0, 8, 0)

@@ -7,7 +7,9 @@ Rényi-DP curve on a fixed grid of orders. Rounds compose by adding their RDP cu
 (Mironov 2017, Proposition 1); the cumulative spend is converted to (epsilon, delta) at the
 budget's delta with dp-accounting's conversion (Canonne, Kamath, Steinke 2020).
 :meth:`PrivacyLedger.check` raises :class:`~mpc_agg.errors.BudgetExceeded` and changes
-nothing; :meth:`commit` checks first.
+nothing; :meth:`commit` checks first. Malformed events and budgets raise
+:class:`~mpc_agg.dp.checks.ParameterError`; dp-accounting (and with it scipy) is imported
+only when a spend is converted, not at import time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpc_agg.dp import checks
+from mpc_agg.dp.checks import ParameterError
 from mpc_agg.errors import BudgetExceeded
 
 
@@ -33,6 +37,18 @@ class PrivacyEvent:
     delta: float
     orders: tuple[float, ...]
     rdp: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not (checks.is_real(self.epsilon) and self.epsilon >= 0):  # NaN fails too
+            raise ParameterError("epsilon", f"must be a number >= 0, got {self.epsilon!r}")
+        if not (checks.is_real(self.delta) and 0 <= self.delta < 1):
+            raise ParameterError("delta", f"must be a number in [0, 1), got {self.delta!r}")
+        if len(self.orders) != len(self.rdp):
+            raise ParameterError(
+                "rdp",
+                f"must hold one value per order: {len(self.orders)} orders but "
+                f"{len(self.rdp)} RDP values",
+            )
 
     def to_json(self) -> str:
         """One line of the on-disk ledger."""
@@ -50,6 +66,8 @@ class PrivacyEvent:
 
     @classmethod
     def from_json(cls, line: str) -> PrivacyEvent:
+        """The event of one ledger line (:meth:`to_json`); raises ValueError, KeyError or
+        TypeError for a line that does not hold one."""
         d = json.loads(line)
         return cls(
             str(d["round"]),
@@ -69,6 +87,7 @@ def cumulative_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
     (Dwork, Roth 2014, Theorem 3.16): their epsilons and deltas add, and the RDP group is
     converted at what is left of ``delta``; returns infinity if nothing is left.
     """
+    delta = checks.probability("delta", delta)
     rdp_events = [e for e in events if e.rdp]
     approx = [e for e in events if not e.rdp]
     eps_approx = sum(e.epsilon for e in approx)
@@ -80,14 +99,16 @@ def cumulative_epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
     orders = rdp_events[0].orders
     for e in rdp_events:
         if e.orders != orders:
-            raise ValueError(
-                f"round {e.round_id!r} was accounted on other RDP orders; cannot compose"
+            raise ParameterError(
+                "events",
+                f"must share one grid of RDP orders: round {e.round_id!r} was accounted on "
+                "other RDP orders; cannot compose",
             )
     # Imported here: dp_accounting pulls in much of scipy (about 1 s of import).
     from dp_accounting.rdp import rdp_privacy_accountant
 
     total = np.sum([e.rdp for e in rdp_events], axis=0)
-    eps, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta_left)
+    eps, _ = rdp_privacy_accountant.compute_epsilon(list(orders), total.tolist(), delta_left)
     return float(eps) + eps_approx
 
 
@@ -97,8 +118,8 @@ class PrivacyLedger:
     def __init__(
         self, budget_epsilon: float, budget_delta: float, events: Iterable[PrivacyEvent] = ()
     ) -> None:
-        self.budget_epsilon = budget_epsilon
-        self.budget_delta = budget_delta
+        self.budget_epsilon = checks.positive("budget_epsilon", budget_epsilon)
+        self.budget_delta = checks.probability("budget_delta", budget_delta)
         self.events: list[PrivacyEvent] = list(events)
 
     def __repr__(self) -> str:

@@ -1,9 +1,10 @@
 """Tight (ε, δ) accounting and calibration of the joint binomial mechanism.
 
-DESIGN.md, "DP mechanisms / joint": the revealed total (an integer vector of length ``d``, in
-encoded units) gets independent noise ``Z_i = Bin(B, 1/2) - B/2`` on every coordinate
-(``B`` even, variance ``B/4``). Neighbouring inputs differ by one client's encoded vector
-``v``: an integer vector with ``||v||_2 <= delta2``, so ``sum v_i**2 <= floor(delta2**2)``.
+docs/design.md, "Differential privacy" (mechanism ``binomial``): the revealed total (an
+integer vector of length ``d``, in encoded units) gets independent noise
+``Z_i = Bin(B, 1/2) - B/2`` on every coordinate (``B`` even, variance ``B/4``). Neighbouring
+inputs differ by one client's encoded vector ``v``: an integer vector with
+``||v||_2 <= delta2``, so ``sum v_i**2 <= floor(delta2**2)``.
 
 Binomial noise has finite support, so its Rényi divergences are infinite and the RDP
 machinery of :mod:`mpc_agg.dp.calibration` does not apply. We use privacy loss distributions
@@ -25,7 +26,10 @@ the reduction relies on, each argued where it is used:
    independent noise), so ε is non-increasing in ``B`` and bisection is exact
    (:func:`calibrate_binomial`).
 
-Privacy losses are in nats; ``trials`` and shifts in encoded integer units.
+Privacy losses are in nats; ``trials`` and shifts in encoded integer units. An argument
+outside its domain raises :class:`~mpc_agg.dp.checks.ParameterError` naming it; a
+sensitivity beyond :data:`MAX_DELTA2` raises its subclass :class:`SensitivityTooLarge`.
+scipy (``gammaln``) and dp-accounting are imported where they are used, not at import time.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import special
+import numpy.typing as npt
 
-from mpc_agg.dp.calibration import _check_delta, _check_positive, calibrate_gaussian
-from mpc_agg.errors import ConfigError
+from mpc_agg.dp import checks
+from mpc_agg.dp.calibration import calibrate_gaussian
+from mpc_agg.dp.checks import ParameterError
 
 if TYPE_CHECKING:
     from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
@@ -72,27 +77,24 @@ _DELTA2_MESSAGE = (
 # --------------------------------------------------------------------------- checks
 
 
+class SensitivityTooLarge(ParameterError):
+    """``delta2`` exceeds :data:`MAX_DELTA2`, beyond which the worst case is not searched:
+    a limit of the mechanism rather than a wrong number (the configuration maps it to
+    ``dp.mechanism``)."""
+
+
 def _check_trials(trials: int) -> int:
-    if (
-        isinstance(trials, bool)
-        or not isinstance(trials, (int, np.integer))
-        or trials < 2
-        or trials % 2
-    ):
-        raise ConfigError("dp.trials", f"must be an even integer >= 2, got {trials!r}")
-    return int(trials)
+    return checks.even_integer("trials", trials, 2)
 
 
 def _check_dimension(d: int) -> int:
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ConfigError("dimension", f"must be an integer >= 1, got {d!r}")
-    return int(d)
+    return checks.integer("d", d, 1)
 
 
 def _check_delta2(delta2: float) -> float:
-    d2 = _check_positive("dp.delta2", delta2)
+    d2 = checks.positive("delta2", delta2)
     if d2 > MAX_DELTA2:
-        raise ConfigError("dp.mechanism", _DELTA2_MESSAGE.format(max=MAX_DELTA2, delta2=delta2))
+        raise SensitivityTooLarge("delta2", _DELTA2_MESSAGE.format(max=MAX_DELTA2, delta2=delta2))
     return d2
 
 
@@ -122,12 +124,14 @@ def _window(trials: int) -> tuple[int, int, float]:
     return lo, hi, math.log(2.0) - 2.0 * (w + 1) ** 2 / trials
 
 
-def _log_pmf(trials: int, x: np.ndarray) -> np.ndarray:
+def _log_pmf(trials: int, x: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
     """``ln P(Bin(trials, 1/2) = x)`` for integer ``x`` (``-inf`` off ``0..trials``).
 
     Written so that ``x`` and ``trials - x`` give bit-identical values (the addition of the
     two ``gammaln`` terms commutes), which keeps the mirror symmetry exact in floating point.
     """
+    from scipy import special  # imported here, not at import time of mpc_agg.dp
+
     inside = (x >= 0) & (x <= trials)
     xi = np.where(inside, x, 0).astype(np.float64)
     lp = (
@@ -177,9 +181,7 @@ def binomial_pld(trials: int, shift: int) -> PrivacyLossDistribution:
     the same PLD. Both are checked numerically in ``tests/test_dp_binomial.py``.
     """
     t = _check_trials(trials)
-    if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or shift < 1:
-        raise ConfigError("dp.shift", f"must be an integer >= 1, got {shift!r}")
-    return _binomial_pld(t, int(shift))
+    return _binomial_pld(t, checks.integer("shift", shift, 1))
 
 
 @functools.lru_cache(maxsize=512)
@@ -259,10 +261,8 @@ def shifts_pld(trials: int, shifts: tuple[int, ...]) -> PrivacyLossDistribution:
     shifts via ``self_compose``, then ``compose`` (both truncate at most 1e-15 of tail mass,
     pessimistically: the right tail goes to the infinite-loss mass)."""
     t = _check_trials(trials)
-    if not shifts or any(
-        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in shifts
-    ):
-        raise ConfigError("dp.shifts", f"must be integers >= 1, at least one, got {shifts!r}")
+    if not shifts or not all(checks.is_integer(k) and k >= 1 for k in shifts):
+        raise ParameterError("shifts", f"must be integers >= 1, at least one, got {shifts!r}")
     runs = _runs(tuple(sorted((int(k) for k in shifts), reverse=True)))
     out = _self_composed(t, *runs[0])
     for k, n in runs[1:]:
@@ -279,11 +279,11 @@ def binomial_epsilon(trials: int, delta: float, delta2: float, d: int) -> float:
     The maximum, over :func:`worst_case_shifts`, of the composed PLD's
     ``get_epsilon_for_delta(delta)``; an upper bound on the exact worst-case ε, above it by
     at most about ``1e-4`` per nonzero coordinate (discretization). ``0.0`` when
-    ``delta2 < 1`` (no nonzero integer vector fits). Raises :class:`ConfigError` for
+    ``delta2 < 1`` (no nonzero integer vector fits). Raises :class:`SensitivityTooLarge` for
     ``delta2 > MAX_DELTA2``.
     """
     t = _check_trials(trials)
-    dl = _check_delta(delta)
+    dl = checks.probability("delta", delta)
     d2 = _check_delta2(delta2)
     budget = _squared_budget(d2)
     return _epsilon(t, dl, budget, min(_check_dimension(d), budget))
@@ -322,11 +322,12 @@ def calibrate_binomial(epsilon: float, delta: float, delta2: float, d: int) -> i
 
     Bisection over even integers, exact because ε is non-increasing in ``B`` (fact 4 of the
     module docstring: ``Bin(B + 2) = Bin(B) + Bin(2)``, and adding independent noise is
-    post-processing). Raises :class:`ConfigError` at ``dp.mechanism`` for
-    ``delta2 > MAX_DELTA2``, at ``dp.epsilon`` / ``dp.delta`` for bad targets.
+    post-processing). Raises :class:`SensitivityTooLarge` for ``delta2 > MAX_DELTA2`` and
+    :class:`~mpc_agg.dp.checks.ParameterError` (``epsilon``, ``delta``, ``delta2``, ``d``)
+    for bad arguments or a target no affordable number of trials meets.
     """
-    eps = _check_positive("dp.epsilon", epsilon)
-    dl = _check_delta(delta)
+    eps = checks.positive("epsilon", epsilon)
+    dl = checks.probability("delta", delta)
     d2 = _check_delta2(delta2)
     dim = _check_dimension(d)
     budget = _squared_budget(d2)
@@ -347,8 +348,8 @@ def _calibrate(eps: float, delta: float, budget: int, parts: int) -> int:
     while not meets(hi):
         hi *= 2
         if 2 * hi > MAX_TRIALS:
-            raise ConfigError(
-                "dp.epsilon",
+            raise ParameterError(
+                "epsilon",
                 f"no binomial noise with at most {MAX_TRIALS} trials meets epsilon={eps!r}",
             )
     lo = hi // 2

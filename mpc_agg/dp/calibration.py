@@ -1,9 +1,10 @@
 """Noise calibration: how much Skellam (or reference Gaussian) noise meets an (ε, δ) target.
 
-DESIGN.md, "DP mechanisms". Everything here is a pure function of numbers. Noise parameters
-and sensitivities are in *encoded integer units* (one unit = ``2**-frac_bits`` float units)
-unless a docstring says otherwise. The neighbouring relation is add/remove one client, so a
-sensitivity bounds the norm of one client's encoded vector.
+docs/design.md, "Differential privacy". Everything here is a pure function of numbers; an
+argument outside its domain raises :class:`~mpc_agg.dp.checks.ParameterError` naming it.
+Noise parameters and sensitivities are in *encoded integer units* (one unit =
+``2**-frac_bits`` float units) unless a docstring says otherwise. The neighbouring relation
+is add/remove one client, so a sensitivity bounds the norm of one client's encoded vector.
 
 Privacy is tracked as Rényi DP (Mironov 2017) on the order grid :data:`ORDERS` and converted
 to (ε, δ) with the bound of Canonne, Kamath, Steinke 2020 (Proposition 12 of
@@ -18,7 +19,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from mpc_agg.errors import ConfigError
+from mpc_agg.dp import checks
+from mpc_agg.dp.checks import ParameterError
 
 #: RDP orders: 1.1..1.9 (small orders help only for large ε), every integer 2..64, then a
 #: sparse tail for small ε or δ.
@@ -35,33 +37,6 @@ _REL_TOL = 1e-4  # calibration returns a noise scale within this relative distan
 _MAX_DOUBLINGS = 400  # bracket search: 2**400 covers every float ratio that can arise
 
 
-def _check_positive(path: str, value: float) -> float:
-    """``value`` as a float, or :class:`ConfigError` unless it is finite and > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ConfigError(path, f"must be a positive finite number, got {value!r}")
-    v = float(value)
-    if not (math.isfinite(v) and v > 0):
-        raise ConfigError(path, f"must be a positive finite number, got {value!r}")
-    return v
-
-
-def _check_delta(delta: float) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float, np.floating)):
-        raise ConfigError("dp.delta", f"must be a number in (0, 1), got {delta!r}")
-    if not 0.0 < float(delta) < 1.0:
-        raise ConfigError("dp.delta", f"must be in (0, 1), got {delta!r}")
-    return float(delta)
-
-
-def _check_orders(orders: Sequence[float]) -> npt.NDArray[np.float64]:
-    a = np.asarray(orders, dtype=np.float64)
-    if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)) or np.any(a <= 1.0):
-        raise ConfigError(
-            "dp.orders", f"must be a non-empty sequence of orders > 1, got {orders!r}"
-        )
-    return a
-
-
 def sensitivities(l2_clip: float, frac_bits: int, d: int) -> tuple[float, float]:
     """``(delta1, delta2)``: L1 and L2 norm bounds of one client's encoded vector.
 
@@ -75,13 +50,10 @@ def sensitivities(l2_clip: float, frac_bits: int, d: int) -> tuple[float, float]
     ``delta1 = min(delta2**2, sqrt(d) * delta2)`` (the second is the smaller whenever
     ``delta2 > sqrt(d)``, which always holds here).
     """
-    c = _check_positive("dp.l2_clip", l2_clip)
-    if isinstance(frac_bits, bool) or not isinstance(frac_bits, (int, np.integer)) or frac_bits < 0:
-        raise ConfigError("encoding.frac_bits", f"must be an integer >= 0, got {frac_bits!r}")
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ConfigError("dimension", f"must be an integer >= 1, got {d!r}")
-    root_d = math.sqrt(d)
-    delta2 = c * 2.0 ** int(frac_bits) + root_d
+    c = checks.positive("l2_clip", l2_clip)
+    f = checks.integer("frac_bits", frac_bits, 0)
+    root_d = math.sqrt(checks.integer("d", d, 1))
+    delta2 = c * 2.0**f + root_d
     delta1 = min(delta2**2, root_d * delta2)
     return delta1, delta2
 
@@ -102,10 +74,10 @@ def skellam_rdp(
     ``ceil(α)``, which is sound because Rényi divergence is non-decreasing in its order
     (van Erven, Harremoës 2014, Theorem 3). Returns one value per order (nats).
     """
-    m = _check_positive("dp.mu", mu)
-    d1 = _check_positive("dp.delta1", delta1)
-    d2 = _check_positive("dp.delta2", delta2)
-    a = np.ceil(_check_orders(orders))
+    m = checks.positive("mu", mu)
+    d1 = checks.positive("delta1", delta1)
+    d2 = checks.positive("delta2", delta2)
+    a = np.ceil(checks.orders("orders", orders))
     head = a * d2**2 / (4.0 * m)
     tail = np.minimum((2.0 * a * d2**2 + 6.0 * d1) / (16.0 * m**2), 3.0 * d1 / (4.0 * m))
     return head + tail
@@ -116,12 +88,12 @@ def gaussian_rdp(
 ) -> npt.NDArray[np.float64]:
     """RDP ε(α) = α Δ2² / (2 σ²) of adding N(0, σ²) to every coordinate (Mironov 2017,
     Proposition 7). The reference against which Skellam noise is measured; never sampled."""
-    s = _check_positive("dp.sigma", sigma)
-    d2 = _check_positive("dp.delta2", delta2)
-    return _check_orders(orders) * d2**2 / (2.0 * s**2)
+    s = checks.positive("sigma", sigma)
+    d2 = checks.positive("delta2", delta2)
+    return checks.orders("orders", orders) * d2**2 / (2.0 * s**2)
 
 
-def epsilon(orders: Sequence[float], rdp: Sequence[float], delta: float) -> float:
+def epsilon(orders: Sequence[float], rdp: npt.ArrayLike, delta: float) -> float:
     """The ε of (ε, δ)-DP implied by RDP values ``rdp`` at ``orders``, for ``delta`` in (0, 1).
 
     Canonne, Kamath, Steinke 2020 (arXiv:2004.00010, Proposition 12), minimised over the
@@ -131,11 +103,13 @@ def epsilon(orders: Sequence[float], rdp: Sequence[float], delta: float) -> floa
     # which importing mpc_agg.dp should not cost to code that only samples noise.
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    dl = _check_delta(delta)
-    a = _check_orders(orders)
+    dl = checks.probability("delta", delta)
+    a = checks.orders("orders", orders)
     r = np.asarray(rdp, dtype=np.float64)
     if r.shape != a.shape:
-        raise ConfigError("dp.orders", f"{a.size} orders but {r.size} RDP values")
+        raise ParameterError(
+            "rdp", f"must hold one value per order: {a.size} orders but {r.size} RDP values"
+        )
     eps, _ = rdp_privacy_accountant.compute_epsilon(a.tolist(), r.tolist(), dl)
     return float(eps)
 
@@ -156,7 +130,7 @@ def _smallest_scale(eps_of: Callable[[float], float], target: float, guess: floa
             break
         lo, hi = hi, hi * 2.0
     else:
-        raise ConfigError("dp.epsilon", f"no noise scale meets epsilon={target!r}")
+        raise ParameterError("epsilon", f"no noise scale meets epsilon={target!r}")
     if lo == hi:  # the guess already meets the target: find a lower end that does not
         for _ in range(_MAX_DOUBLINGS):
             lo = lo / 2.0
@@ -164,7 +138,7 @@ def _smallest_scale(eps_of: Callable[[float], float], target: float, guess: floa
                 break
             hi = lo
         else:
-            raise ConfigError("dp.epsilon", f"epsilon={target!r} is met by vanishing noise")
+            raise ParameterError("epsilon", f"epsilon={target!r} is met by vanishing noise")
     while hi > lo * (1.0 + _REL_TOL):
         mid = math.sqrt(lo * hi)
         if eps_of(mid) <= target:
@@ -188,10 +162,10 @@ def calibrate_skellam(epsilon: float, delta: float, delta1: float, delta2: float
     within relative 1e-4 of the smallest such value and never below it. The total noise
     variance is ``2 * mu``; in the distributed mechanism it is the honest parties' sum.
     """
-    eps = _check_positive("dp.epsilon", epsilon)
-    dl = _check_delta(delta)
-    d1 = _check_positive("dp.delta1", delta1)
-    d2 = _check_positive("dp.delta2", delta2)
+    eps = checks.positive("epsilon", epsilon)
+    dl = checks.probability("delta", delta)
+    d1 = checks.positive("delta1", delta1)
+    d2 = checks.positive("delta2", delta2)
 
     def eps_of(mu: float) -> float:
         return _epsilon_of(SKELLAM_ORDERS, skellam_rdp(mu, d1, d2), dl)
@@ -204,9 +178,9 @@ def calibrate_gaussian(epsilon: float, delta: float, delta2: float) -> float:
     (``epsilon``, ``delta``)-DP by :func:`gaussian_rdp` on :data:`ORDERS` (within relative
     1e-4, never below). The RDP-calibrated reference for Skellam; not the optimal (analytic)
     Gaussian calibration of Balle, Wang 2018, which is a few percent smaller."""
-    eps = _check_positive("dp.epsilon", epsilon)
-    dl = _check_delta(delta)
-    d2 = _check_positive("dp.delta2", delta2)
+    eps = checks.positive("epsilon", epsilon)
+    dl = checks.probability("delta", delta)
+    d2 = checks.positive("delta2", delta2)
 
     def eps_of(sigma: float) -> float:
         return _epsilon_of(ORDERS, gaussian_rdp(sigma, d2), dl)
@@ -225,10 +199,9 @@ def ddg_tau(sigma2: float, n: int) -> float:
     discrete Gaussians of variance parameter ``sigma2`` is from one discrete Gaussian
     (Kairouz, Liu, Steinke, ICML 2021, arXiv:2102.06387, Theorem 1). Zero for ``n = 1``;
     below ``1e-40`` once ``sigma2 >= 10``."""
-    s = _check_positive("dp.sigma2", sigma2)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ConfigError("dp.honest_aggregators", f"must be an integer >= 1, got {n!r}")
-    return 10.0 * sum(math.exp(-2.0 * math.pi**2 * s * k / (k + 1)) for k in range(1, int(n)))
+    s = checks.positive("sigma2", sigma2)
+    count = checks.integer("n", n, 1)
+    return 10.0 * sum(math.exp(-2.0 * math.pi**2 * s * k / (k + 1)) for k in range(1, count))
 
 
 def ddg_rdp(
@@ -254,20 +227,19 @@ def ddg_rdp(
     Requires ``sigma2 >= 1/4``. For ``n = 1`` it is the discrete Gaussian's own bound,
     ``α l2² / 2`` (Canonne, Kamath, Steinke 2020). Returns one value per order (nats).
     """
-    s = _check_positive("dp.sigma2", sigma2)
+    s = checks.positive("sigma2", sigma2)
     if s < 0.25:
-        raise ConfigError("dp.sigma2", f"must be >= 1/4 for this bound, got {sigma2!r}")
-    d1 = _check_positive("dp.delta1", delta1)
-    d2 = _check_positive("dp.delta2", delta2)
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ConfigError("dimension", f"must be an integer >= 1, got {d!r}")
+        raise ParameterError("sigma2", f"must be >= 1/4 for this bound, got {sigma2!r}")
+    d1 = checks.positive("delta1", delta1)
+    d2 = checks.positive("delta2", delta2)
+    dim = checks.integer("d", d, 1)
     tau = ddg_tau(s, n)
-    a = _check_orders(orders)
+    a = checks.orders("orders", orders)
     l2 = d2 / math.sqrt(n * s)
     l1 = d1 / math.sqrt(n * s)
-    first = a * l2**2 / 2.0 + tau * d
-    second = a * (l2**2 + 2.0 * l1 * tau + tau**2 * d) / 2.0
-    third = a * (l2 + tau * math.sqrt(d)) ** 2 / 2.0
+    first = a * l2**2 / 2.0 + tau * dim
+    second = a * (l2**2 + 2.0 * l1 * tau + tau**2 * dim) / 2.0
+    third = a * (l2 + tau * math.sqrt(dim)) ** 2 / 2.0
     return np.minimum(np.minimum(first, second), third)
 
 
@@ -278,13 +250,13 @@ def calibrate_ddg(
     ``N_Z(0, sigma2)`` make the sum (``epsilon``, ``delta``)-DP (:func:`ddg_rdp` on
     :data:`INTEGER_ORDERS`, converted by :func:`epsilon`); to within relative 1e-4 of the
     smallest real value, rounded up, never below it."""
-    eps = _check_positive("dp.epsilon", epsilon)
-    dl = _check_delta(delta)
+    eps = checks.positive("epsilon", epsilon)
+    dl = checks.probability("delta", delta)
 
     def eps_of(s: float) -> float:
         return _epsilon_of(INTEGER_ORDERS, ddg_rdp(max(s, 1.0), n, delta1, delta2, d), dl)
 
     if eps_of(1.0) <= eps:
         return 1
-    guess = _gaussian_guess(eps, dl, _check_positive("dp.delta2", delta2)) ** 2 / n
+    guess = _gaussian_guess(eps, dl, checks.positive("delta2", delta2)) ** 2 / n
     return max(1, math.ceil(_smallest_scale(eps_of, eps, max(guess, 1.0))))

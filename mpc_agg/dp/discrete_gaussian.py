@@ -24,7 +24,8 @@ no float is ever a noise value (Mironov 2012).
 The integer arithmetic is int64. :data:`MAX_SIGMA2` bounds the variance so that it stays
 exact; a candidate whose geometric part would overflow it (probability below
 ``exp(-127)`` per sample at the largest variance, far less below) raises
-:class:`SamplerOverflow` instead of being drawn inexactly: the round fails, closed.
+:class:`SamplerOverflow` instead of being drawn inexactly: the round fails, closed. A bad
+argument raises :class:`~mpc_agg.dp.checks.ParameterError` (a ``ValueError``) naming it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from fractions import Fraction
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from mpc_agg.dp import checks
+from mpc_agg.dp.checks import ParameterError
 
 MAX_SIGMA2 = 1 << 56
 """Largest variance parameter (encoded units²) the sampler draws exactly: ``sigma <= 2**28``.
@@ -66,7 +70,7 @@ class NoiseStream:
         if key is None:
             key = os.urandom(32)
         if len(key) != 32:
-            raise ValueError(f"key must be 32 bytes, got {len(key)}")
+            raise ParameterError("key", f"must be 32 bytes, got {len(key)}")
         self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
         self._zeros = bytes(8 * _WORDS_PER_CALL)
         self.words_drawn = 0
@@ -92,14 +96,15 @@ class NoiseStream:
         """``n`` exactly uniform integers in ``[0, t)``: ``w mod t`` for a word ``w`` below the
         largest multiple of ``t`` under ``2**64`` (others, ``t / 2**64`` of them, redrawn)."""
         if not 1 <= t <= 1 << 62:
-            raise ValueError(f"t must be in 1..2**62, got {t}")
+            raise ParameterError("t", f"must be in 1..2**62, got {t}")
         limit = np.uint64(((1 << 64) // t) * t - 1)  # w <= limit: each residue equally often
         w = self.words(n)
         redo = np.flatnonzero(w > limit)
         while redo.size:
             w[redo] = self.words(redo.size)
             redo = redo[w[redo] > limit]
-        return (w % np.uint64(t)).astype(np.int64)
+        out: npt.NDArray[np.int64] = (w % np.uint64(t)).astype(np.int64)
+        return out
 
 
 # ------------------------------------------------------------------ exact Bernoulli trials
@@ -130,7 +135,7 @@ def bernoulli(
     head = (stream.words(p.size) >> np.uint64(11)).astype(np.float64)  # exact below 2**53
     lo = p * ((1.0 - GUARD) * _U53)
     hi = p * ((1.0 + GUARD) * _U53)
-    yes = head + 1.0 <= lo  # U < (head + 1) / 2**53 <= p
+    yes: npt.NDArray[np.bool_] = head + 1.0 <= lo  # U < (head + 1) / 2**53 <= p
     undecided = ~yes & (head < hi)  # head >= hi: U >= p, a certain no
     if undecided.any():
         for i in np.flatnonzero(undecided).tolist():
@@ -200,7 +205,7 @@ def bernoulli_exp_minus_one(stream: NoiseStream, n: int) -> npt.NDArray[np.bool_
     """``n`` independent ``Bernoulli(exp(-1))``, one word each (ties, 2**-53 of them, are
     settled against rational bounds of ``exp(-1)``)."""
     head = stream.words(n) >> np.uint64(11)
-    yes = head < np.uint64(_E1_53)  # U < (head + 1) / 2**53 <= E / 2**53 < exp(-1)
+    yes: npt.NDArray[np.bool_] = head < np.uint64(_E1_53)  # U < (head+1)/2**53 <= exp(-1)
     tie = head == np.uint64(_E1_53)
     if tie.any():
         for i in np.flatnonzero(tie).tolist():
@@ -249,15 +254,16 @@ def sample_discrete_laplace(
 
 
 def _check_sigma2(sigma2: int) -> int:
-    if isinstance(sigma2, bool) or not isinstance(sigma2, (int, np.integer)):
-        raise ValueError(f"sigma2 must be an integer in 1..2**56, got {sigma2!r}")
+    if not checks.is_integer(sigma2):
+        raise ParameterError("sigma2", f"must be an integer in 1..2**56, got {sigma2!r}")
     s = int(sigma2)
     if not 1 <= s <= MAX_SIGMA2:
-        raise ValueError(
-            f"sigma2 must be an integer in 1..2**56 (the exact sampler's range), got {s} "
+        raise ParameterError(
+            "sigma2",
+            f"must be an integer in 1..2**56 (the exact sampler's range), got {s} "
             f"(2**{math.log2(s):.2f})"
             if s > 0
-            else f"sigma2 must be an integer in 1..2**56, got {s}"
+            else f"must be an integer in 1..2**56, got {s}",
         )
     return s
 
@@ -272,15 +278,14 @@ def sample_discrete_gaussian(sigma2: int, size: int, stream: NoiseStream) -> npt
     :class:`SamplerOverflow` (probability below ``exp(-127)`` per sample).
     """
     s = _check_sigma2(sigma2)
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
-        raise ValueError(f"size must be an integer >= 0, got {size!r}")
+    n = checks.integer("size", size, 0)
     t = math.isqrt(s) + 1
     # |y| * t < t * t * (v + 1) must stay below 2**63: bound the geometric part.
     # Capping it at 2**16 also bounds gamma below 2**34 parts (exp(-65536) to reach it).
     max_geometric = min(((1 << 63) - 1) // (t * t) - 1, 1 << 16)
     den = 2 * s * t * t  # keep y with prob exp(-(|y| t - s)^2 / (2 s t^2))
-    out = np.empty(int(size), dtype=np.int64)
-    todo = np.arange(int(size))
+    out = np.empty(n, dtype=np.int64)
+    todo = np.arange(n)
     while todo.size:
         y = sample_discrete_laplace(t, todo.size, stream, max_geometric)
         x = np.abs(y) * t - s  # exact: |y| * t < 2**63
@@ -314,17 +319,12 @@ def gaussian_tail_bound(sigma2: float, d: int, failure: float = 2.0**-64) -> int
     is subgaussian with the summed parameter, ``P(|X_i| >= u) <= 2 exp(-u² / (2 sigma2))``
     (Chernoff), and a union bound over the ``d`` coordinates gives ``T``.
     """
-    if (
-        isinstance(sigma2, bool)
-        or not isinstance(sigma2, (int, float, np.integer))
-        or not (math.isfinite(float(sigma2)) and sigma2 >= 0)
-    ):
-        raise ValueError(f"sigma2 must be a finite number >= 0, got {sigma2!r}")
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ValueError(f"d must be an integer >= 1, got {d!r}")
-    if isinstance(failure, bool) or not isinstance(failure, (int, float)) or not 0 < failure < 1:
-        raise ValueError(f"failure must be a probability in (0, 1), got {failure!r}")
+    if not (checks.is_real(sigma2) and math.isfinite(float(sigma2)) and sigma2 >= 0):
+        raise ParameterError("sigma2", f"must be a finite number >= 0, got {sigma2!r}")
+    dim = checks.integer("d", d, 1)
+    if not (checks.is_real(failure) and 0 < failure < 1):
+        raise ParameterError("failure", f"must be a probability in (0, 1), got {failure!r}")
     if sigma2 == 0:
         return 0
-    u = math.sqrt(2.0 * float(sigma2) * math.log(2.0 * int(d) / failure))
+    u = math.sqrt(2.0 * float(sigma2) * math.log(2.0 * dim / float(failure)))
     return math.ceil(u * (1.0 + 1e-9))

@@ -12,19 +12,75 @@ noise is the price of trusting none. ``binomial``: joint noise inside MPyC
 
 The neighbouring relation is *zero-out*: one client's vector replaced by zeros. The revealed
 ``num_clients`` is exact, so adding or removing a client is not hidden by the noise.
+
+This module is the boundary between the pure dp math and the topology: :func:`plan_noise`
+reads its inputs through two small protocols (:class:`NoiseSettings`, met by the ``dp``
+section :class:`~mpc_agg.config.schema.DPSettings`, and :class:`EncodingScale`, met by
+:class:`~mpc_agg.core.encoding.FixedPointEncoding`), so dp imports nothing from
+``mpc_agg.config``, and it reports every refusal as a :class:`~mpc_agg.errors.ConfigError`
+naming the YAML key to change (the math below it raises
+:class:`~mpc_agg.dp.checks.ParameterError`, naming the argument).
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
-from mpc_agg.config.schema import DPSettings
-from mpc_agg.core.encoding import FixedPointEncoding
 from mpc_agg.dp.accountant import PrivacyEvent
+from mpc_agg.dp.binomial import SensitivityTooLarge, binomial_epsilon, calibrate_binomial
 from mpc_agg.dp.calibration import INTEGER_ORDERS, calibrate_ddg, ddg_rdp, sensitivities
+from mpc_agg.dp.checks import ParameterError
 from mpc_agg.dp.discrete_gaussian import MAX_SIGMA2, gaussian_tail_bound
 from mpc_agg.errors import ConfigError
+
+
+class Mechanism(str, enum.Enum):
+    """The ``dp.mechanism`` of a topology. A ``str`` (``Mechanism.BINOMIAL == "binomial"``)
+    that prints and serialises (JSON) as its value."""
+
+    DISCRETE_GAUSSIAN = "discrete_gaussian"
+    """Each aggregator adds its own exactly drawn discrete Gaussian noise to its share."""
+    BINOMIAL = "binomial"
+    """Joint binomial noise from secret random bits inside MPyC (``m >= 3``, ``t >= 1``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class NoiseSettings(Protocol):
+    """What :func:`plan_noise` reads of the ``dp`` section (``DPSettings`` meets it)."""
+
+    @property
+    def mechanism(self) -> str:
+        """A :class:`Mechanism` or its value."""
+
+    @property
+    def epsilon(self) -> float: ...
+
+    @property
+    def delta(self) -> float: ...
+
+    @property
+    def l2_clip(self) -> float: ...
+
+    @property
+    def max_colluding(self) -> int: ...
+
+
+class EncodingScale(Protocol):
+    """What :func:`plan_noise` reads of the fixed-point encoding (``FixedPointEncoding``)."""
+
+    @property
+    def frac_bits(self) -> int: ...
+
+    @property
+    def scale(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -36,7 +92,7 @@ class NoisePlan:
     below it except with probability 2^-64.
     """
 
-    mechanism: str
+    mechanism: Mechanism
     epsilon: float
     delta: float
     d: int
@@ -65,7 +121,7 @@ class NoisePlan:
     def noise_stddev_encoded(self) -> float:
         """Standard deviation of the total noise per coordinate, in encoded units (for the
         discrete Gaussian an upper bound, exponentially close)."""
-        if self.mechanism == "binomial":
+        if self.mechanism is Mechanism.BINOMIAL:
             return math.sqrt(self.trials / 4.0)
         return math.sqrt(self.sigma2 * self.m)
 
@@ -77,12 +133,13 @@ class NoisePlan:
     def event(self, round_id: str) -> PrivacyEvent:
         """The round's privacy cost for the ledger: the honest noise alone (worst case);
         binomial rounds are approximate-DP events (no RDP curve)."""
-        if self.mechanism == "binomial":
-            return PrivacyEvent(round_id, self.mechanism, self.binomial_epsilon, self.delta, (), ())
+        mechanism = self.mechanism.value
+        if self.mechanism is Mechanism.BINOMIAL:
+            return PrivacyEvent(round_id, mechanism, self.binomial_epsilon, self.delta, (), ())
         rdp = ddg_rdp(self.sigma2, self.honest, self.delta1, self.delta2, self.d)
         return PrivacyEvent(
             round_id,
-            self.mechanism,
+            mechanism,
             self.epsilon,
             self.delta,
             tuple(float(o) for o in INTEGER_ORDERS),
@@ -98,15 +155,53 @@ MAX_JOINT_BITS = 2_000_000
 """Joint binomial rounds needing more secret bits than this (~30 s) are refused."""
 
 
-def plan_noise(dp: DPSettings, encoding: FixedPointEncoding, d: int, m: int) -> NoisePlan:
+_YAML_PATHS = {
+    "mechanism": "dp.mechanism",
+    "epsilon": "dp.epsilon",
+    "delta": "dp.delta",
+    "l2_clip": "dp.l2_clip",
+    "max_colluding": "dp.max_colluding",
+    "n": "dp.max_colluding",  # the number of honest aggregators, m - max_colluding
+    "frac_bits": "encoding.frac_bits",
+    "d": "dimension",
+}
+"""The YAML key behind each argument of the dp math that a plan can get wrong."""
+
+
+def _config_error(exc: ParameterError) -> ConfigError:
+    """``exc`` at the YAML key to change: a sensitivity beyond the exact binomial accounting
+    is a limit of the mechanism (``dp.mechanism``); anything unforeseen is ``dp``."""
+    if isinstance(exc, SensitivityTooLarge):
+        return ConfigError("dp.mechanism", exc.detail)
+    return ConfigError(_YAML_PATHS.get(exc.name, "dp"), exc.detail)
+
+
+def plan_noise(dp: NoiseSettings, encoding: EncodingScale, d: int, m: int) -> NoisePlan:
     """Calibrate the round's noise for vectors of length ``d`` among ``m`` aggregators.
 
-    Raises :class:`~mpc_agg.errors.ConfigError` when the noise cannot be drawn exactly
-    (the per-aggregator variance exceeds the sampler's range), or joint binomial noise
-    would be too costly or its sensitivity too large for exact accounting.
+    ``dp`` is the topology's ``dp`` section (a :class:`~mpc_agg.config.schema.DPSettings`
+    or anything with its attributes), ``encoding`` its fixed-point encoding. Raises
+    :class:`~mpc_agg.errors.ConfigError`, at the YAML key to change, when the noise cannot
+    be drawn exactly (the per-aggregator variance exceeds the sampler's range, ``dp``), or
+    joint binomial noise would be too costly or its sensitivity too large for exact
+    accounting (``dp.mechanism``), or an input is out of range (``dp.epsilon``,
+    ``dimension``, ...).
     """
+    try:
+        return _plan(dp, encoding, d, m)
+    except ParameterError as exc:
+        raise _config_error(exc) from None
+
+
+def _plan(dp: NoiseSettings, encoding: EncodingScale, d: int, m: int) -> NoisePlan:
+    try:
+        mechanism = Mechanism(dp.mechanism)
+    except ValueError:
+        raise ParameterError(
+            "mechanism", f"expected discrete_gaussian or binomial, got {dp.mechanism!r}"
+        ) from None
     delta1, delta2 = sensitivities(dp.l2_clip, encoding.frac_bits, d)
-    if dp.mechanism == "binomial":
+    if mechanism is Mechanism.BINOMIAL:
         return _plan_binomial(dp, encoding, d, m, delta1, delta2)
     honest = m - dp.max_colluding
     sigma2 = calibrate_ddg(dp.epsilon, dp.delta, delta1, delta2, d, honest)
@@ -124,7 +219,7 @@ def plan_noise(dp: DPSettings, encoding: FixedPointEncoding, d: int, m: int) -> 
             "or raise dp.epsilon",
         )
     return NoisePlan(
-        mechanism=dp.mechanism,
+        mechanism=mechanism,
         epsilon=dp.epsilon,
         delta=dp.delta,
         d=d,
@@ -139,10 +234,8 @@ def plan_noise(dp: DPSettings, encoding: FixedPointEncoding, d: int, m: int) -> 
 
 
 def _plan_binomial(
-    dp: DPSettings, encoding: FixedPointEncoding, d: int, m: int, delta1: float, delta2: float
+    dp: NoiseSettings, encoding: EncodingScale, d: int, m: int, delta1: float, delta2: float
 ) -> NoisePlan:
-    from mpc_agg.dp.binomial import binomial_epsilon, calibrate_binomial
-
     trials = calibrate_binomial(dp.epsilon, dp.delta, delta2, d)
     if trials * d > MAX_JOINT_BITS:
         raise ConfigError(
@@ -153,7 +246,7 @@ def _plan_binomial(
             "and histograms; use discrete_gaussian",
         )
     return NoisePlan(
-        mechanism="binomial",
+        mechanism=Mechanism.BINOMIAL,
         epsilon=dp.epsilon,
         delta=dp.delta,
         d=d,
