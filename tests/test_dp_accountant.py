@@ -8,7 +8,7 @@ import pytest
 from mpc_agg.dp.accountant import PrivacyEvent, PrivacyLedger, cumulative_epsilon
 from mpc_agg.dp.calibration import SKELLAM_ORDERS, calibrate_gaussian, epsilon, gaussian_rdp
 from mpc_agg.errors import BudgetExceeded
-from mpc_agg.transport.ledger import LedgerFile
+from mpc_agg.storage.ledger import LedgerFile
 
 ORD = tuple(float(o) for o in SKELLAM_ORDERS)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mpc_agg.transport.journal import RoundJournal, read_journal
+from mpc_agg.storage.journal import RoundJournal, read_journal
 
 HEADER = {"round": "r", "dim": 3, "min_clients": 2}
 

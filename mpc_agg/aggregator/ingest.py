@@ -20,7 +20,7 @@ from mpc_agg.core.field import FieldArray
 from mpc_agg.core.rounds import Round, RoundState, upload_digest
 from mpc_agg.core.sharing import Share
 from mpc_agg.errors import RoundEnded, RoundFull
-from mpc_agg.transport.journal import RoundJournal
+from mpc_agg.storage.journal import RoundJournal
 
 from .store import RoundStore
 

@@ -24,8 +24,8 @@ from mpc_agg.dp.planning import NoisePlan, plan_noise
 from mpc_agg.errors import AgreementFailed, BudgetExceeded, ConfigError, InvalidRequest, StateError
 from mpc_agg.mpc.network import PartyNetwork
 from mpc_agg.mpc.reveal import reveal_sum
+from mpc_agg.storage.ledger import LedgerFile
 from mpc_agg.storage.round_index import RoundIndex
-from mpc_agg.transport.ledger import LedgerFile
 
 log = logging.getLogger("mpc_agg.aggregator")
 

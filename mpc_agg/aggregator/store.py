@@ -25,8 +25,8 @@ from mpc_agg.errors import (
     StorageFailure,
     UnknownRound,
 )
+from mpc_agg.storage.journal import RoundJournal
 from mpc_agg.storage.round_index import RoundIndex
-from mpc_agg.transport.journal import RoundJournal
 
 log = logging.getLogger("mpc_agg.aggregator")
 

@@ -1,11 +1,12 @@
 """Bearer tokens for clients and the collector (sans-I/O apart from :func:`load_secret`).
 
-DESIGN.md, "Security model": clients authenticate with per-client tokens, and each aggregator
+docs/design.md and README, "Security model" ("TLS and tokens" for the setup): clients authenticate with per-client tokens, and each aggregator
 verifies them itself. Aggregator ``i`` holds a 32-byte key ``k_i``; client ``c``'s token for
 aggregator ``i`` is ``HMAC-SHA256(k_i, "mpc_agg/client-token/v1" || 0x00 || c)`` in hex, so an
 aggregator needs no list of clients, a token is bound to one client id and one aggregator, and
 one aggregator's key says nothing about the tokens for the others. The collector presents one
-shared random token. ``scripts/make_secrets.py`` creates the keys and hands out tokens.
+shared random token. ``scripts/make_secrets.py`` creates the keys and hands out tokens;
+:class:`Credentials` is what an aggregator checks against.
 
 Errors: no token or a malformed ``Authorization`` header is :class:`Unauthenticated` (HTTP
 401); a token that does not match is :class:`Forbidden` (HTTP 403). Comparisons are
@@ -18,6 +19,7 @@ import hashlib
 import hmac
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from mpc_agg.errors import ConfigError, Forbidden, Unauthenticated, UsageError
@@ -31,6 +33,18 @@ MIN_KEY_BYTES = 16
 _BEARER_RE = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,31}")
 _HEX_RE = re.compile(r"[0-9a-fA-F]*")
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """What an aggregator checks tokens against: its HMAC key for client tokens and the
+    collector's token. Never printed."""
+
+    client_key: bytes
+    collector_token: str
+
+    def __repr__(self) -> str:
+        return "Credentials(<hidden>)"
 
 
 def aggregator_key_path(secrets_dir: Path, index: int) -> Path:
@@ -71,7 +85,7 @@ def verify_client_token(aggregator_key: bytes, client_id: str, presented: str | 
     :class:`Unauthenticated` when ``presented`` is ``None`` or empty, :class:`Forbidden` when
     it does not match.
     """
-    _check_presented(presented, f"client {client_id!r}")
+    presented = _check_presented(presented, f"client {client_id!r}")
     expected = client_token(aggregator_key, client_id)
     if not _same(expected, presented):
         raise Forbidden(f"the token does not match client {client_id!r} at this aggregator")
@@ -85,7 +99,7 @@ def verify_collector_token(expected: str, presented: str | None) -> None:
     """
     if not expected:
         raise UsageError("the expected collector token is empty; load it from collector.token")
-    _check_presented(presented, "the collector")
+    presented = _check_presented(presented, "the collector")
     if not _same(expected, presented):
         raise Forbidden("the collector token does not match")
 
@@ -149,11 +163,13 @@ def load_secret(path: Path, *, yaml_path: str = "auth") -> bytes:
     return bytes.fromhex(text.decode("ascii"))
 
 
-def _check_presented(presented: str | None, whom: str) -> None:
+def _check_presented(presented: str | None, whom: str) -> str:
+    """``presented`` if it is a non-empty token, else :class:`Unauthenticated`."""
     if presented is None or presented == "":
         raise Unauthenticated(f"no token presented for {whom}")
     if not isinstance(presented, str):
         raise Unauthenticated(f"the token presented for {whom} is not text")
+    return presented
 
 
 def _same(expected: str, presented: str) -> bool:

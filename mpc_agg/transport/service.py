@@ -1,0 +1,95 @@
+"""What the HTTP layer calls on an aggregator: the :class:`AggregatorService` protocol.
+
+docs/design.md, "Layout and layering": the HTTP server depends on this ``Protocol``, not on
+the :class:`mpc_agg.aggregator.Aggregator` class (which satisfies it structurally), so
+transport sits below the roles. Every call here is what one handler of the README's
+"HTTP API (per aggregator)" table needs; none does network I/O of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from mpc_agg.config.schema import Topology
+from mpc_agg.core.rounds import Round
+
+__all__ = ["AggregatorService", "PartyLinks"]
+
+
+class PartyLinks(Protocol):
+    """What ``/healthz`` reads of the party network."""
+
+    @property
+    def connected(self) -> bool:
+        """True once links to every other party are up."""
+        ...
+
+
+class AggregatorService(Protocol):
+    """The aggregator as the HTTP handlers see it.
+
+    Requests (each raises a :class:`~mpc_agg.errors.PeerError` that the server answers with
+    its status from :data:`mpc_agg.transport.http_server.HTTP_STATUS`):
+    :meth:`open_round`, :meth:`round_status`, :meth:`upload_limit` then
+    :meth:`receive_share_async`, :meth:`request_close`, :meth:`result`. Limits and
+    deadlines come from :attr:`topology` and :meth:`max_body_bytes`; ``/healthz`` reads
+    :attr:`index` and :attr:`network`; ``/metrics`` is rendered from :attr:`index`,
+    :attr:`metrics` and :attr:`rounds` by :func:`mpc_agg.aggregator.metrics.metrics_text`.
+    """
+
+    @property
+    def topology(self) -> Topology:
+        """The federation's topology (deadlines and round limits)."""
+        ...
+
+    @property
+    def index(self) -> int:
+        """This aggregator's index in the topology."""
+        ...
+
+    @property
+    def network(self) -> PartyLinks:
+        """The links to the other aggregators."""
+        ...
+
+    @property
+    def metrics(self) -> Mapping[str, int]:
+        """Counters by name (``uploads_accepted``, ...), for ``/metrics``."""
+        ...
+
+    @property
+    def rounds(self) -> Mapping[str, Round]:
+        """The rounds known here, by id, for ``/metrics``."""
+        ...
+
+    def open_round(self, round_id: str, dim: int, min_clients: int | None = None) -> bool:
+        """Open a round; True if created, False if it exists with the same parameters."""
+        ...
+
+    def round_status(self, round_id: str) -> dict[str, Any]:
+        """JSON-ready status of a round."""
+        ...
+
+    def max_body_bytes(self) -> int:
+        """Largest upload body of any round."""
+        ...
+
+    def upload_limit(self, round_id: str, client_id: str) -> int:
+        """The checks that need no body; the largest body worth reading for this upload."""
+        ...
+
+    async def receive_share_async(
+        self, round_id: str, client_id: str, body: bytes | bytearray
+    ) -> bool:
+        """Validate, journal and accumulate one upload: True if accepted, False for an
+        identical retry."""
+        ...
+
+    def request_close(self, round_id: str) -> None:
+        """Ask the leader to close and aggregate a round (idempotent)."""
+        ...
+
+    def result(self, round_id: str) -> bytes:
+        """The encoded result of a DONE round (:func:`mpc_agg.core.codec.encode_result`)."""
+        ...
