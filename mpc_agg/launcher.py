@@ -1,9 +1,12 @@
 """Start every aggregator of a topology on this machine, and stop them all.
 
-Used by ``scripts/launch_local.py``, the demo and the integration tests. Each party is a
-separate process (``python -m mpc_agg.party --config C --index i``); its output is prefixed
-with ``[agg i]``. :meth:`LocalFederation.wait_ready` returns once every party's HTTP API
-answers and its MPyC links are connected.
+docs/design.md, "Processes"; README, "Running aggregators". Used by
+``scripts/launch_local.py``, the demo, the benchmark and the integration tests. Each party is
+a separate process (``python -m mpc_agg.party --config C --index i``, or another party
+program given as ``party_command``, e.g. a test's fault-injecting one); its output is
+prefixed with ``[agg i]``. :meth:`LocalFederation.wait_ready` returns once every party's HTTP
+API answers and its MPyC links are connected. Every child is started with
+:func:`die_with_parent`, so none outlives the process that started it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,15 +23,17 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TextIO
 
 from mpc_agg.config.schema import Topology
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when the launcher dies, even by
-    SIGKILL, so no party outlives its launcher. Elsewhere a no-op."""
+def die_with_parent() -> None:
+    """In a child, before exec (``subprocess.Popen(preexec_fn=die_with_parent)``): ask Linux
+    to SIGTERM it when its parent dies, even by SIGKILL, so no child outlives the process
+    that started it. Elsewhere a no-op."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -58,8 +64,18 @@ class LaunchError(RuntimeError):
     """A party exited early or did not become ready in time."""
 
 
+PARTY_COMMAND: tuple[str, ...] = (sys.executable, "-u", "-m", "mpc_agg.party")
+"""The program that runs one party; the launcher appends ``--config``, ``--index`` and
+``--log-level``."""
+
+
 class LocalFederation:
-    """The aggregator processes of ``topology`` (read from ``config_path``)."""
+    """The aggregator processes of ``topology`` (read from ``config_path``).
+
+    ``party_command`` replaces :data:`PARTY_COMMAND` as the program run for each party (it
+    must accept the same ``--config``/``--index``/``--log-level`` options); ``env`` is added
+    to the parties' environment.
+    """
 
     def __init__(
         self,
@@ -69,6 +85,7 @@ class LocalFederation:
         output: TextIO | None = None,
         cwd: str | Path | None = None,
         env: dict[str, str] | None = None,
+        party_command: Sequence[str] | None = None,
     ) -> None:
         self.config_path = Path(config_path).resolve()
         self.topology = Topology.load(self.config_path)
@@ -76,6 +93,8 @@ class LocalFederation:
         self.output = output if output is not None else sys.stdout
         self.cwd = Path(cwd) if cwd is not None else Path.cwd()
         self.env = dict(env or {})
+        self.party_command = tuple(party_command) if party_command else PARTY_COMMAND
+        self._tls_context: ssl.SSLContext | None = None
         self.processes: list[subprocess.Popen[str]] = []
         self._tails: list[deque[str]] = []
         self._threads: list[threading.Thread] = []
@@ -101,10 +120,7 @@ class LocalFederation:
     def command(self, index: int) -> list[str]:
         """The command line that runs aggregator ``index``."""
         return [
-            sys.executable,
-            "-u",
-            "-m",
-            "mpc_agg.party",
+            *self.party_command,
             "--config",
             str(self.config_path),
             "--index",
@@ -117,7 +133,7 @@ class LocalFederation:
         env = {**os.environ, **self.env}
         proc = subprocess.Popen(
             self.command(index),
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             cwd=self.cwd,
             env=env,
             stdout=subprocess.PIPE,
@@ -187,12 +203,14 @@ class LocalFederation:
         url = self.topology.aggregators[i].url + "/healthz"
         context = None
         if self.topology.tls is not None:
-            from mpc_agg.transport.tls import client_context
+            if self._tls_context is None:  # one context for every readiness poll
+                from mpc_agg.transport.tls import client_context
 
-            context = client_context(self.topology.tls.dir)
+                self._tls_context = client_context(self.topology.tls.dir)
+            context = self._tls_context
         try:
             with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
-                return json.loads(resp.read()).get("mpc") == "connected"
+                return bool(json.loads(resp.read()).get("mpc") == "connected")
         except (OSError, urllib.error.URLError, ValueError):
             return False
 

@@ -1,8 +1,13 @@
-"""Aggregator party process: ``python parties/aggregator.py --config CONFIG --index I``.
+"""Aggregator party process: ``python -m mpc_agg.party --config CONFIG --index I``.
 
-One asyncio event loop runs both the HTTP API (uploads are accepted at once, even while the
-MPyC links are still connecting) and the MPyC runtime connected to the other aggregators.
-SIGTERM or Ctrl-C stops the party: the HTTP server closes, journals are closed, links drop.
+docs/design.md, "Processes": one asyncio event loop runs both the HTTP API (uploads are
+accepted at once, even while the MPyC links are still connecting) and the MPyC runtime
+connected to the other aggregators. SIGTERM or Ctrl-C stops the party: the HTTP server
+closes, journals are closed, links drop.
+
+The party has no fault-injection switch. A test that needs a fault runs its own entry
+program that calls :func:`main` with ``wrap_network``, e.g. wrapping the MPyC network in
+:class:`mpc_agg.mpc.memory.DelayingNetwork` (``tests/fault_party.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +18,17 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from mpc_agg.config.schema import Topology
 from mpc_agg.errors import ConfigError
+from mpc_agg.mpc.network import PartyNetwork
+
+if TYPE_CHECKING:
+    from mpc_agg.transport.auth import Credentials
 
 log = logging.getLogger("mpc_agg.party")
 
@@ -43,12 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-FAULT_DELAY_REVEAL_ENV = "MPC_AGG_FAULT_DELAY_REVEAL_S"
-"""Fault injection for tests only: seconds this party waits before the reveal exchange."""
-
-
-async def serve(topology: Topology, index: int, network: Any, credentials: Any = None) -> None:
-    """Run the party until SIGTERM/SIGINT.
+async def serve(
+    topology: Topology,
+    index: int,
+    network: PartyNetwork,
+    credentials: Credentials | None = None,
+) -> None:
+    """Run aggregator ``index`` of ``topology`` over ``network`` until SIGTERM/SIGINT.
 
     Recovers rounds from the journals, serves HTTP at once, then keeps the party network up:
     whenever a link is lost (or a step misses its deadline), the aggregation in progress
@@ -134,7 +145,16 @@ async def serve(topology: Topology, index: int, network: Any, credentials: Any =
     log.info("aggregator %d: stopped", index)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    wrap_network: Callable[[PartyNetwork], PartyNetwork] | None = None,
+) -> int:
+    """Run one aggregator party (the ``mpc-agg-aggregator`` command); returns the exit
+    status: 0 after SIGTERM/SIGINT, 2 on a bad option or configuration, 3 on a state error.
+
+    ``wrap_network``, for test entry programs only, receives the MPyC party network and
+    returns the network the party uses (a wrapper around it that injects faults).
+    """
     args = parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -158,15 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     from mpc_agg.transport import auth, tls
 
     topology = topology.with_absolute_paths()
-    credentials = None
+    credentials: auth.Credentials | None = None
     try:
         if topology.tls is not None:
             tls.check_tls_dir(topology.tls.dir, topology.m, index=args.index)
         if topology.auth is not None:
-            from mpc_agg.transport.http_server import Credentials
-
             secrets_dir = topology.auth.secrets_dir
-            credentials = Credentials(
+            credentials = auth.Credentials(
                 auth.load_secret(
                     auth.aggregator_key_path(secrets_dir, args.index), yaml_path="auth.secrets_dir"
                 ),
@@ -185,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     from mpc_agg.errors import StateError
 
+    used: PartyNetwork = network if wrap_network is None else wrap_network(network)
     try:
-        network.run(serve(topology, args.index, network, credentials))
+        network.run(serve(topology, args.index, used, credentials))
     except StateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -1,6 +1,7 @@
-"""All roles in one process, without sockets: three Aggregator objects linked by an
-in-memory party network (FIFO per link, like MPyC's program-counter matching when every
-party makes the same calls), fed with real client upload bodies."""
+"""All roles in one process, without sockets: three Aggregator objects linked by the
+in-memory party network (:mod:`mpc_agg.mpc.memory`: FIFO per link, like MPyC's
+program-counter matching when every party makes the same calls), fed with real client
+upload bodies."""
 
 from __future__ import annotations
 
@@ -29,47 +30,9 @@ from mpc_agg.errors import (
     RoundFull,
     UploadInProgress,
 )
+from mpc_agg.mpc.memory import memory_networks
 
 from .conftest import topology_doc
-
-
-class InMemoryNetwork:
-    """One party's end of an in-memory, FIFO-per-link party network."""
-
-    def __init__(self, pid: int, links: dict[tuple[int, int], asyncio.Queue]) -> None:
-        self.pid = pid
-        self.m = int(len(links) ** 0.5)
-        self._links = links
-        self.connected = True
-        self.broken = asyncio.Event()
-
-    def missing(self) -> list[int]:
-        return []
-
-    async def reconnect(self) -> None:
-        pass
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def broadcast(self, obj: Any, sender: int) -> Any:
-        if self.pid == sender:
-            for j in range(self.m):
-                if j != sender:
-                    self._links[(sender, j)].put_nowait(obj)
-            return obj
-        return await self._links[(sender, self.pid)].get()
-
-    async def exchange(self, obj: Any) -> list[Any]:
-        for j in range(self.m):
-            if j != self.pid:
-                self._links[(self.pid, j)].put_nowait(obj)
-        return [
-            obj if j == self.pid else await self._links[(j, self.pid)].get() for j in range(self.m)
-        ]
 
 
 def make_federation(tmp_path: Path, m: int = 3, **doc_changes: Any) -> list[Aggregator]:
@@ -77,8 +40,7 @@ def make_federation(tmp_path: Path, m: int = 3, **doc_changes: Any) -> list[Aggr
     doc["data_dir"] = str(tmp_path / "data")
     doc.update(doc_changes)
     topo = Topology.from_dict(doc)
-    links = {(i, j): asyncio.Queue() for i in range(m) for j in range(m)}
-    return [Aggregator(topo, i, InMemoryNetwork(i, links)) for i in range(m)]
+    return [Aggregator(topo, i, net) for i, net in enumerate(memory_networks(m))]
 
 
 async def run_round(aggs: list[Aggregator], round_id: str) -> None:

@@ -24,10 +24,10 @@ from mpc_agg.core.rounds import RoundState
 from mpc_agg.dp.accountant import PrivacyEvent
 from mpc_agg.dp.discrete_gaussian import NoiseStream
 from mpc_agg.errors import RoundAborted, RoundEnded, RoundIdUsed
+from mpc_agg.mpc.memory import InMemoryNetwork
 from mpc_agg.storage.journal import RoundJournal
 
 from .conftest import dp_topology_doc, topology_doc
-from .test_aggregator import InMemoryNetwork
 
 FAULTY = 1
 D = 64

@@ -16,10 +16,10 @@ import pytest
 
 from mpc_agg import Client, Collector, RemoteRefusal, RoundFailed, UploadRefused
 from mpc_agg.launcher import LocalFederation
-from mpc_agg.party import FAULT_DELAY_REVEAL_ENV
 from mpc_agg.transport.auth import collector_token_path
 
 from .conftest import ROOT, start_launcher, stop_launcher, topology_doc, write_topology
+from .fault_party import fault_party_command
 
 pytestmark = pytest.mark.processes
 
@@ -164,8 +164,14 @@ def test_torn_journal_tail_is_dropped_and_logged(tmp_path):
 def test_party_killed_during_reveal_fails_the_round_within_its_deadline(tmp_path):
     doc = topology_doc(3, 1, name="reveal", deadlines={"step_s": 5})
     config = write_topology(tmp_path, doc)
-    env = {FAULT_DELAY_REVEAL_ENV: "2"}  # every party pauses 2 s before the reveal exchange
-    with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w"), env=env) as fed:
+    # Every party pauses 2 s before its readiness vote (a DelayingNetwork around its MPyC
+    # network, in tests/fault_party.py): the parties have agreed, nothing is revealed yet.
+    party = fault_party_command("--delay-vote-s", "2")
+    log = tmp_path / "parties.log"
+    with (
+        log.open("w") as output,
+        LocalFederation(config, cwd=tmp_path, output=output, party_command=party) as fed,
+    ):
         topo = fed.topology
         collector = Collector(topo)
         collector.open_round("r", 8)
@@ -174,7 +180,13 @@ def test_party_killed_during_reveal_fails_the_round_within_its_deadline(tmp_path
 
         async def close_then_kill() -> None:
             task = asyncio.ensure_future(collector.aggregate_async("r", timeout=30))
-            await asyncio.sleep(1.0)  # parties have agreed and wait before the reveal
+            for _ in range(400):  # until aggregator 2 holds its share and waits to vote
+                lines = log.read_text().splitlines()
+                if any(ln.startswith("[agg 2] ") and "delays exchange" in ln for ln in lines):
+                    break
+                await asyncio.sleep(0.025)
+            else:
+                raise AssertionError("aggregator 2 never reached its delayed vote")
             os.kill(fed.pids[2], signal.SIGKILL)
             started = time.monotonic()
             with pytest.raises(RoundFailed, match="nothing revealed|is down"):

@@ -1,5 +1,6 @@
-"""The additive reveal over an in-memory party network: exact totals for every length
-around the slice boundaries, and the same verdict at every party on an abort."""
+"""The additive reveal over the in-memory party network (:mod:`mpc_agg.mpc.memory`): exact
+totals for every length around the slice boundaries, and the same verdict at every party on
+an abort."""
 
 from __future__ import annotations
 
@@ -12,14 +13,8 @@ from mpc_agg.core import field
 from mpc_agg.core.sharing import unshard
 from mpc_agg.errors import AgreementFailed
 from mpc_agg.mpc import reveal
+from mpc_agg.mpc.memory import memory_networks
 from mpc_agg.mpc.reveal import reveal_slices, reveal_sum
-
-from .test_aggregator import InMemoryNetwork
-
-
-def networks(m: int) -> list[InMemoryNetwork]:
-    links = {(i, j): asyncio.Queue() for i in range(m) for j in range(m)}
-    return [InMemoryNetwork(i, links) for i in range(m)]
 
 
 def random_field(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -31,7 +26,7 @@ def test_every_party_gets_the_exact_total_across_slices(monkeypatch, d: int) -> 
     monkeypatch.setattr(reveal, "REVEAL_SLICE", 4)  # several slices even for tiny vectors
     rng = np.random.default_rng(d)
     sums = [random_field(rng, d) for _ in range(3)]
-    nets = networks(3)
+    nets = memory_networks(3)
 
     async def main() -> list[np.ndarray]:
         return await asyncio.gather(*(reveal_sum(n, s, d) for n, s in zip(nets, sums, strict=True)))
@@ -47,7 +42,7 @@ def test_an_abort_fails_every_party_at_the_first_slice(monkeypatch) -> None:
     monkeypatch.setattr(reveal, "REVEAL_SLICE", 4)
     rng = np.random.default_rng(1)
     sums = [random_field(rng, 10), None, random_field(rng, 10)]
-    nets = networks(3)
+    nets = memory_networks(3)
 
     async def main() -> list[object]:
         return await asyncio.gather(
@@ -58,7 +53,7 @@ def test_an_abort_fails_every_party_at_the_first_slice(monkeypatch) -> None:
     assert all(isinstance(o, AgreementFailed) for o in outcomes)
     assert all("aggregator(s) [1] could not compute" in str(o) for o in outcomes)
     # Nothing is left in flight: every party stopped after the same (first) exchange.
-    assert all(q.empty() for q in nets[0]._links.values())
+    assert nets[0].in_flight() == 0
 
 
 def test_reveal_slices_cover_the_vector_once() -> None:

@@ -1,4 +1,5 @@
-"""The aggregator's cap on upload bytes held in memory (``rounds.upload_buffer_mb``)."""
+"""The aggregator's admission limits: the cap on upload bytes held in memory
+(``rounds.upload_buffer_mb``) and on uploads in flight (``rounds.max_concurrent_uploads``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import asyncio
 import pytest
 
 from mpc_agg.errors import Busy, PayloadTooLarge
-from mpc_agg.transport.http_server import UploadBuffer
+from mpc_agg.transport.upload_limits import UploadBuffer, UploadLimits
+
+
+async def settle() -> None:
+    """Let every task that can run do so until it waits (a few loop iterations)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
 
 
 def test_upload_waits_for_room_then_proceeds() -> None:
@@ -21,7 +28,7 @@ def test_upload_waits_for_room_then_proceeds() -> None:
             order.append("second reserved")
 
         task = asyncio.ensure_future(second())
-        await asyncio.sleep(0.05)
+        await settle()
         assert not task.done() and buf.used == 70
         order.append("first released")
         await buf.release(70)
@@ -49,5 +56,61 @@ def test_upload_larger_than_the_whole_buffer_is_refused_at_once() -> None:
         with pytest.raises(PayloadTooLarge, match="exceeds the upload buffer of 100 bytes"):
             await buf.reserve(101, wait_s=5)
         assert buf.used == 0
+
+    asyncio.run(main())
+
+
+def test_limits_refuse_beyond_max_uploads_at_once_and_release_on_exit() -> None:
+    async def main() -> None:
+        limits = UploadLimits(max_uploads=1, buffer_bytes=100)
+        async with limits.admit(10, wait_s=5):
+            assert (limits.inflight, limits.buffer.used) == (1, 10)
+            with pytest.raises(Busy, match="1 uploads are in flight"):
+                async with limits.admit(10, wait_s=5):
+                    raise AssertionError("admitted beyond max_uploads")
+            assert (limits.inflight, limits.buffer.used) == (1, 10)
+        assert (limits.inflight, limits.buffer.used) == (0, 0)
+
+    asyncio.run(main())
+
+
+def test_limits_release_the_slot_when_the_buffer_refuses_or_the_body_raises() -> None:
+    async def main() -> None:
+        limits = UploadLimits(max_uploads=4, buffer_bytes=100)
+        with pytest.raises(PayloadTooLarge):
+            async with limits.admit(101, wait_s=5):
+                raise AssertionError("admitted beyond the buffer")
+        assert (limits.inflight, limits.buffer.used) == (0, 0)
+        with pytest.raises(RuntimeError, match="handler failed"):
+            async with limits.admit(40, wait_s=5):
+                raise RuntimeError("handler failed")
+        assert (limits.inflight, limits.buffer.used) == (0, 0)
+
+    asyncio.run(main())
+
+
+def test_limits_release_on_cancellation_while_waiting_for_room() -> None:
+    async def main() -> None:
+        limits = UploadLimits(max_uploads=4, buffer_bytes=100)
+        entered = asyncio.Event()
+
+        async def holder() -> None:
+            async with limits.admit(80, wait_s=5):
+                entered.set()
+                await asyncio.Event().wait()  # until cancelled
+
+        async def waiter() -> None:
+            async with limits.admit(80, wait_s=5):
+                raise AssertionError("admitted while the buffer is full")
+
+        held = asyncio.ensure_future(holder())
+        await asyncio.wait_for(entered.wait(), 5)
+        waiting = asyncio.ensure_future(waiter())
+        await settle()
+        assert limits.inflight == 2 and limits.buffer.used == 80
+        for task in (waiting, held):
+            task.cancel()
+        await asyncio.gather(waiting, held, return_exceptions=True)
+        assert (limits.inflight, limits.buffer.used) == (0, 0)
 
     asyncio.run(main())

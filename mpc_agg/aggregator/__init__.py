@@ -38,6 +38,7 @@ from mpc_agg.storage.round_index import RoundIndex
 
 from .commands import LEADER, Driver
 from .ingest import INGEST_THREADS, Ingest
+from .metrics import metrics_text
 from .privacy import Privacy, plan_summary
 from .store import RoundStore
 
@@ -224,6 +225,10 @@ class Aggregator:
             "timings": rnd.timings,
         }
         return codec.encode_result(rnd.total, meta)
+
+    def metrics_text(self) -> str:
+        """The Prometheus text of ``GET /metrics`` (:mod:`mpc_agg.aggregator.metrics`)."""
+        return metrics_text(self)
 
     # -- the party protocol -------------------------------------------------------------
 

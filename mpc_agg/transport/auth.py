@@ -1,12 +1,13 @@
 """Bearer tokens for clients and the collector (sans-I/O apart from :func:`load_secret`).
 
-docs/design.md and README, "Security model" ("TLS and tokens" for the setup): clients authenticate with per-client tokens, and each aggregator
-verifies them itself. Aggregator ``i`` holds a 32-byte key ``k_i``; client ``c``'s token for
-aggregator ``i`` is ``HMAC-SHA256(k_i, "mpc_agg/client-token/v1" || 0x00 || c)`` in hex, so an
-aggregator needs no list of clients, a token is bound to one client id and one aggregator, and
-one aggregator's key says nothing about the tokens for the others. The collector presents one
+docs/design.md and README, "Security model" (README, "TLS and tokens", for the setup):
+clients authenticate with per-client tokens, and each aggregator verifies them itself.
+Aggregator ``i`` holds a 32-byte key ``k_i``; client ``c``'s token for aggregator ``i`` is
+``HMAC-SHA256(k_i, "mpc_agg/client-token/v1" || 0x00 || c)`` in hex, so an aggregator needs
+no list of clients, a token is bound to one client id and one aggregator, and one
+aggregator's key says nothing about the tokens for the others. The collector presents one
 shared random token. ``scripts/make_secrets.py`` creates the keys and hands out tokens;
-:class:`Credentials` is what an aggregator checks against.
+:class:`Credentials` is what an aggregator checks them against.
 
 Errors: no token or a malformed ``Authorization`` header is :class:`Unauthenticated` (HTTP
 401); a token that does not match is :class:`Forbidden` (HTTP 403). Comparisons are
@@ -27,6 +28,8 @@ from mpc_agg.errors import ConfigError, Forbidden, Unauthenticated, UsageError
 CLIENT_TOKEN_LABEL = b"mpc_agg/client-token/v1\x00"
 KEY_BYTES = 32
 MIN_KEY_BYTES = 16
+BEARER_CHALLENGE = 'Bearer realm="mpc_agg"'
+"""The ``WWW-Authenticate`` challenge every 401 answer carries (RFC 9110 section 11.6.1)."""
 
 # RFC 6750 section 2.1: credentials = "Bearer" 1*SP b64token; the scheme is case-insensitive
 # (RFC 9110 section 11.1).

@@ -1,4 +1,4 @@
-"""The HTTP API of an aggregator (DESIGN.md, "HTTP API"), on aiohttp.
+"""The HTTP API of an aggregator, on aiohttp (README, "HTTP API (per aggregator)").
 
 | call | answer |
 |---|---|
@@ -9,8 +9,13 @@
 | ``GET  /v1/rounds/{round}/result`` | 200 binary result (``mpc_agg.core.codec``) |
 | ``GET  /healthz``, ``GET /metrics`` | liveness JSON; Prometheus text |
 
-Every error is ``{"error": code, "detail": text}`` with the status from :data:`HTTP_STATUS`.
-Handlers do no I/O beyond the request: decisions come from :class:`~mpc_agg.aggregator.Aggregator`.
+Every error is ``{"error": code, "detail": text}`` with the status from :data:`HTTP_STATUS`,
+the one table from error to status; aiohttp's own refusals (no such route, wrong method) are
+answered as the :class:`~mpc_agg.errors.PeerError` of the same status. Handlers do no I/O
+beyond the request: decisions come from the aggregator, seen through
+:class:`~mpc_agg.transport.service.AggregatorService` (docs/design.md, "Layout and
+layering"); admission limits are :class:`~mpc_agg.transport.upload_limits.UploadLimits`,
+tokens :mod:`mpc_agg.transport.auth`.
 """
 
 from __future__ import annotations
@@ -18,12 +23,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from mpc_agg.aggregator import Aggregator
 from mpc_agg.core import codec
 from mpc_agg.errors import (
     Busy,
@@ -51,8 +55,35 @@ from mpc_agg.errors import (
     UnknownRound,
 )
 from mpc_agg.transport import auth
+from mpc_agg.transport.auth import Credentials
+from mpc_agg.transport.service import AggregatorService
+from mpc_agg.transport.upload_limits import UploadLimits
+
+__all__ = [
+    "HTTP_STATUS",
+    "UPLOAD_LIMITS",
+    "Credentials",  # re-exported for one release; import it from mpc_agg.transport.auth
+    "MethodNotAllowed",
+    "RouteNotFound",
+    "build_app",
+    "error_response",
+    "status_for",
+]
 
 log = logging.getLogger("mpc_agg.http")
+
+
+class RouteNotFound(PeerError):
+    """No route of the API serves this path (aiohttp's 404)."""
+
+    code = "not_found"
+
+
+class MethodNotAllowed(PeerError):
+    """The path exists but not with this method (aiohttp's 405)."""
+
+    code = "method_not_allowed"
+
 
 HTTP_STATUS: dict[type[PeerError], int] = {
     PeerError: 400,
@@ -61,6 +92,8 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     InvalidRequest: 400,
     Unauthenticated: 401,
     Forbidden: 403,
+    RouteNotFound: 404,
+    MethodNotAllowed: 405,
     PayloadTooLarge: 413,
     LengthRequired: 411,
     Busy: 503,
@@ -79,56 +112,76 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     RoundAborted: 410,
     ResultExpired: 410,
 }
-"""The one table from peer error to HTTP status (most specific class wins)."""
+"""The one table from peer error to HTTP status (most specific class wins; ``PeerError``
+itself is the default, so every peer error has a status)."""
+
+_AIOHTTP_REFUSALS: tuple[type[PeerError], ...] = (RouteNotFound, MethodNotAllowed, PayloadTooLarge)
+"""The peer errors aiohttp's own HTTP exceptions stand for, matched by their status in
+:data:`HTTP_STATUS`."""
+
+UPLOAD_LIMITS = web.AppKey("upload_limits", UploadLimits)
+"""The application's :class:`UploadLimits` (``app[UPLOAD_LIMITS]``)."""
 
 MAX_JSON_BYTES = 4096
 
 
 def status_for(exc: PeerError) -> int:
     """HTTP status of ``exc``: the entry of its most specific class in :data:`HTTP_STATUS`."""
-    for cls in type(exc).__mro__:
-        if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]  # type: ignore[index]
-    return 400
+    return next(HTTP_STATUS[cls] for cls in type(exc).__mro__ if cls in HTTP_STATUS)
 
 
-def error_response(status: int, code: str, detail: str) -> web.Response:
-    return web.json_response({"error": code, "detail": detail}, status=status)
+def error_response(status: int, body: dict[str, str]) -> web.Response:
+    """A JSON error answer; a 401 carries the bearer challenge, as HTTP requires."""
+    headers = {"WWW-Authenticate": auth.BEARER_CHALLENGE} if status == 401 else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _as_peer_error(exc: web.HTTPException) -> PeerError | None:
+    """The peer error one of aiohttp's own refusals stands for (None for any other)."""
+    for cls in _AIOHTTP_REFUSALS:
+        if HTTP_STATUS[cls] == exc.status:
+            return cls(exc.reason)
+    return None
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except PeerError as exc:
-        status = status_for(exc)
-        log.info("%s %s -> %d %s: %s", request.method, request.path, status, exc.code, exc.detail)
-        response = web.json_response(exc.body(), status=status)
-        if status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="mpc_agg"'
-        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
-            exc.status, "http_error"
-        )
-        return error_response(exc.status, code, exc.reason)
+        peer = _as_peer_error(exc)
+        if peer is None:
+            return error_response(exc.status, {"error": "http_error", "detail": exc.reason})
+        return _refuse(request, peer)
+    except PeerError as exc:
+        return _refuse(request, exc)
     except Exception:
         log.exception("%s %s: internal error", request.method, request.path)
-        return error_response(500, "internal", "internal error; see the aggregator's log")
+        return error_response(
+            500, {"error": "internal", "detail": "internal error; see the aggregator's log"}
+        )
+
+
+def _refuse(request: web.Request, exc: PeerError) -> web.Response:
+    status = status_for(exc)
+    log.info("%s %s -> %d %s: %s", request.method, request.path, status, exc.code, exc.detail)
+    return error_response(status, exc.body())
 
 
 async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
     """Read at most ``limit`` bytes within ``timeout_s``; refuse larger bodies before
     reading them."""
     try:
-        return await asyncio.wait_for(_read_body_unbounded(request, limit), timeout_s)
+        return await asyncio.wait_for(_read_at_most(request, limit), timeout_s)
     except asyncio.TimeoutError:
         raise RequestTimeout(f"body not received within {timeout_s:g} s") from None
 
 
-async def _read_body_unbounded(request: web.Request, limit: int) -> bytes:
+async def _read_at_most(request: web.Request, limit: int) -> bytes:
+    """The body, refused (:class:`PayloadTooLarge`) once it exceeds ``limit`` bytes; not
+    bounded in time (:func:`_read_body` is)."""
     length = request.content_length
     if length is not None:
         if length > limit:
@@ -179,43 +232,6 @@ async def _read_into(request: web.Request, length: int, timeout_s: float) -> byt
     return buf
 
 
-class UploadBuffer:
-    """Bytes of upload bodies held in memory at once at one aggregator, with a cap.
-
-    An upload reserves its announced length before its body is read; one that does not fit
-    waits (its client is held back by TCP flow control) and gets :class:`Busy` if room does
-    not come within the wait. Keeps an aggregator's memory O(d) whatever the number of
-    clients uploading.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self._freed = asyncio.Condition()
-
-    async def reserve(self, nbytes: int, wait_s: float) -> None:
-        if nbytes > self.capacity:
-            raise PayloadTooLarge(
-                f"body of {nbytes} bytes exceeds the upload buffer of {self.capacity} bytes"
-            )
-        async with self._freed:
-            try:
-                await asyncio.wait_for(
-                    self._freed.wait_for(lambda: self.used + nbytes <= self.capacity), wait_s
-                )
-            except asyncio.TimeoutError:
-                raise Busy(
-                    f"the upload buffer ({self.capacity >> 20} MiB) stayed full for "
-                    f"{wait_s:g} s; retry later"
-                ) from None
-            self.used += nbytes
-
-    async def release(self, nbytes: int) -> None:
-        self.used -= nbytes  # at once: a cancellation while waiting for the lock loses nothing
-        async with self._freed:
-            self._freed.notify_all()
-
-
 async def _read_json(request: web.Request, timeout_s: float) -> dict[str, Any]:
     body = await _read_body(request, MAX_JSON_BYTES, timeout_s)
     try:
@@ -227,26 +243,16 @@ async def _read_json(request: web.Request, timeout_s: float) -> dict[str, Any]:
     return data
 
 
-@dataclass(frozen=True, repr=False)
-class Credentials:
-    """What an aggregator checks tokens against: its HMAC key for client tokens and the
-    collector's token. Never printed."""
-
-    client_key: bytes
-    collector_token: str
-
-    def __repr__(self) -> str:
-        return "Credentials(<hidden>)"
-
-
-def build_app(aggregator: Aggregator, credentials: Credentials | None = None) -> web.Application:
+def build_app(
+    aggregator: AggregatorService, credentials: Credentials | None = None
+) -> web.Application:
     """The aiohttp application serving ``aggregator``; with ``credentials``, clients and the
     collector must present bearer tokens (401 without, 403 with a wrong one)."""
     app = web.Application(middlewares=[_errors], client_max_size=aggregator.max_body_bytes() + 1)
     upload_s = aggregator.topology.deadlines.upload_s
-    max_uploads = aggregator.topology.rounds.max_concurrent_uploads
-    inflight = [0]  # uploads whose body is being received or processed
-    buffer = UploadBuffer(aggregator.topology.rounds.upload_buffer_bytes)
+    policy = aggregator.topology.rounds
+    limits = UploadLimits(policy.max_concurrent_uploads, policy.upload_buffer_bytes)
+    app[UPLOAD_LIMITS] = limits
 
     def check_collector(request: web.Request) -> None:
         if credentials is not None:
@@ -284,18 +290,9 @@ def build_app(aggregator: Aggregator, credentials: Credentials | None = None) ->
             raise LengthRequired("an upload must announce its Content-Length")
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
-        if inflight[0] >= max_uploads:
-            raise Busy(f"{max_uploads} uploads are in flight at this aggregator; retry later")
-        inflight[0] += 1
-        try:
-            await buffer.reserve(length, upload_s)
-            try:
-                body = await _read_into(request, length, upload_s)
-                created = await aggregator.receive_share_async(round_id, client_id, body)
-            finally:
-                await buffer.release(length)
-        finally:
-            inflight[0] -= 1
+        async with limits.admit(length, upload_s):
+            body = await _read_into(request, length, upload_s)
+            created = await aggregator.receive_share_async(round_id, client_id, body)
         return web.json_response(
             {"accepted": True, "retry": not created}, status=201 if created else 200
         )
@@ -321,19 +318,7 @@ def build_app(aggregator: Aggregator, credentials: Credentials | None = None) ->
         )
 
     async def metrics(request: web.Request) -> web.Response:
-        lines = []
-        for name, value in sorted(aggregator.metrics.items()):
-            lines.append(f"# TYPE mpc_agg_{name}_total counter")
-            lines.append(f'mpc_agg_{name}_total{{aggregator="{aggregator.index}"}} {value}')
-        by_state: dict[str, int] = {}
-        for rnd in aggregator.rounds.values():
-            by_state[rnd.state.value] = by_state.get(rnd.state.value, 0) + 1
-        lines.append("# TYPE mpc_agg_rounds gauge")
-        for state, count in sorted(by_state.items()):
-            lines.append(
-                f'mpc_agg_rounds{{aggregator="{aggregator.index}",state="{state}"}} {count}'
-            )
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        return web.Response(text=aggregator.metrics_text(), content_type="text/plain")
 
     app.router.add_put("/v1/rounds/{round}", open_round)
     app.router.add_get("/v1/rounds/{round}", round_status)

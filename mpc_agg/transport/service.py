@@ -8,11 +8,9 @@ transport sits below the roles. Every call here is what one handler of the READM
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from mpc_agg.config.schema import Topology
-from mpc_agg.core.rounds import Round
 
 __all__ = ["AggregatorService", "PartyLinks"]
 
@@ -34,8 +32,7 @@ class AggregatorService(Protocol):
     :meth:`open_round`, :meth:`round_status`, :meth:`upload_limit` then
     :meth:`receive_share_async`, :meth:`request_close`, :meth:`result`. Limits and
     deadlines come from :attr:`topology` and :meth:`max_body_bytes`; ``/healthz`` reads
-    :attr:`index` and :attr:`network`; ``/metrics`` is rendered from :attr:`index`,
-    :attr:`metrics` and :attr:`rounds` by :func:`mpc_agg.aggregator.metrics.metrics_text`.
+    :attr:`index` and :attr:`network`; ``/metrics`` is :meth:`metrics_text`.
     """
 
     @property
@@ -53,14 +50,8 @@ class AggregatorService(Protocol):
         """The links to the other aggregators."""
         ...
 
-    @property
-    def metrics(self) -> Mapping[str, int]:
-        """Counters by name (``uploads_accepted``, ...), for ``/metrics``."""
-        ...
-
-    @property
-    def rounds(self) -> Mapping[str, Round]:
-        """The rounds known here, by id, for ``/metrics``."""
+    def metrics_text(self) -> str:
+        """The Prometheus text of ``/metrics``."""
         ...
 
     def open_round(self, round_id: str, dim: int, min_clients: int | None = None) -> bool:

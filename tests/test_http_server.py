@@ -1,0 +1,647 @@
+"""The HTTP API in-process: every handler, the error middleware, the upload limits and the
+bearer tokens, on aiohttp's test server (README, "HTTP API (per aggregator)").
+
+Each test serves real :class:`~mpc_agg.aggregator.Aggregator` objects, linked by an
+in-memory party network, on loopback test servers inside one ``asyncio.run``; no aggregator
+processes, no fixed sleeps (uploads are held by events; a round's end is a bounded wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from mpc_agg import Client, Topology
+from mpc_agg.aggregator import Aggregator
+from mpc_agg.aggregator.metrics import metrics_text, render_metrics
+from mpc_agg.core.codec import decode_result
+from mpc_agg.core.field import to_signed
+from mpc_agg.core.sharing import full_share_index
+from mpc_agg.errors import PeerError
+from mpc_agg.mpc.memory import InMemoryNetwork, memory_links
+from mpc_agg.transport import auth
+from mpc_agg.transport.auth import Credentials
+from mpc_agg.transport.http_server import (
+    HTTP_STATUS,
+    MAX_JSON_BYTES,
+    UPLOAD_LIMITS,
+    _errors,
+    build_app,
+    status_for,
+)
+
+from .conftest import topology_doc
+
+T = TypeVar("T")
+TERMINAL = ("done", "failed")
+COLLECTOR_TOKEN = "c0ffee" * 8
+
+
+def run(coro: Awaitable[T], timeout_s: float = 10.0) -> T:
+    """Run one test's coroutine on a fresh event loop, bounded in time."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout_s)
+
+    return asyncio.run(bounded())
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Return once ``predicate()`` holds; fail after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.002)
+
+
+class PluggableNetwork(InMemoryNetwork):
+    """An in-memory party network end whose links a test can pull (``up = False``)."""
+
+    def __init__(self, pid: int, links: Any) -> None:
+        super().__init__(pid, links)
+        self.up = True
+
+    @property
+    def connected(self) -> bool:
+        return self.up
+
+    def missing(self) -> list[int]:
+        return [] if self.up else [j for j in range(self.m) if j != self.pid]
+
+
+def make_federation(tmp_path: Path, **doc_changes: Any) -> list[Aggregator]:
+    doc = topology_doc(3, 1, name="http")
+    doc["data_dir"] = str(tmp_path / "data")
+    doc.update(doc_changes)
+    topology = Topology.from_dict(doc)
+    links = memory_links(3)
+    return [Aggregator(topology, i, PluggableNetwork(i, links)) for i in range(3)]
+
+
+def unplug(agg: Aggregator) -> None:
+    network = agg.network
+    assert isinstance(network, PluggableNetwork)
+    network.up = False
+
+
+def credentials_for(index: int) -> Credentials:
+    return Credentials(client_key=bytes([index + 1]) * 32, collector_token=COLLECTOR_TOKEN)
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path, *, auth_on: bool = False, commands: bool = False, **doc_changes: Any
+) -> AsyncIterator[tuple[list[Aggregator], list[TestClient]]]:
+    """Three aggregators, each behind its own test server; with ``commands``, their party
+    command loops run too (needed to close rounds)."""
+    aggs = make_federation(tmp_path, **doc_changes)
+    clients: list[TestClient] = []
+    loops: list[asyncio.Task[None]] = []
+    try:
+        for a in aggs:
+            app = build_app(a, credentials_for(a.index) if auth_on else None)
+            client = TestClient(TestServer(app))
+            await client.start_server()
+            clients.append(client)
+        if commands:
+            loops = [asyncio.ensure_future(a.serve_commands()) for a in aggs]
+        yield aggs, clients
+    finally:
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        for client in clients:
+            await client.close()
+        for a in aggs:
+            a.close_journals()
+
+
+async def call(
+    client: TestClient, method: str, path: str, body: Any = None, **kwargs: Any
+) -> tuple[int, Any]:
+    """One request: (status, JSON answer, or the raw bytes if it is not JSON)."""
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    async with client.request(method, path, data=body, **kwargs) as response:
+        raw = await response.read()
+        if response.content_type == "application/json":
+            return response.status, json.loads(raw)
+        return response.status, raw
+
+
+async def open_everywhere(clients: list[TestClient], round_id: str, dim: int, **kw: Any) -> None:
+    for client in clients:
+        status, answer = await call(client, "PUT", f"/v1/rounds/{round_id}", {"dim": dim}, **kw)
+        assert status == 201, answer
+
+
+async def upload_everywhere(
+    aggs: list[Aggregator], clients: list[TestClient], round_id: str, cid: str, x: np.ndarray
+) -> list[bytes | bytearray]:
+    """Upload ``x`` as client ``cid`` (201 everywhere); returns the bodies sent."""
+    bodies = Client(aggs[0].topology, cid).prepare(round_id, x)
+    for client, body in zip(clients, bodies, strict=True):
+        status, answer = await call(client, "PUT", f"/v1/rounds/{round_id}/shares/{cid}", body)
+        assert (status, answer) == (201, {"accepted": True, "retry": False})
+    return bodies
+
+
+async def ended(clients: list[TestClient], round_id: str) -> None:
+    """Bounded wait until every aggregator reports ``round_id`` DONE or FAILED."""
+    states: list[str] = []
+
+    async def poll() -> None:
+        while True:
+            states.clear()
+            for client in clients:
+                states.append((await call(client, "GET", f"/v1/rounds/{round_id}"))[1]["state"])
+            if all(s in TERMINAL for s in states):
+                return
+            await asyncio.sleep(0.002)
+
+    try:
+        await asyncio.wait_for(poll(), 5)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"round {round_id} did not end: {states}") from None
+
+
+def ints(n: int, d: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1000, 1001, size=(n, d)).astype(np.float64)
+
+
+def held_uploads(agg: Aggregator) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make ``agg`` hold every upload after its body is read, until ``release`` is set;
+    ``entered`` is set when the first one is held."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = agg.receive_share_async
+
+    async def held(round_id: str, client_id: str, body: bytes | bytearray) -> bool:
+        entered.set()
+        await release.wait()
+        return await real(round_id, client_id, body)
+
+    agg.receive_share_async = held  # type: ignore[method-assign]
+    return entered, release
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def test_a_round_over_http_open_upload_close_result(tmp_path: Path) -> None:
+    xs = ints(3, 8, seed=1)
+
+    async def main() -> None:
+        async with serving(tmp_path, commands=True) as (aggs, clients):
+            leader, follower = clients[0], clients[1]
+            status, answer = await call(leader, "PUT", "/v1/rounds/r", {"dim": 8})
+            assert status == 201
+            assert (answer["round"], answer["state"], answer["dim"]) == ("r", "open", 8)
+            assert answer["aggregator"] == 0 and answer["accepted"] == 0
+            for client in clients[1:]:
+                assert (await call(client, "PUT", "/v1/rounds/r", {"dim": 8}))[0] == 201
+            status, answer = await call(leader, "PUT", "/v1/rounds/r", {"dim": 8})
+            assert (status, answer["state"]) == (200, "open")  # idempotent
+            status, answer = await call(leader, "PUT", "/v1/rounds/r", {"dim": 9})
+            assert (status, answer["error"]) == (409, "round_conflict")
+
+            sent = [
+                await upload_everywhere(aggs, clients, "r", f"c{k}", x) for k, x in enumerate(xs)
+            ]
+            bodies = sent[0]
+            status, answer = await call(leader, "PUT", "/v1/rounds/r/shares/c0", bodies[0])
+            assert (status, answer) == (200, {"accepted": True, "retry": True})  # same bytes
+            other = Client(aggs[0].topology, "c0").prepare("r", xs[1])
+            status, answer = await call(leader, "PUT", "/v1/rounds/r/shares/c0", other[0])
+            assert (status, answer["error"]) == (409, "conflicting_share")
+            status, answer = await call(follower, "GET", "/v1/rounds/r")
+            assert (status, answer["accepted"], answer["aggregator"]) == (200, 3, 1)
+
+            status, answer = await call(leader, "GET", "/v1/rounds/r/result")
+            assert (status, answer["error"]) == (409, "result_not_ready")
+            status, answer = await call(follower, "POST", "/v1/rounds/r/close")
+            assert (status, answer["error"]) == (409, "not_leader")
+            assert "aggregator 0" in answer["detail"]
+            status, answer = await call(leader, "POST", "/v1/rounds/r/close")
+            assert status == 202 and answer["round"] == "r"
+            await ended(clients, "r")
+
+            for client in clients:
+                status, raw = await call(client, "GET", "/v1/rounds/r/result")
+                assert status == 200
+                total, meta = decode_result(raw)
+                assert meta["num_clients"] == 3
+                got = to_signed(total) / 2.0 ** meta["frac_bits"]
+                np.testing.assert_array_equal(got, xs.sum(axis=0))
+            status, answer = await call(leader, "POST", "/v1/rounds/r/close")
+            assert (status, answer["state"]) == (202, "done")  # closing again: idempotent
+            status, answer = await call(leader, "PUT", "/v1/rounds/r/shares/late", bodies[0])
+            assert (status, answer["error"]) == (410, "round_ended")
+
+    run(main())
+
+
+def test_refused_uploads_and_bad_open_requests(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (aggs, clients):
+            leader = clients[0]
+            await open_everywhere(clients, "r", 4)
+            body = Client(aggs[0].topology, "c").prepare("r", np.ones(4))[0]
+            bad = b"XXXX" + bytes(body[4:])
+            status, answer = await call(leader, "PUT", "/v1/rounds/r/shares/c", bad)
+            assert (status, answer["error"]) == (400, "malformed")
+            status, answer = await call(leader, "PUT", "/v1/rounds/r/shares/bad%20id", body)
+            assert (status, answer["error"]) == (400, "invalid_request")
+            status, answer = await call(leader, "PUT", "/v1/rounds/nope/shares/c", body)
+            assert (status, answer["error"]) == (404, "unknown_round")
+            status, answer = await call(leader, "GET", "/v1/rounds/nope")
+            assert (status, answer["error"]) == (404, "unknown_round")
+            status, answer = await call(leader, "GET", "/v1/rounds/nope/result")
+            assert (status, answer["error"]) == (404, "unknown_round")
+
+            for request, words in [
+                (b"{not json", "not JSON"),
+                (b"[1, 2]", "JSON object"),
+                (b'{"dim": 4, "colour": 1}', "unknown field(s) ['colour']"),
+                (b'{"min_clients": 2}', "missing field 'dim'"),
+                (b'{"dim": "four"}', "dim must be an integer"),
+            ]:
+                status, answer = await call(leader, "PUT", "/v1/rounds/q", request)
+                assert (status, answer["error"]) == (400, "invalid_request"), request
+                assert words in answer["detail"], (request, answer)
+            huge = b'{"dim": 4, "pad": "' + b"x" * 5000 + b'"}'
+            status, answer = await call(leader, "PUT", "/v1/rounds/q", huge)
+            assert (status, answer["error"]) == (413, "too_large")
+            status, answer = await call(leader, "PUT", "/v1/rounds/q")  # empty body: no dim
+            assert (status, answer["error"]) == (400, "invalid_request")
+
+    run(main())
+
+
+def test_results_of_failed_and_expired_rounds_are_410(tmp_path: Path) -> None:
+    rounds = {"min_clients": 2, "max_clients": 100, "max_dim": 1000, "keep_results": 1}
+    xs = ints(2, 4, seed=2)
+
+    async def main() -> None:
+        async with serving(tmp_path, commands=True, rounds=rounds) as (aggs, clients):
+            leader = clients[0]
+            await open_everywhere(clients, "lonely", 4)
+            await upload_everywhere(aggs, clients, "lonely", "c0", xs[0])
+            assert (await call(leader, "POST", "/v1/rounds/lonely/close"))[0] == 202
+            await ended(clients, "lonely")
+            status, answer = await call(leader, "GET", "/v1/rounds/lonely/result")
+            assert (status, answer["error"]) == (410, "round_failed")
+            assert answer["failure"] == "too_few_clients" and answer["detail"]
+
+            for r in ("first", "second"):
+                await open_everywhere(clients, r, 4)
+                for k, x in enumerate(xs):
+                    await upload_everywhere(aggs, clients, r, f"c{k}", x)
+                assert (await call(leader, "POST", f"/v1/rounds/{r}/close"))[0] == 202
+                await ended(clients, r)
+            status, answer = await call(leader, "GET", "/v1/rounds/first/result")
+            assert (status, answer["error"]) == (410, "result_expired")
+            assert "keep_results = 1" in answer["detail"]
+            assert (await call(leader, "GET", "/v1/rounds/second/result"))[0] == 200
+
+    run(main())
+
+
+def test_close_while_the_party_network_is_down_is_409(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (aggs, clients):
+            await open_everywhere(clients, "r", 4)
+            unplug(aggs[0])
+            status, answer = await call(clients[0], "POST", "/v1/rounds/r/close")
+            assert (status, answer["error"]) == (409, "party_network_down")
+            status, answer = await call(clients[0], "GET", "/v1/rounds/r")
+            assert (status, answer["state"]) == (200, "open")
+
+    run(main())
+
+
+def test_healthz_and_metrics(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (aggs, clients):
+            await open_everywhere(clients, "r", 4)
+            await upload_everywhere(aggs, clients, "r", "c0", np.ones(4))
+            status, answer = await call(clients[2], "GET", "/healthz")
+            assert (status, answer) == (200, {"status": "ok", "aggregator": 2, "mpc": "connected"})
+            unplug(aggs[2])
+            status, answer = await call(clients[2], "GET", "/healthz")
+            assert (status, answer["mpc"]) == (200, "connecting")
+
+            async with clients[2].get("/metrics") as response:
+                assert response.status == 200 and response.content_type == "text/plain"
+                text = await response.text()
+            assert text == metrics_text(aggs[2])
+            assert "# TYPE mpc_agg_uploads_accepted_total counter\n" in text
+            assert 'mpc_agg_uploads_accepted_total{aggregator="2"} 1\n' in text
+            assert 'mpc_agg_rounds_opened_total{aggregator="2"} 1\n' in text
+            assert text.endswith(
+                '# TYPE mpc_agg_rounds gauge\nmpc_agg_rounds{aggregator="2",state="open"} 1\n'
+            )
+
+    run(main())
+
+
+def test_render_metrics_text_format() -> None:
+    text = render_metrics(
+        1, {"uploads_accepted": 3, "bytes_accepted": 96}, ["open", "done", "open", "failed"]
+    )
+    assert text == (
+        "# TYPE mpc_agg_bytes_accepted_total counter\n"
+        'mpc_agg_bytes_accepted_total{aggregator="1"} 96\n'
+        "# TYPE mpc_agg_uploads_accepted_total counter\n"
+        'mpc_agg_uploads_accepted_total{aggregator="1"} 3\n'
+        "# TYPE mpc_agg_rounds gauge\n"
+        'mpc_agg_rounds{aggregator="1",state="done"} 1\n'
+        'mpc_agg_rounds{aggregator="1",state="failed"} 1\n'
+        'mpc_agg_rounds{aggregator="1",state="open"} 2\n'
+    )
+    assert render_metrics(0, {}, []) == "# TYPE mpc_agg_rounds gauge\n"
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+def test_middleware_answers_json_for_routing_errors_and_unexpected_exceptions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (aggs, clients):
+            leader = clients[0]
+            status, answer = await call(leader, "GET", "/v1/nothing-here")
+            assert (status, answer["error"]) == (404, "not_found") and answer["detail"]
+            status, answer = await call(leader, "DELETE", "/v1/rounds/r")
+            assert (status, answer["error"]) == (405, "method_not_allowed")
+
+            def broken(round_id: str) -> dict[str, Any]:
+                raise RuntimeError("secret internal state")
+
+            aggs[0].round_status = broken  # type: ignore[method-assign]
+            status, answer = await call(leader, "GET", "/v1/rounds/r")
+            assert status == 500
+            assert answer == {
+                "error": "internal",
+                "detail": "internal error; see the aggregator's log",
+            }
+
+    with caplog.at_level("ERROR", logger="mpc_agg.http"):
+        run(main())
+    assert "internal error" in caplog.text and "secret internal state" in caplog.text
+
+
+def test_middleware_maps_aiohttps_own_exceptions_through_the_one_table() -> None:
+    """aiohttp's refusals become the peer error of their status (413 is ``too_large``,
+    as for an upload over its limit); any other keeps its status as ``http_error``;
+    redirects pass through untouched."""
+
+    async def raises(request: web.Request) -> web.Response:
+        exc = {
+            "413": web.HTTPRequestEntityTooLarge(max_size=10, actual_size=11),
+            "422": web.HTTPUnprocessableEntity(reason="not processable"),
+            "302": web.HTTPFound("/elsewhere"),
+        }[request.match_info["what"]]
+        raise exc
+
+    async def main() -> None:
+        app = web.Application(middlewares=[_errors])
+        app.router.add_get("/{what}", raises)
+        async with TestClient(TestServer(app)) as client:
+            status, answer = await call(client, "GET", "/413")
+            assert (status, answer["error"]) == (413, "too_large")
+            status, answer = await call(client, "GET", "/422")
+            assert (status, answer) == (422, {"error": "http_error", "detail": "not processable"})
+            async with client.get("/302", allow_redirects=False) as response:
+                assert response.status == 302
+                assert response.headers["Location"] == "/elsewhere"
+
+    run(main())
+
+
+def test_json_bodies_without_content_length_are_read_within_the_limit(tmp_path: Path) -> None:
+    async def chunked(data: bytes) -> AsyncIterator[bytes]:
+        for k in range(0, len(data), 100):
+            yield data[k : k + 100]
+
+    async def main() -> None:
+        async with serving(tmp_path) as (aggs, clients):
+            status, answer = await call(clients[0], "PUT", "/v1/rounds/r", chunked(b'{"dim": 4}'))
+            assert (status, answer["dim"]) == (201, 4)
+            big = b'{"dim": 4, "pad": "' + b"x" * MAX_JSON_BYTES + b'"}'
+            status, answer = await call(clients[0], "PUT", "/v1/rounds/q", chunked(big))
+            assert (status, answer["error"]) == (413, "too_large")
+            assert f"limit of {MAX_JSON_BYTES} bytes" in answer["detail"]
+
+    run(main())
+
+
+def walk(cls: type[PeerError]) -> Iterator[type[PeerError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from walk(sub)
+
+
+def test_every_peer_error_has_a_status_and_a_unique_code() -> None:
+    classes = [PeerError, *walk(PeerError)]
+    assert len(classes) > 20
+    codes: dict[str, type[PeerError]] = {}
+    for cls in classes:
+        exc = cls("detail")
+        status = status_for(exc)
+        assert 400 <= status <= 599, cls
+        # a status of its own or from a class of its own kind, never the PeerError default
+        assert any(c in HTTP_STATUS for c in cls.__mro__ if c is not PeerError) or (
+            cls is PeerError
+        ), f"{cls.__name__} has no entry in HTTP_STATUS"
+        assert exc.code not in codes, (cls, codes.get(exc.code))
+        codes[exc.code] = cls
+        assert exc.body()["error"] == exc.code
+
+
+def test_status_for_takes_the_most_specific_class() -> None:
+    from mpc_agg.errors import Busy, RoundEnded, RoundNotOpen, UploadInProgress
+
+    assert status_for(RoundNotOpen("x")) == 409
+    assert status_for(RoundEnded("x")) == 410  # a subclass with its own entry
+    assert status_for(UploadInProgress("x")) == HTTP_STATUS[Busy] == 503  # inherited
+
+
+# --------------------------------------------------------------------------- upload limits
+
+
+def test_upload_without_content_length_is_411(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (aggs, clients):
+            await open_everywhere(clients, "r", 4)
+            body = bytes(Client(aggs[0].topology, "c").prepare("r", np.ones(4))[0])
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield body
+
+            status, answer = await call(clients[0], "PUT", "/v1/rounds/r/shares/c", chunks())
+            assert (status, answer["error"]) == (411, "length_required")
+            assert aggs[0].rounds["r"].accepted == {}
+
+    run(main())
+
+
+def test_upload_larger_than_the_rounds_limit_is_413(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (aggs, clients):
+            await open_everywhere(clients, "r", 4)
+            full = full_share_index("c", 3)
+            body = Client(aggs[0].topology, "c").prepare("r", np.ones(4))[full]
+            path = "/v1/rounds/r/shares/c"
+            status, answer = await call(clients[full], "PUT", path, bytes(body) + b"\0")
+            assert (status, answer["error"]) == (413, "too_large")
+            assert "exceeds the limit" in answer["detail"]
+            assert app_limits(clients[full]).inflight == 0
+
+    run(main())
+
+
+def app_limits(client: TestClient) -> Any:
+    return client.server.app[UPLOAD_LIMITS]
+
+
+def test_uploads_beyond_max_concurrent_uploads_are_503_busy(tmp_path: Path) -> None:
+    rounds = {"min_clients": 2, "max_clients": 100, "max_dim": 1000, "max_concurrent_uploads": 1}
+    xs = ints(2, 4, seed=4)
+
+    async def main() -> None:
+        async with serving(tmp_path, rounds=rounds) as (aggs, clients):
+            await open_everywhere(clients, "r", 4)
+            entered, release = held_uploads(aggs[0])
+            b0 = Client(aggs[0].topology, "c0").prepare("r", xs[0])[0]
+            b1 = Client(aggs[0].topology, "c1").prepare("r", xs[1])[0]
+            first = asyncio.ensure_future(call(clients[0], "PUT", "/v1/rounds/r/shares/c0", b0))
+            await asyncio.wait_for(entered.wait(), 5)
+            assert app_limits(clients[0]).inflight == 1
+            status, answer = await call(clients[0], "PUT", "/v1/rounds/r/shares/c1", b1)
+            assert (status, answer["error"]) == (503, "busy")
+            assert "1 uploads are in flight" in answer["detail"]
+            release.set()
+            assert (await first)[0] == 201
+            assert app_limits(clients[0]).inflight == 0
+            status, _ = await call(clients[0], "PUT", "/v1/rounds/r/shares/c1", b1)
+            assert status == 201  # the retry after the first finished
+
+    run(main())
+
+
+def test_upload_that_finds_the_buffer_full_is_503_busy(tmp_path: Path) -> None:
+    # 1 MiB holds one FULL share of d = 70,000 (560 kB), not two.
+    d = 70_000
+    rounds = {"min_clients": 2, "max_clients": 100, "max_dim": 100_000, "upload_buffer_mb": 1}
+
+    async def main() -> None:
+        changes = {"rounds": rounds, "deadlines": {"upload_s": 0.3}}
+        async with serving(tmp_path, **changes) as (aggs, clients):
+            await open_everywhere(clients, "r", d)
+            ids = [c for c in (f"c{k}" for k in range(20)) if full_share_index(c, 3) == 0][:2]
+            bodies = [Client(aggs[0].topology, c).prepare("r", np.ones(d))[0] for c in ids]
+            entered, release = held_uploads(aggs[0])
+            path = "/v1/rounds/r/shares/"
+            first = asyncio.ensure_future(call(clients[0], "PUT", path + ids[0], bodies[0]))
+            await asyncio.wait_for(entered.wait(), 5)
+            limits = app_limits(clients[0])
+            assert limits.buffer.used == len(bodies[0])
+            status, answer = await call(clients[0], "PUT", path + ids[1], bodies[1])
+            assert (status, answer["error"]) == (503, "busy")
+            assert "upload buffer (1 MiB) stayed full for 0.3 s" in answer["detail"]
+            assert limits.buffer.used == len(bodies[0]) and limits.inflight == 1
+            release.set()
+            assert (await first)[0] == 201
+            assert (limits.inflight, limits.buffer.used) == (0, 0)
+
+    run(main())
+
+
+def test_upload_whose_body_stalls_is_408_and_frees_its_reservation(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, deadlines={"upload_s": 0.2}) as (aggs, clients):
+            await open_everywhere(clients, "r", 4)
+            body = bytes(Client(aggs[0].topology, "c").prepare("r", np.ones(4))[0])
+            server = clients[0].server
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            try:
+                writer.write(
+                    f"PUT /v1/rounds/r/shares/c HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                    f"{len(body)}\r\nConnection: close\r\n\r\n".encode()
+                    + body[:10]
+                )
+                await writer.drain()
+                # The answer comes at the deadline; the connection stays open after it
+                # (aiohttp lingers for the unread body), so read exactly the answer.
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                payload = await reader.readexactly(length)
+            finally:
+                writer.close()
+            assert head.startswith(b"HTTP/1.1 408"), head
+            assert json.loads(payload)["error"] == "timeout"
+            limits = app_limits(clients[0])
+            assert (limits.inflight, limits.buffer.used) == (0, 0)
+            assert aggs[0].rounds["r"].accepted == {}
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def test_tokens_401_without_403_with_a_wrong_one(tmp_path: Path) -> None:
+    good = {"Authorization": f"Bearer {COLLECTOR_TOKEN}"}
+    wrong = {"Authorization": "Bearer " + "0" * 48}
+
+    async def main() -> None:
+        async with serving(tmp_path, auth_on=True) as (aggs, clients):
+            leader = clients[0]
+            for path in ("/v1/rounds/r", "/v1/rounds/r/result"):
+                async with leader.get(path) as response:
+                    assert response.status == 401
+                    assert response.headers["WWW-Authenticate"] == auth.BEARER_CHALLENGE
+                    assert (await response.json())["error"] == "unauthenticated"
+            status, answer = await call(
+                leader, "PUT", "/v1/rounds/r", {"dim": 4}, headers={"Authorization": "Basic eA=="}
+            )
+            assert (status, answer["error"]) == (401, "unauthenticated")
+            assert "'Basic' is not supported" in answer["detail"]
+            status, answer = await call(leader, "PUT", "/v1/rounds/r", {"dim": 4}, headers=wrong)
+            assert (status, answer["error"]) == (403, "forbidden")
+            assert "0000" not in answer["detail"]  # a token is never echoed
+            await open_everywhere(clients, "r", 4, headers=good)
+            status, answer = await call(leader, "POST", "/v1/rounds/r/close", headers=wrong)
+            assert (status, answer["error"]) == (403, "forbidden")
+            assert (await call(leader, "GET", "/v1/rounds/r", headers=good))[0] == 200
+
+            body = Client(aggs[0].topology, "alice").prepare("r", np.ones(4))[0]
+            path = "/v1/rounds/r/shares/alice"
+            status, answer = await call(leader, "PUT", path, body)
+            assert (status, answer["error"]) == (401, "unauthenticated")
+            bob = auth.client_token(credentials_for(0).client_key, "bob")
+            other_agg = auth.client_token(credentials_for(1).client_key, "alice")
+            for token in (bob, other_agg, COLLECTOR_TOKEN):
+                headers = {"Authorization": f"Bearer {token}"}
+                status, answer = await call(leader, "PUT", path, body, headers=headers)
+                assert (status, answer["error"]) == (403, "forbidden"), token
+            assert aggs[0].rounds["r"].accepted == {}
+            alice = auth.client_token(credentials_for(0).client_key, "alice")
+            headers = {"Authorization": f"Bearer {alice}"}
+            assert (await call(leader, "PUT", path, body, headers=headers))[0] == 201
+            status, answer = await call(leader, "GET", "/healthz")  # liveness needs no token
+            assert status == 200 and answer["status"] == "ok"
+
+    run(main())
