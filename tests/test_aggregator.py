@@ -60,6 +60,7 @@ async def run_round(aggs: list[Aggregator], round_id: str) -> None:
     finally:
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def submit(

@@ -26,26 +26,7 @@ from mpc_agg.core.encoding import FixedPointEncoding
 from mpc_agg.core.field import HALF
 
 from .conftest import ROOT
-
-BASE = {
-    "name": "t",
-    "threshold": 1,
-    "aggregators": [
-        {"host": "127.0.0.1", "mpc_port": 1001, "http_port": 2001},
-        {"host": "127.0.0.1", "mpc_port": 1002, "http_port": 2002},
-        {"host": "127.0.0.1", "mpc_port": 1003, "http_port": 2003},
-    ],
-    "rounds": {"min_clients": 2, "max_clients": 100, "max_dim": 1000},
-    "encoding": {"frac_bits": 16, "coord_clip": 10.0, "l2_clip": None},
-}
-DP = {
-    "mechanism": "discrete_gaussian",
-    "epsilon": 1.0,
-    "delta": 1e-5,
-    "l2_clip": 1.0,
-    "max_colluding": 1,
-    "budget": {"epsilon": 8.0, "delta": 1e-4},
-}
+from .test_config import BASE, DP
 
 
 def dp_settings(**changes: object) -> DPSettings:

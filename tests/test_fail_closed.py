@@ -28,6 +28,7 @@ from mpc_agg.mpc.memory import InMemoryNetwork
 from mpc_agg.storage.journal import RoundJournal
 
 from .conftest import dp_topology_doc, topology_doc
+from .test_aggregator import run_round
 
 FAULTY = 1
 D = 64
@@ -67,21 +68,6 @@ def fill(aggs: list[Aggregator], round_id: str, n: int = 4) -> np.ndarray:
     return data
 
 
-async def close(aggs: list[Aggregator], round_id: str) -> None:
-    tasks = [asyncio.ensure_future(a.serve_commands()) for a in aggs]
-    try:
-        aggs[0].request_close(round_id)
-        for _ in range(2000):
-            if all(a.rounds[round_id].state in (RoundState.DONE, RoundState.FAILED) for a in aggs):
-                return
-            await asyncio.sleep(0.002)
-        raise AssertionError("round did not end")
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def sum_shares_sent(agg: Aggregator) -> list[bytes]:
     """Every share of the total this party sent (reveal payloads are bytes)."""
     return [obj for obj in agg.network.sent if isinstance(obj, (bytes, bytearray))]
@@ -114,7 +100,7 @@ def ledger_rounds(agg: Aggregator) -> list[str]:
 def test_baseline_the_same_round_without_a_fault_is_revealed(tmp_path) -> None:
     aggs = federation(tmp_path)
     data = fill(aggs, "r")
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     for a in aggs:
         assert a.rounds["r"].state is RoundState.DONE
         assert ledger_rounds(a) == ["r"]
@@ -126,7 +112,7 @@ def test_missing_noise_plan_refuses_before_anything_is_sent(tmp_path) -> None:
     aggs = federation(tmp_path)
     fill(aggs, "r")
     del aggs[FAULTY].privacy.mechanisms["r"]
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
     assert "no noise plan" in aggs[0].rounds["r"].failure
     assert all(ledger_rounds(a) == [] for a in aggs)
@@ -137,14 +123,14 @@ def test_budget_refusal_at_one_party_fails_the_round_everywhere(tmp_path) -> Non
 
     async def two_rounds() -> None:
         fill(aggs, "r0")
-        await close(aggs, "r0")
+        await run_round(aggs, "r0")
         # Only aggregator 1 has spent its budget (say, its ledger holds an earlier release).
         for a in aggs:
             a.network.sent.clear()
             if a.index != FAULTY:
                 a.ledger.events.clear()
         fill(aggs, "r")
-        await close(aggs, "r")
+        await run_round(aggs, "r")
 
     asyncio.run(two_rounds())
     assert_failed_everywhere_nothing_revealed(aggs, "r")
@@ -166,7 +152,7 @@ def test_a_mark_that_cannot_be_made_durable_fails_the_round(tmp_path, monkeypatc
         real(state)
 
     monkeypatch.setattr(journal, "append_mark", failing)
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
     assert ledger_rounds(aggs[FAULTY]) == []
     # The others charged the attempt only if they had got as far as the noise.
@@ -182,7 +168,7 @@ def test_ledger_append_failure_reveals_nothing_and_records_nothing(tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(aggs[FAULTY].privacy.ledger_file, "append", disk_full)
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
     assert ledger_rounds(aggs[FAULTY]) == []  # not charged in memory either
     assert ledger_rounds(aggs[0]) == ["r"] and ledger_rounds(aggs[2]) == ["r"]
@@ -196,7 +182,7 @@ def test_noise_sampling_failure_reveals_nothing_but_is_charged(tmp_path) -> None
     aggs = federation(tmp_path)
     aggs[FAULTY].privacy.noise_stream = BrokenStream
     fill(aggs, "r")
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
     assert all(ledger_rounds(a) == ["r"] for a in aggs)  # charged before the noise
 
@@ -213,7 +199,7 @@ def test_parties_that_disagree_on_the_noise_plan_refuse_before_anything_is_sent(
     from mpc_agg.aggregator.privacy import DiscreteGaussianNoise
 
     monkeypatch.setitem(aggs[FAULTY].privacy.mechanisms, "r", DiscreteGaussianNoise(changed))
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
     assert "disagree on the noise plan" in aggs[0].rounds["r"].failure
     assert all(ledger_rounds(a) == [] for a in aggs)
@@ -227,7 +213,7 @@ def test_a_ledger_that_cannot_check_refuses_in_step_with_the_others(tmp_path, mo
         raise ValueError("round 'old' was accounted on other RDP orders; cannot compose")
 
     monkeypatch.setattr(aggs[FAULTY].ledger, "check", broken)
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     assert_failed_everywhere_nothing_revealed(aggs, "r")
     assert "cannot check its privacy budget" in aggs[0].rounds["r"].failure
     assert len({len(a.network.sent) for a in aggs}) == 1  # every party made the same calls
@@ -280,7 +266,7 @@ def test_a_round_opened_under_other_dp_settings_is_not_recovered(tmp_path) -> No
 def test_ids_spent_before_the_round_index_existed_stay_spent(tmp_path) -> None:
     aggs = federation(tmp_path)
     fill(aggs, "old")
-    asyncio.run(close(aggs, "old"))
+    asyncio.run(run_round(aggs, "old"))
     for a in aggs:
         a.close_journals()
         a.round_index.path.unlink()  # as after an upgrade from a version without it
@@ -294,7 +280,7 @@ def test_a_ledger_that_forgot_a_revealed_round_stops_the_party(tmp_path) -> None
 
     aggs = federation(tmp_path)
     fill(aggs, "r")
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     for a in aggs:
         a.close_journals()
     aggs[2].topology.ledger_path(2).unlink()  # lost, or started from another directory
@@ -307,7 +293,7 @@ def test_the_revealed_share_carries_noise(tmp_path) -> None:
     aggs = federation(tmp_path)
     fill(aggs, "r")
     plain = aggs[FAULTY].rounds["r"].local_sum()
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     (sent,) = sum_shares_sent(aggs[FAULTY])
     from mpc_agg.core import field
 
@@ -328,7 +314,7 @@ def test_the_revealed_share_carries_noise(tmp_path) -> None:
 def test_round_ids_are_single_use_also_after_the_journal_is_gone(tmp_path) -> None:
     aggs = federation(tmp_path, dp=False)
     fill(aggs, "r1")
-    asyncio.run(close(aggs, "r1"))
+    asyncio.run(run_round(aggs, "r1"))
     assert not list(aggs[0].topology.aggregator_dir(0).glob("round-*.journal"))
     with pytest.raises(RoundIdUsed, match="single-use"):
         aggs[0].open_round("r1", D)
@@ -391,7 +377,7 @@ def test_a_journal_end_that_cannot_be_written_still_removes_the_journal(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(RoundJournal, "append_end", disk_full)
-    asyncio.run(close(aggs, "r"))
+    asyncio.run(run_round(aggs, "r"))
     assert all(a.rounds["r"].state is RoundState.DONE for a in aggs)
     for a in aggs:
         assert not list(a.topology.aggregator_dir(a.index).glob("round-*.journal"))
