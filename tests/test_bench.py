@@ -1,10 +1,10 @@
-"""scripts/bench.py: its pure pieces (planning, formatting, parsing, targets), the in-process
-ingest path, and one smoke run of the script against real aggregator processes."""
+"""The benchmark (``scripts.benchmark``, run as ``python scripts/bench.py``): its pure pieces
+(planning, formatting, parsing, targets), the in-process ingest path, and smoke runs of the
+script against real aggregator processes."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import json
 import subprocess
@@ -16,20 +16,39 @@ import pytest
 import yaml
 
 from mpc_agg import Topology
+from scripts.benchmark.cli import main
+from scripts.benchmark.plan import (
+    FULL_CLIENTS,
+    FULL_DIMS,
+    MUST_RUN,
+    cell_disk_bytes,
+    cell_memory_bytes,
+    estimate_round_seconds,
+    flower_cells,
+    grid_cells,
+    parse_sections,
+    plan_cell,
+    rss_target_bytes,
+)
+from scripts.benchmark.procs import parse_proc_status
+from scripts.benchmark.report import (
+    Progress,
+    fmt_bytes,
+    fmt_dim,
+    fmt_ratio,
+    fmt_seconds,
+    format_table,
+    one_line,
+    parse_count,
+    ratio,
+)
+from scripts.benchmark.sections.flower import flower_table, parse_last_json_line, run_flower_cell
+from scripts.benchmark.sections.grid import grid_table
+from scripts.benchmark.sections.ingest import ingest_times
+from scripts.benchmark.targets import evaluate_targets
+from scripts.benchmark.workload import topology_document
 
 from .conftest import ROOT, pid_alive
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 
 GiB = 1024**3
 
@@ -38,24 +57,24 @@ GiB = 1024**3
 
 
 def test_dimensions_print_as_powers_of_ten_and_parse_back():
-    assert [bench.fmt_dim(d) for d in (10**4, 10**7, 12345, 1)] == ["1e4", "1e7", "12345", "1"]
-    assert [bench.parse_count(t) for t in ("1e5", "100000", "100_000", "10")] == [10**5] * 3 + [10]
+    assert [fmt_dim(d) for d in (10**4, 10**7, 12345, 1)] == ["1e4", "1e7", "12345", "1"]
+    assert [parse_count(t) for t in ("1e5", "100000", "100_000", "10")] == [10**5] * 3 + [10]
     for bad in ("0", "-3", "1.5", "ten", "1e-2"):
         with pytest.raises(ValueError):
-            bench.parse_count(bad)
+            parse_count(bad)
 
 
 def test_seconds_bytes_and_ratios_format_with_units():
-    assert bench.fmt_seconds(2.5e-6) == "2.5 µs"
-    assert bench.fmt_seconds(0.0123) == "12.3 ms"
-    assert bench.fmt_seconds(12.345) == "12.35 s"
-    assert bench.fmt_seconds(None) == "n/a"
-    assert bench.fmt_bytes(232 * 10**6) == "232.0 MB"
-    assert bench.fmt_bytes(8 * 10**9) == "8.00 GB"
-    assert bench.ratio(3.0, 1.5) == 2.0
-    assert bench.ratio(None, 1.0) is None
-    assert bench.ratio(1.0, 0.0) is None
-    assert [bench.fmt_ratio(r) for r in (2.3456, 23.456, 1234.5, None)] == [
+    assert fmt_seconds(2.5e-6) == "2.5 µs"
+    assert fmt_seconds(0.0123) == "12.3 ms"
+    assert fmt_seconds(12.345) == "12.35 s"
+    assert fmt_seconds(None) == "n/a"
+    assert fmt_bytes(232 * 10**6) == "232.0 MB"
+    assert fmt_bytes(8 * 10**9) == "8.00 GB"
+    assert ratio(3.0, 1.5) == 2.0
+    assert ratio(None, 1.0) is None
+    assert ratio(1.0, 0.0) is None
+    assert [fmt_ratio(r) for r in (2.3456, 23.456, 1234.5, None)] == [
         "2.35x",
         "23.5x",
         "1234x",
@@ -64,7 +83,7 @@ def test_seconds_bytes_and_ratios_format_with_units():
 
 
 def test_table_aligns_columns_and_refuses_ragged_rows():
-    text = bench.format_table("title", ["d", "time"], [["1e4", "1.0 ms"], ["1e10", "12.0 s"]])
+    text = format_table("title", ["d", "time"], [["1e4", "1.0 ms"], ["1e10", "12.0 s"]])
     lines = text.splitlines()
     assert lines[0] == "title"
     assert lines[2] == "d       time"
@@ -72,15 +91,15 @@ def test_table_aligns_columns_and_refuses_ragged_rows():
     assert lines[5] == "1e10  12.0 s"
     assert lines[1] == lines[3] == lines[-1] == "-" * len(lines[2])
     with pytest.raises(ValueError, match="2 columns"):
-        bench.format_table("t", ["a", "b"], [["only one"]])
+        format_table("t", ["a", "b"], [["only one"]])
 
 
 def test_one_line_keeps_first_and_last_line():
-    assert bench.one_line("boom") == "boom"
-    assert bench.one_line("LaunchError: x\nTraceback\n  File\nAttributeError: y\n") == (
+    assert one_line("boom") == "boom"
+    assert one_line("LaunchError: x\nTraceback\n  File\nAttributeError: y\n") == (
         "LaunchError: x ... AttributeError: y"
     )
-    assert len(bench.one_line("x" * 1000, limit=50)) == 50
+    assert len(one_line("x" * 1000, limit=50)) == 50
 
 
 # -- memory and planning ---------------------------------------------------------------------
@@ -96,32 +115,32 @@ voluntary_ctxt_switches:\t10
 
 
 def test_proc_status_fields_in_kilobytes_become_bytes():
-    fields = bench.parse_proc_status(STATUS)
+    fields = parse_proc_status(STATUS)
     assert fields["VmHWM"] == 204800 * 1024
     assert fields["VmRSS"] == 102400 * 1024
     assert "Threads" not in fields and "Name" not in fields and "State" not in fields
-    assert bench.parse_proc_status("") == {}
+    assert parse_proc_status("") == {}
     meminfo = "MemTotal:       24684092 kB\nMemAvailable:   24385068 kB\nHugePages_Total:       0\n"
-    assert bench.parse_proc_status(meminfo)["MemAvailable"] == 24385068 * 1024
+    assert parse_proc_status(meminfo)["MemAvailable"] == 24385068 * 1024
 
 
 def test_rss_target_is_four_words_per_coordinate_plus_200_mb():
-    assert bench.rss_target_bytes(10**6) == 32 * 10**6 + 200 * 10**6
-    assert bench.rss_target_bytes(10**7) == 520 * 10**6
+    assert rss_target_bytes(10**6) == 32 * 10**6 + 200 * 10**6
+    assert rss_target_bytes(10**7) == 520 * 10**6
 
 
 def test_estimate_scales_with_clients_at_the_same_dimension():
     measured = [(10, 10**5, 1.0), (100, 10**5, 5.0), (10, 10**4, 0.2)]
     # the round of the same d with the most clients: 0.05 s per client
-    assert bench.estimate_round_seconds(measured, 1000, 10**5) == pytest.approx(50.0)
+    assert estimate_round_seconds(measured, 1000, 10**5) == pytest.approx(50.0)
 
 
 def test_estimate_scales_linearly_from_the_largest_smaller_dimension():
     measured = [(10, 10**4, 0.1), (100, 10**5, 10.0)]
     # 0.1 s per client at 1e5, times 10 for 1e6
-    assert bench.estimate_round_seconds(measured, 10, 10**6) == pytest.approx(10.0)
-    assert bench.estimate_round_seconds(measured, 10, 10**3) is None
-    assert bench.estimate_round_seconds([], 10, 10**4) is None
+    assert estimate_round_seconds(measured, 10, 10**6) == pytest.approx(10.0)
+    assert estimate_round_seconds(measured, 10, 10**3) is None
+    assert estimate_round_seconds([], 10, 10**4) is None
 
 
 def plan(**changes):
@@ -135,7 +154,7 @@ def plan(**changes):
         must_run=False,
     )
     args.update(changes)
-    return bench.plan_cell(100, 10**6, **args)
+    return plan_cell(100, 10**6, **args)
 
 
 def test_cells_within_budget_and_resources_run():
@@ -160,40 +179,40 @@ def test_cells_that_cannot_fit_are_skipped_even_if_they_must_run():
 
 
 def test_memory_and_disk_needs_grow_with_d_and_clients():
-    assert bench.cell_memory_bytes(10**7, 3, 4) > bench.cell_memory_bytes(10**6, 3, 4)
-    assert bench.cell_memory_bytes(10**6, 3, 8) > bench.cell_memory_bytes(10**6, 3, 4)
-    assert bench.cell_memory_bytes(10**7, 3, 4) < 16 * GiB  # the must-run cell fits here
-    assert bench.cell_disk_bytes(1000, 10**7) > 80 * 10**9  # the 1000 x 1e7 journals do not
+    assert cell_memory_bytes(10**7, 3, 4) > cell_memory_bytes(10**6, 3, 4)
+    assert cell_memory_bytes(10**6, 3, 8) > cell_memory_bytes(10**6, 3, 4)
+    assert cell_memory_bytes(10**7, 3, 4) < 16 * GiB  # the must-run cell fits here
+    assert cell_disk_bytes(1000, 10**7) > 80 * 10**9  # the 1000 x 1e7 journals do not
 
 
 def test_grid_runs_by_dimension_then_clients_and_flower_keeps_its_cells():
-    cells = bench.grid_cells([1000, 10, 100], [10**5, 10**4])
+    cells = grid_cells([1000, 10, 100], [10**5, 10**4])
     assert cells == [(10, 10**4), (100, 10**4), (1000, 10**4), (10, 10**5), (100, 10**5)] + [
         (1000, 10**5)
     ]
-    assert bench.flower_cells([10, 100, 1000], [10**4, 10**7]) == [(10, 10**4), (100, 10**4)]
-    assert set(bench.MUST_RUN) <= set(bench.grid_cells(bench.FULL_CLIENTS, bench.FULL_DIMS))
+    assert flower_cells([10, 100, 1000], [10**4, 10**7]) == [(10, 10**4), (100, 10**4)]
+    assert set(MUST_RUN) <= set(grid_cells(FULL_CLIENTS, FULL_DIMS))
 
 
 def test_sections_parse_in_run_order():
-    assert bench.parse_sections("grid, client") == ("client", "grid")
+    assert parse_sections("grid, client") == ("client", "grid")
     with pytest.raises(ValueError, match="unknown"):
-        bench.parse_sections("client,gird")
+        parse_sections("client,gird")
     with pytest.raises(ValueError):
-        bench.parse_sections(" , ")
+        parse_sections(" , ")
 
 
 def test_last_json_line_is_the_result():
     out = 'log line\n{"not": "this"}\nmore\n{"seconds": 1.5, "num_shares": 10}\n\n'
-    assert bench.parse_last_json_line(out) == {"seconds": 1.5, "num_shares": 10}
-    assert bench.parse_last_json_line('{"seconds": 1}\ntrailing text') is None
-    assert bench.parse_last_json_line("[1, 2]") is None
-    assert bench.parse_last_json_line("") is None
+    assert parse_last_json_line(out) == {"seconds": 1.5, "num_shares": 10}
+    assert parse_last_json_line('{"seconds": 1}\ntrailing text') is None
+    assert parse_last_json_line("[1, 2]") is None
+    assert parse_last_json_line("") is None
 
 
 def test_topology_document_moves_the_base_to_fresh_ports_with_room_for_the_grid(tmp_path):
     base = yaml.safe_load((ROOT / "configs" / "local-3.yaml").read_text())
-    doc = bench.topology_document(base, tmp_path / "data", fsync=False)
+    doc = topology_document(base, tmp_path / "data", fsync=False)
     topo = Topology.from_dict(doc)
     assert topo.m == 3 and topo.threshold == base["threshold"]
     assert topo.fsync is False and topo.data_dir == tmp_path / "data"
@@ -230,7 +249,7 @@ def test_targets_judge_the_figures_and_say_what_was_not_measured():
             {"clients": 10, "dim": 10**7, "status": "skipped", "reason": "memory"},
         ],
     }
-    got = {t["target"]: (t["value"], t["verdict"]) for t in bench.evaluate_targets(results)}
+    got = {t["target"]: (t["value"], t["verdict"]) for t in evaluate_targets(results)}
     assert got["full-share ingest <= 3x numpy add (d=1e6, fsync on, 1 in flight)"] == (
         "2.50x",
         "met",
@@ -249,7 +268,7 @@ def test_targets_judge_the_figures_and_say_what_was_not_measured():
 
 
 def test_targets_of_an_empty_run_are_all_unmeasured():
-    targets = bench.evaluate_targets({})
+    targets = evaluate_targets({})
     assert targets and {t["verdict"] for t in targets} == {"n/a"}
 
 
@@ -267,14 +286,14 @@ def test_tables_render_skipped_and_failed_cells():
             "http_s": 0.01,
             "ratio_vs_http": 6.0,
             "aggregator_peak_rss_bytes": [150 * 10**6] * 3,
-            "rss_target_bytes": bench.rss_target_bytes(10**4),
+            "rss_target_bytes": rss_target_bytes(10**4),
             "max_abs_error": 3e-7,
             "flower_s": 0.5,
             "flower_ratio": 8.3,
         },
         {"clients": 1000, "dim": 10**7, "status": "skipped", "reason": "journals need 80 GB"},
     ]
-    text = bench.grid_table(grid)
+    text = grid_table(grid)
     assert "10 x 1e4" in text and "8.30x" in text
     assert "1000 x 1e7: skipped: journals need 80 GB" in text
     flower = [
@@ -292,7 +311,7 @@ def test_tables_render_skipped_and_failed_cells():
             "ratio": 8.3,
         },
     ]
-    text = bench.flower_table(flower)
+    text = flower_table(flower)
     assert "flwr 1.41.0" in text and "timed out after 300 s" in text and "10/6" in text
 
 
@@ -301,7 +320,7 @@ def test_tables_render_skipped_and_failed_cells():
 
 def test_progress_off_a_terminal_prints_quarters_of_long_counts_only():
     out = io.StringIO()
-    p = bench.Progress(out)
+    p = Progress(out)
     p.line("grid 1/2: running")
     for i in range(1, 101):
         p.count("uploading", i, 100)
@@ -319,8 +338,8 @@ def test_progress_off_a_terminal_prints_quarters_of_long_counts_only():
 
 def test_ingest_drives_the_real_upload_path(tmp_path):
     base = yaml.safe_load((ROOT / "configs" / "local-3.yaml").read_text())
-    topo = Topology.from_dict(bench.topology_document(base, tmp_path / "data", fsync=False))
-    latencies, wall = asyncio.run(bench.ingest_times(topo, 16, None, 0.0, 2))
+    topo = Topology.from_dict(topology_document(base, tmp_path / "data", fsync=False))
+    latencies, wall = asyncio.run(ingest_times(topo, 16, None, 0.0, 2))
     assert len(latencies) == 6 and wall > 0 and all(t > 0 for t in latencies)
 
 
@@ -333,10 +352,10 @@ def test_flower_runner_reads_the_last_json_line_and_times_out(tmp_path):
         "if n > 50: time.sleep(30)\n"
         "print(json.dumps({'seconds': 0.25, 'num_shares': n}))\n"
     )
-    obj, why = bench.run_flower_cell(script, 10, 100, timeout_s=20)
+    obj, why = run_flower_cell(script, 10, 100, timeout_s=20)
     assert why is None and obj == {"seconds": 0.25, "num_shares": 10}
     t = time.monotonic()
-    obj, why = bench.run_flower_cell(script, 100, 100, timeout_s=0.5)
+    obj, why = run_flower_cell(script, 100, 100, timeout_s=0.5)
     assert obj is None and why == "timed out after 0.5 s"
     assert time.monotonic() - t < 10
 
@@ -367,7 +386,7 @@ def test_quick_reveal_run_writes_the_figures_and_stops_its_processes(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reveal: 3-party local federation" in proc.stdout
-    assert "targets (issue 5)" in proc.stdout
+    assert "performance targets: figures to report" in proc.stdout
     assert "reveal: d = 1e4" in proc.stderr  # progress
     doc = json.loads(out.read_text())
     assert {"machine", "settings", "reveal", "grid", "targets", "failures"} <= doc.keys()
@@ -382,7 +401,19 @@ def test_quick_reveal_run_writes_the_figures_and_stops_its_processes(tmp_path):
 
 
 def test_bad_options_exit_with_status_2():
-    assert bench.main(["--only", "nothing"]) == 2
-    assert bench.main(["--dims", "1e8"]) == 2
-    assert bench.main(["--concurrency", "0"]) == 2
-    assert bench.main(["--config", str(Path(ROOT / "configs" / "tls-3.yaml"))]) == 2
+    assert main(["--only", "nothing"]) == 2
+    assert main(["--dims", "1e8"]) == 2
+    assert main(["--concurrency", "0"]) == 2
+    assert main(["--config", str(Path(ROOT / "configs" / "tls-3.yaml"))]) == 2
+
+
+def test_the_package_runs_with_python_m_and_through_the_script():
+    for command in (
+        [sys.executable, "-m", "scripts.benchmark"],
+        [sys.executable, str(ROOT / "scripts" / "bench.py")],
+    ):
+        proc = subprocess.run(
+            [*command, "--only", "nothing"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "unknown section" in proc.stderr

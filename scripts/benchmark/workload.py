@@ -1,0 +1,73 @@
+"""What the benchmark feeds mpc_agg and its baselines: topologies on fresh ports, the
+simulated clients' vectors (generated per client from a seed, never all held at once),
+round ids, and repeated timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpc_agg.launcher import free_loopback_ports
+
+from .plan import FULL_CLIENTS, FULL_DIMS
+
+
+def repeat_timed(
+    fn: Callable[[], object], *, min_total_s: float, min_reps: int = 3, max_reps: int = 1000
+) -> list[float]:
+    """Call ``fn`` until ``min_total_s`` seconds and ``min_reps`` calls (at most ``max_reps``);
+    the duration of each call in seconds."""
+    times: list[float] = []
+    while len(times) < max_reps and (len(times) < min_reps or sum(times) < min_total_s):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def client_vector(seed: int, index: int, dim: int) -> np.ndarray:
+    """Client ``index``'s float64 vector of length ``dim``, uniform in [-1, 1): generated
+    on the fly from ``(seed, index)``, identically for mpc_agg and both baselines."""
+    return np.random.default_rng((seed, index)).uniform(-1.0, 1.0, dim)
+
+
+def client_name(index: int) -> str:
+    """The id of simulated client ``index``."""
+    return f"client-{index:05d}"
+
+
+def topology_document(
+    base: dict[str, Any], data_dir: Path, *, fsync: bool | None = None
+) -> dict[str, Any]:
+    """``base`` (a parsed topology YAML) on fresh loopback ports, with ``data_dir``, room for
+    1000 clients x 1e7 and, if given, ``fsync``."""
+    doc: dict[str, Any] = json.loads(json.dumps(base))  # deep copy of plain YAML data
+    m = len(doc["aggregators"])
+    ports = free_loopback_ports(2 * m)
+    doc["name"] = "bench"
+    doc["aggregators"] = [
+        {"host": "127.0.0.1", "mpc_port": ports[2 * i], "http_port": ports[2 * i + 1]}
+        for i in range(m)
+    ]
+    rounds = dict(doc.get("rounds") or {})
+    rounds["max_dim"] = max(int(rounds.get("max_dim", 0)), max(FULL_DIMS))
+    rounds["max_clients"] = max(int(rounds.get("max_clients", 0)), max(FULL_CLIENTS) + 10)
+    doc["rounds"] = rounds
+    doc["data_dir"] = str(data_dir)
+    if fsync is not None:
+        doc["fsync"] = fsync
+    return doc
+
+
+_round_counter = iter(range(10**9))
+
+
+def new_round_id(kind: str) -> str:
+    """A round id unique within this bench run."""
+    return f"bench-{kind}-{os.getpid()}-{next(_round_counter)}"
