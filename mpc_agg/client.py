@@ -17,11 +17,23 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
 from mpc_agg.core.sharing import full_share_index, shard_in_place
-from mpc_agg.errors import EncodingError, RemoteRefusal, UploadRefused, UsageError
-from mpc_agg.transport.http_client import AggregatorAPI, new_session, run_sync
+from mpc_agg.errors import (
+    EncodingError,
+    RemoteRefusal,
+    TopologyMismatchError,
+    UploadRefused,
+    UsageError,
+)
+from mpc_agg.transport.http_client import (
+    AggregatorAPI,
+    new_session,
+    run_sync,
+    tokens_per_aggregator,
+)
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,8 @@ class Client:
     ) -> None:
         self.topology = topology
         self.client_id = codec.check_id("client", client_id)
-        self._tokens = _per_aggregator(token, topology.m)
+        self._tokens = tokens_per_aggregator(token, topology.m)
+        self.fingerprint = fingerprint(topology)
         self.timeout_s = timeout_s
         self.retries = retries
         self._rng = rng if rng is not None else np.random.default_rng()
@@ -132,6 +145,7 @@ class Client:
                     session,
                     self.topology.aggregators[i],
                     token=self._tokens[i],
+                    fingerprint=self.fingerprint,
                     retries=self.retries,
                 )
                 for i in targets
@@ -141,6 +155,9 @@ class Client:
                 return_exceptions=True,
             )
         accepted = tuple(i for i, o in zip(targets, outcomes, strict=True) if isinstance(o, tuple))
+        for o in outcomes:
+            if isinstance(o, TopologyMismatchError):
+                raise o
         for o in outcomes:
             if isinstance(o, RemoteRefusal):
                 raise UploadRefused(o.aggregator, o.status, o.code, o.detail, accepted=accepted)
@@ -155,15 +172,3 @@ class Client:
         return SubmitReceipt(
             round_id, self.client_id, retries, sum(len(bodies[i]) for i in targets)
         )
-
-
-def _per_aggregator(token: str | Sequence[str] | None, m: int) -> list[str | None]:
-    """One token (or None) per aggregator from the forms :class:`Client` accepts."""
-    if token is None:
-        return [None] * m
-    tokens = token.split(",") if isinstance(token, str) else list(token)
-    if len(tokens) == 1:
-        tokens = tokens * m
-    if len(tokens) != m:
-        raise UsageError(f"expected 1 or {m} tokens (one per aggregator), got {len(tokens)}")
-    return [t.strip() for t in tokens]

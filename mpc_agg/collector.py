@@ -1,8 +1,11 @@
 """The collector role: open rounds on every aggregator, trigger aggregation, fetch the total.
 
 docs/design.md, "Processes". The collector opens a round on each aggregator (same id and
-dimension), asks the leader to close it once clients have submitted, and polls the leader
-for the revealed total, which it decodes with the topology's encoding.
+dimension), asks the leader to close it once clients have submitted, polls the leader for
+the revealed total, fetches every aggregator's signed result statement and accepts the
+total only if all of them vouch for it (:func:`verify_statements`); it decodes it with the
+topology's encoding. A result saved with :meth:`AggregateResult.save` can be re-checked
+by anyone holding the topology (:func:`load_and_verify`).
 """
 
 from __future__ import annotations
@@ -10,17 +13,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
 from mpc_agg.core.field import FieldArray
-from mpc_agg.errors import AggregationTimeout, RemoteRefusal, RoundFailed
-from mpc_agg.transport.http_client import AggregatorAPI, new_session, run_sync
+from mpc_agg.core.statement import ResultStatement, SignedStatement, verify_result
+from mpc_agg.errors import AggregationTimeout, RemoteRefusal, RoundFailed, UsageError
+from mpc_agg.transport.http_client import (
+    AggregatorAPI,
+    new_session,
+    run_sync,
+    tokens_per_aggregator,
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +45,12 @@ class AggregateResult:
     ``noise_stddev``: standard deviation of the noise in each coordinate of ``total``
     (output units; None without DP); ``cumulative_epsilon``/``cumulative_delta``: the
     privacy spent by all rounds so far, this one included (None without DP);
-    ``timings``: seconds spent by phase at the leader.
+    ``timings``: seconds spent by phase at the leader; ``statements``: every aggregator's
+    signed result statement (JSON form), which :func:`verify_statements` checks again later.
+
+    ``num_clients``, ``dropped_clients``, ``epsilon``, ``delta`` and ``noise_stddev`` are
+    the values all aggregators signed; ``cumulative_*`` and ``timings`` are the leader's
+    word alone.
     """
 
     round_id: str
@@ -47,25 +64,87 @@ class AggregateResult:
     cumulative_epsilon: float | None = None
     cumulative_delta: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    statements: tuple[dict[str, Any], ...] = ()
+
+    def save(self, path: str | Path) -> None:
+        """Write the exact total and the statements to ``path`` (``.npz``), so anyone with
+        the topology can check them later (:func:`load_and_verify`)."""
+        np.savez(
+            path,
+            round_id=np.array(self.round_id),
+            field_total=np.asarray(self.field_total, dtype=np.uint64),
+            statements=np.array(json.dumps(list(self.statements))),
+        )
+
+
+def verify_statements(
+    topology: Topology, round_id: str, field_total: FieldArray, statements: Sequence[Any]
+) -> ResultStatement:
+    """Check that every aggregator of ``topology`` signed a statement vouching for
+    ``field_total`` of ``round_id`` under this topology; returns the agreed statement or
+    raises :class:`~mpc_agg.core.statement.ResultMismatch` (README, "Security model")."""
+    if not topology.has_keys:
+        raise UsageError(
+            "this topology names no signing keys (a template): verify against the topology "
+            "the aggregators run"
+        )
+    signed = [SignedStatement.from_json(st) for st in statements]
+    keys = [bytes.fromhex(str(a.signing_key)) for a in topology.aggregators]
+    return verify_result(field_total, signed, keys, fingerprint(topology), round_id)
+
+
+def load_and_verify(topology: Topology, path: str | Path) -> AggregateResult:
+    """A result saved with :meth:`AggregateResult.save`, verified against ``topology``."""
+    with np.load(path, allow_pickle=False) as data:
+        round_id = str(data["round_id"])
+        total = np.ascontiguousarray(data["field_total"], dtype=np.uint64)
+        statements = json.loads(str(data["statements"]))
+    return _verified_result(topology, round_id, total, statements, {})
+
+
+def _verified_result(
+    topology: Topology,
+    round_id: str,
+    total: FieldArray,
+    statements: Sequence[dict[str, Any]],
+    meta: dict[str, Any],
+) -> AggregateResult:
+    st = verify_statements(topology, round_id, total, statements)
+    return AggregateResult(
+        round_id=round_id,
+        total=topology.encoding.decode(total),
+        field_total=total,
+        num_clients=st.num_clients,
+        dropped_clients=st.dropped_clients,
+        epsilon=st.epsilon,
+        delta=st.delta,
+        noise_stddev=st.noise_stddev,
+        cumulative_epsilon=meta.get("cumulative_epsilon"),
+        cumulative_delta=meta.get("cumulative_delta"),
+        timings=dict(meta.get("timings", {})),
+        statements=tuple(statements),
+    )
 
 
 class Collector:
     """Orchestrates rounds for the aggregators of ``topology``.
 
-    ``token``: the collector's bearer token, required when the topology has ``auth``
-    (``collector.token`` made by ``scripts/make_secrets.py``).
+    ``token``: the collector's bearer tokens, required unless the topology is ``insecure``:
+    one per aggregator (each aggregator issues its own: ``collector.token`` in its party
+    directory), as a sequence or a comma-separated line; a single token is sent to all.
     """
 
     def __init__(
         self,
         topology: Topology,
-        token: str | None = None,
+        token: str | Sequence[str] | None = None,
         *,
         timeout_s: float = 60.0,
         retries: int = 3,
     ) -> None:
         self.topology = topology
-        self.token = token
+        self._tokens = tokens_per_aggregator(token, topology.m)
+        self.fingerprint = fingerprint(topology)
         self.timeout_s = timeout_s
         self.retries = retries
 
@@ -74,7 +153,13 @@ class Collector:
 
     def _apis(self, session: Any) -> list[AggregatorAPI]:
         return [
-            AggregatorAPI(session, a, token=self.token, retries=self.retries)
+            AggregatorAPI(
+                session,
+                a,
+                token=self._tokens[a.index],
+                fingerprint=self.fingerprint,
+                retries=self.retries,
+            )
             for a in self.topology.aggregators
         ]
 
@@ -141,35 +226,56 @@ class Collector:
                     if time.monotonic() + 0.5 > deadline:
                         raise AggregationTimeout(f"{late}: {exc.detail}") from None
                     await asyncio.sleep(0.5)
-            delay = 0.02
-            while True:
-                try:
-                    _, body = await leader.request(
-                        "GET", f"/v1/rounds/{round_id}/result", deadline=deadline
-                    )
-                    break
-                except AggregationTimeout as exc:
-                    raise AggregationTimeout(f"{late}: {exc}") from None
-                except RemoteRefusal as exc:
-                    if exc.code == "round_failed":
-                        raise RoundFailed(round_id, exc.detail, exc.failure or "unknown") from None
-                    if exc.code != "result_not_ready":
-                        raise
-                if time.monotonic() + delay > deadline:
-                    raise AggregationTimeout(late)
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 0.5)
-        total, meta = codec.decode_result(body)
-        return AggregateResult(
-            round_id=round_id,
-            total=self.topology.encoding.decode(total),
-            field_total=total,
-            num_clients=int(meta["num_clients"]),
-            dropped_clients=int(meta.get("dropped_clients", 0)),
-            epsilon=meta.get("epsilon"),
-            delta=meta.get("delta"),
-            noise_stddev=meta.get("noise_stddev"),
-            cumulative_epsilon=meta.get("cumulative_epsilon"),
-            cumulative_delta=meta.get("cumulative_delta"),
-            timings=dict(meta.get("timings", {})),
-        )
+            body = await _poll_until_done(leader, round_id, "result", deadline, late)
+            total, meta = codec.decode_result(body)
+            if not self.topology.has_keys:  # an in-process topology: nothing to verify with
+                return _unverified_result(self.topology, round_id, total, meta)
+            answers = await asyncio.gather(
+                *(
+                    _poll_until_done(api, round_id, "statement", deadline, late)
+                    for api in self._apis(session)
+                )
+            )
+        statements = [json.loads(raw) for raw in answers]
+        return _verified_result(self.topology, round_id, total, statements, meta)
+
+
+async def _poll_until_done(
+    api: AggregatorAPI, round_id: str, what: str, deadline: float, late: str
+) -> bytes:
+    """GET ``/v1/rounds/{round}/{what}`` until the round has ended there (backing off from
+    20 ms to 0.5 s); raises RoundFailed if it failed, AggregationTimeout past ``deadline``."""
+    delay = 0.02
+    while True:
+        try:
+            _, body = await api.request("GET", f"/v1/rounds/{round_id}/{what}", deadline=deadline)
+            return body
+        except AggregationTimeout as exc:
+            raise AggregationTimeout(f"{late}: {exc}") from None
+        except RemoteRefusal as exc:
+            if exc.code == "round_failed":
+                raise RoundFailed(round_id, exc.detail, exc.failure or "unknown") from None
+            if exc.code != "result_not_ready":
+                raise
+        if time.monotonic() + delay > deadline:
+            raise AggregationTimeout(late)
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def _unverified_result(
+    topology: Topology, round_id: str, total: FieldArray, meta: dict[str, Any]
+) -> AggregateResult:
+    return AggregateResult(
+        round_id=round_id,
+        total=topology.encoding.decode(total),
+        field_total=total,
+        num_clients=int(meta["num_clients"]),
+        dropped_clients=int(meta.get("dropped_clients", 0)),
+        epsilon=meta.get("epsilon"),
+        delta=meta.get("delta"),
+        noise_stddev=meta.get("noise_stddev"),
+        cumulative_epsilon=meta.get("cumulative_epsilon"),
+        cumulative_delta=meta.get("cumulative_delta"),
+        timings=dict(meta.get("timings", {})),
+    )

@@ -46,6 +46,11 @@ class StateError(LocalError):
     budget that forgot spending."""
 
 
+class StartupError(LocalError):
+    """A party cannot start: an address it must listen on cannot be bound (in use, or not
+    an address of this machine); the message names the address."""
+
+
 class EncodingError(LocalError, ValueError):
     """A vector cannot be encoded (wrong shape, NaN/inf, ...)."""
 
@@ -218,6 +223,13 @@ class NotLeader(PeerError):
     code = "not_leader"
 
 
+class TopologyMismatch(PeerError):
+    """The request was made under another topology than the aggregator's (its fingerprint,
+    sent in the ``X-Mpc-Agg-Topology`` header, differs): nothing was done."""
+
+    code = "topology_mismatch"
+
+
 class PartyNetworkDown(PeerError):
     """A close was requested while links between aggregators are down."""
 
@@ -299,6 +311,14 @@ class RemoteRefusal(MpcAggError):
         self.failure = failure
         """For ``round_failed``: the round's failure code (:data:`FAILURE_CODES`)."""
         super().__init__(f"aggregator {aggregator} refused ({status} {code}): {detail}")
+
+
+class TopologyMismatchError(RemoteRefusal):
+    """An aggregator runs another topology than the caller's (409 ``topology_mismatch``):
+    nothing was uploaded or collected; load the same topology file as the aggregators."""
+
+    def __init__(self, aggregator: int, detail: str) -> None:
+        super().__init__(aggregator, 409, "topology_mismatch", detail)
 
 
 class UploadRefused(RemoteRefusal):

@@ -2,11 +2,17 @@
 
 docs/design.md, "Processes"; README, "Running aggregators". Used by
 ``scripts/launch_local.py``, the demo, the benchmark and the integration tests. Each party is
-a separate process (``python -m mpc_agg.party --config C --index i``, or another party
-program given as ``party_command``, e.g. a test's fault-injecting one); its output is
-prefixed with ``[agg i]``. :meth:`LocalFederation.wait_ready` returns once every party's HTTP
-API answers and its MPyC links are connected. Every child is started with
-:func:`die_with_parent`, so none outlives the process that started it.
+a separate process (``python -m mpc_agg.party --config C --index i --party-dir D``, or
+another party program given as ``party_command``, e.g. a test's fault-injecting one); its
+output is prefixed with ``[agg i]``. A template topology (no keys) is provisioned first
+(:func:`mpc_agg.provision.provision_local`): throw-away keys, one party directory each.
+
+:meth:`LocalFederation.wait_ready` returns once every party proves who it is: it answers
+``/healthz`` over HTTPS pinned to its own certificate, with the collector's token, naming
+its index, the topology's fingerprint and the process id the launcher started, and its
+party links are up. Something else on a party's port fails the launch, naming the port.
+Every child is started with :func:`die_with_parent`, so none outlives the process that
+started it.
 """
 
 from __future__ import annotations
@@ -25,9 +31,16 @@ import urllib.request
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO, TYPE_CHECKING, TextIO
 
+from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
+from mpc_agg.provision import LocalDeployment, deployment_of, provision_local
+from mpc_agg.transport.tls import https_client_context
+
+if TYPE_CHECKING:
+    from mpc_agg.client import Client
+    from mpc_agg.collector import Collector
 
 
 def die_with_parent() -> None:
@@ -65,16 +78,19 @@ class LaunchError(RuntimeError):
 
 
 PARTY_COMMAND: tuple[str, ...] = (sys.executable, "-u", "-m", "mpc_agg.party")
-"""The program that runs one party; the launcher appends ``--config``, ``--index`` and
-``--log-level``."""
+"""The program that runs one party; the launcher appends ``--config``, ``--index``,
+``--party-dir`` and ``--log-level``."""
 
 
 class LocalFederation:
-    """The aggregator processes of ``topology`` (read from ``config_path``).
+    """The aggregator processes of the topology at ``config_path``.
 
+    A template (no keys) is provisioned with throw-away keys under its ``data_dir``
+    (:func:`mpc_agg.provision.provision_local`); a topology with keys needs
+    ``party_dirs``, one per aggregator. :attr:`deployment` then gives the provisioned
+    topology, the tokens and ready-made :meth:`client` / :meth:`collector` objects.
     ``party_command`` replaces :data:`PARTY_COMMAND` as the program run for each party (it
-    must accept the same ``--config``/``--index``/``--log-level`` options); ``env`` is added
-    to the parties' environment.
+    must accept the same options); ``env`` is added to the parties' environment.
     """
 
     def __init__(
@@ -86,15 +102,22 @@ class LocalFederation:
         cwd: str | Path | None = None,
         env: dict[str, str] | None = None,
         party_command: Sequence[str] | None = None,
+        party_dirs: Sequence[str | Path] | None = None,
     ) -> None:
-        self.config_path = Path(config_path).resolve()
-        self.topology = Topology.load(self.config_path)
+        self.cwd = Path(cwd) if cwd is not None else Path.cwd()
+        template = Path(config_path).resolve()
+        if party_dirs is not None:
+            self.deployment: LocalDeployment = deployment_of(template, party_dirs)
+        else:
+            self.deployment = provision_local(template, cwd=self.cwd)
+        self.config_path = self.deployment.topology_path
+        self.topology = self.deployment.topology()
+        self.fingerprint = fingerprint(self.topology)
         self.log_level = log_level
         self.output = output if output is not None else sys.stdout
-        self.cwd = Path(cwd) if cwd is not None else Path.cwd()
         self.env = dict(env or {})
         self.party_command = tuple(party_command) if party_command else PARTY_COMMAND
-        self._tls_context: ssl.SSLContext | None = None
+        self._collector_tokens: list[str] | None = None
         self.processes: list[subprocess.Popen[str]] = []
         self._tails: list[deque[str]] = []
         self._threads: list[threading.Thread] = []
@@ -125,6 +148,8 @@ class LocalFederation:
             str(self.config_path),
             "--index",
             str(index),
+            "--party-dir",
+            str(self.deployment.party_dirs[index]),
             "--log-level",
             self.log_level,
         ]
@@ -200,19 +225,53 @@ class LocalFederation:
             time.sleep(0.1)
 
     def _is_ready(self, i: int) -> bool:
-        url = self.topology.aggregators[i].url + "/healthz"
-        context = None
-        if self.topology.tls is not None:
-            if self._tls_context is None:  # one context for every readiness poll
-                from mpc_agg.transport.tls import client_context
-
-                self._tls_context = client_context(self.topology.tls.dir)
-            context = self._tls_context
+        """True once aggregator ``i`` proves it is the process this launcher started, for
+        this topology, with its links up; raises :class:`LaunchError` when the port is held
+        by something else."""
+        address = self.topology.aggregators[i]
+        where = f"{address.host}:{address.http_port}"
+        headers = {}
+        if not self.topology.insecure:
+            if self._collector_tokens is None:
+                self._collector_tokens = self.deployment.collector_tokens()
+            headers["Authorization"] = f"Bearer {self._collector_tokens[i]}"
+        request = urllib.request.Request(address.url + "/healthz", headers=headers)
         try:
-            with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
-                return bool(json.loads(resp.read()).get("mpc") == "connected")
+            with urllib.request.urlopen(
+                request, timeout=1.0, context=https_client_context(address)
+            ) as resp:
+                status = json.loads(resp.read())
+        except ssl.SSLCertVerificationError:
+            raise LaunchError(
+                f"port {where} (aggregator {i}'s HTTP API) is held by another server: it does "
+                "not present the certificate this topology pins"
+            ) from None
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise LaunchError(
+                    f"port {where} (aggregator {i}'s HTTP API) is held by another server: it "
+                    f"refuses this federation's token ({exc.code})"
+                ) from None
+            return False
         except (OSError, urllib.error.URLError, ValueError):
             return False
+        expected = (i, self.fingerprint, self.processes[i].pid)
+        found = (status.get("aggregator"), status.get("fingerprint"), status.get("pid"))
+        if found != expected:
+            raise LaunchError(
+                f"port {where} (aggregator {i}'s HTTP API) is held by another process "
+                f"(it answers as aggregator {found[0]}, pid {found[2]}, not pid {expected[2]}): "
+                "is this topology already running?"
+            )
+        return bool(status.get("mpc") == "connected")
+
+    def client(self, client_id: str, **kwargs: object) -> Client:
+        """A client of this federation with its tokens (:class:`LocalDeployment`)."""
+        return self.deployment.client(client_id, **kwargs)
+
+    def collector(self, **kwargs: object) -> Collector:
+        """The collector of this federation with its tokens."""
+        return self.deployment.collector(**kwargs)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every party, wait, then SIGKILL any that remain. Idempotent."""

@@ -15,19 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from mpc_agg.config.schema import Topology
-from mpc_agg.errors import ConfigError
+from mpc_agg.errors import ConfigError, StartupError
 from mpc_agg.mpc.network import PartyNetwork
 
 if TYPE_CHECKING:
+    from mpc_agg.identity import PartySecrets
     from mpc_agg.transport.auth import Credentials
 
 log = logging.getLogger("mpc_agg.party")
@@ -45,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="topology YAML, e.g. configs/local-3.yaml")
     parser.add_argument("--index", required=True, type=int, help="this aggregator's index, 0..m-1")
     parser.add_argument(
+        "--party-dir",
+        required=True,
+        help="this aggregator's own party directory: its private keys and tokens, made for "
+        "the topology's aggregators[INDEX] entry (the local launcher provisions one per party)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -58,6 +65,7 @@ async def serve(
     index: int,
     network: PartyNetwork,
     credentials: Credentials | None = None,
+    secrets: PartySecrets | None = None,
 ) -> None:
     """Run aggregator ``index`` of ``topology`` over ``network`` until SIGTERM/SIGINT.
 
@@ -68,7 +76,9 @@ async def serve(
     from mpc_agg.aggregator import Aggregator
     from mpc_agg.transport.http_server import build_app
 
-    aggregator = Aggregator(topology, index, network)
+    aggregator = Aggregator(
+        topology, index, network, signing_key=None if secrets is None else secrets.signing_key
+    )
     recovered = aggregator.recover()
     if recovered:
         log.info("aggregator %d: recovered %d open round(s) from journals", index, recovered)
@@ -79,12 +89,20 @@ async def serve(
     )
     await runner.setup()
     ssl_context = None
-    if topology.tls is not None:
-        from mpc_agg.transport.tls import server_context
+    if not topology.insecure and secrets is not None:
+        from mpc_agg.transport.tls import https_server_context
 
-        ssl_context = server_context(topology.tls.dir, index)
+        ssl_context = https_server_context(secrets.https)
     site = web.TCPSite(runner, address.host, address.http_port, ssl_context=ssl_context)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        aggregator.close_journals()
+        raise StartupError(
+            f"cannot listen for the HTTP API on {address.host}:{address.http_port}: "
+            f"{exc.strerror or exc}"
+        ) from None
     log.info("aggregator %d: HTTP API on %s", index, address.url)
 
     stop = asyncio.Event()
@@ -133,8 +151,9 @@ async def serve(
     network_task = asyncio.ensure_future(keep_network())
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({network_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if network_task in done and network_task.exception() is not None:
-        log.error("aggregator %d: party network failed: %r", index, network_task.exception())
+    failure = network_task.exception() if network_task in done else None
+    if failure is not None:
+        log.error("aggregator %d: party network failed: %s", index, failure)
     log.info("aggregator %d: stopping", index)
     network_task.cancel()
     stopped.cancel()
@@ -143,6 +162,8 @@ async def serve(
     aggregator.close_journals()
     await network.stop()
     log.info("aggregator %d: stopped", index)
+    if isinstance(failure, StartupError):
+        raise failure
 
 
 def main(
@@ -173,40 +194,42 @@ def main(
         )
         return 2
 
+    from mpc_agg.config.fingerprint import section_digests
+    from mpc_agg.identity import load_party_dir
     from mpc_agg.mpc.argv import mpyc_argv
-    from mpc_agg.mpc.runtime import MpycNetwork
-    from mpc_agg.transport import auth, tls
+    from mpc_agg.mpc.runtime import LinkSecurity, MpycNetwork
 
     topology = topology.with_absolute_paths()
-    credentials: auth.Credentials | None = None
     try:
-        if topology.tls is not None:
-            tls.check_tls_dir(topology.tls.dir, topology.m, index=args.index)
-        if topology.auth is not None:
-            secrets_dir = topology.auth.secrets_dir
-            credentials = auth.Credentials(
-                auth.load_secret(
-                    auth.aggregator_key_path(secrets_dir, args.index), yaml_path="auth.secrets_dir"
-                ),
-                auth.load_collector_token(secrets_dir),
-            )
+        secrets = load_party_dir(Path(args.party_dir), topology.aggregators[args.index])
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if topology.tls is not None:
-        os.chdir(tls.mpyc_dir(topology.tls.dir))  # MPyC reads .config/ relative to here
-
+    credentials = None if topology.insecure else secrets.credentials
+    if topology.insecure:
+        log.warning(
+            "aggregator %d: INSECURE topology: plain HTTP and no tokens; anyone who reaches "
+            "the HTTP API on this machine controls rounds (party links stay authenticated)",
+            args.index,
+        )
     mpc_level = "info" if args.log_level == "debug" else "warning"
+    security = LinkSecurity(
+        cert_key=secrets.party_link,
+        pins={a.index: str(a.party_cert) for a in topology.aggregators},
+        bind_host=topology.aggregators[args.index].host,
+        digests=section_digests(topology),
+    )
     network = MpycNetwork(
         mpyc_argv(topology, args.index, log_level=mpc_level),
+        security,
         step_timeout_s=topology.deadlines.step_s,
     )
     from mpc_agg.errors import StateError
 
     used: PartyNetwork = network if wrap_network is None else wrap_network(network)
     try:
-        network.run(serve(topology, args.index, used, credentials))
-    except StateError as exc:
+        network.run(serve(topology, args.index, used, credentials, secrets))
+    except (StateError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     return 0

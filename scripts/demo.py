@@ -3,7 +3,8 @@
 
     python scripts/demo.py [--config configs/local-3.yaml] [--clients 20] [--dim 100000]
 
-Starts every aggregator of the topology (separate processes, MPyC over TCP on 127.0.0.1),
+Starts every aggregator of the topology (separate processes, MPyC over mutually
+authenticated TLS on 127.0.0.1, with throw-away keys and tokens the launcher provisions),
 opens a round, has simulated clients encode, share and upload random vectors over HTTP,
 aggregates, prints the number of clients, the max error of the revealed total against the
 true (plaintext) sum and the timings, and stops every process.
@@ -19,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mpc_agg import Client, Collector, MpcAggError, Topology
+from mpc_agg import Client, MpcAggError
 from mpc_agg.launcher import LaunchError, LocalFederation, describe
-from mpc_agg.transport import auth
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,25 +52,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="show only warnings from the aggregator processes",
     )
     return parser.parse_args(argv)
-
-
-def collector_token(topology: Topology) -> str | None:
-    """With ``auth``, the collector token from the local secrets directory."""
-    if topology.auth is None:
-        return None
-    return auth.load_collector_token(topology.auth.secrets_dir)
-
-
-def client_tokens(topology: Topology, client_id: str) -> list[str] | None:
-    """With ``auth``, derive a simulated client's tokens from the local aggregator keys
-    (a real client would be handed them, see scripts/make_secrets.py --client)."""
-    if topology.auth is None:
-        return None
-    keys = [
-        auth.load_secret(auth.aggregator_key_path(topology.auth.secrets_dir, a.index))
-        for a in topology.aggregators
-    ]
-    return [auth.client_token(k, client_id) for k in keys]
 
 
 def progress(done: int, total: int, started: float, nbytes: int) -> None:
@@ -133,13 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             t_ready = time.perf_counter() - t
             print(f"ready: {describe(topology)} in {t_ready:.2f} s", flush=True)
             round_id = f"demo-{int(time.time() * 1000)}"
-            collector = Collector(topology, token=collector_token(topology))
+            collector = federation.collector()
             collector.open_round(round_id, args.dim)
             lo = -min(1.0, topology.encoding.max_abs_coordinate)
             data = rng.uniform(lo, -lo, size=(args.clients, args.dim))
             clients = [
-                Client(topology, cid, token=client_tokens(topology, cid))
-                for cid in (f"client-{i:05d}" for i in range(args.clients))
+                federation.client(cid) for cid in (f"client-{i:05d}" for i in range(args.clients))
             ]
             print(f"Round {round_id}: {args.clients} clients x {args.dim} dims", flush=True)
             t = time.perf_counter()

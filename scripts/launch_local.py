@@ -3,8 +3,10 @@
 
     python scripts/launch_local.py [CONFIG]        (default: configs/local-3.yaml)
 
-Prints each party's log prefixed with [agg i], then a line containing "ready" once every
-party accepts uploads and the MPyC links are up. Ctrl-C or SIGTERM stops all parties;
+Provisions throw-away keys for a template topology (mpc_agg.provision), prints each party's
+log prefixed with [agg i], then a line starting "ready:" once every party has proved who it
+is and the party links are up, naming the provisioned topology file; the next line names
+the directory with the local tokens. Ctrl-C or SIGTERM stops all parties;
 if one party exits on its own, the others are stopped too.
 """
 
@@ -62,7 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         federation.start()
         federation.wait_ready(args.ready_timeout)
-        print(f"ready: {describe(federation.topology)}; pids {federation.pids}", flush=True)
+        print(
+            f"ready: {describe(federation.topology)}; pids {federation.pids}; "
+            f"topology {federation.config_path}",
+            flush=True,
+        )
+        print(
+            f"local keys and tokens: {federation.config_path.parent} (from Python: "
+            f"mpc_agg.provision.LocalDeployment.open({str(federation.config_path.parent)!r})"
+            ".collector() / .client(ID))",
+            flush=True,
+        )
         while True:
             for i, proc in enumerate(federation.processes):
                 if proc.poll() is not None:

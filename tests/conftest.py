@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+import mpc_agg
 from mpc_agg import Topology
 from mpc_agg.launcher import free_loopback_ports
+from mpc_agg.provision import LocalDeployment
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "scripts" / "launch_local.py"
@@ -76,13 +78,22 @@ def write_topology(directory: Path, doc: dict) -> Path:
 
 @dataclass
 class RunningFederation:
-    """A launcher subprocess and the topology it serves."""
+    """A launcher subprocess and the (provisioned) topology it serves."""
 
     topology: Topology
     config: Path
     launcher: subprocess.Popen[str]
     party_pids: list[int]
     lines: list[str]
+    deployment: LocalDeployment
+
+    def client(self, client_id: str, **kwargs: object) -> mpc_agg.Client:
+        """A client with its tokens for this federation."""
+        return self.deployment.client(client_id, **kwargs)
+
+    def collector(self, **kwargs: object) -> mpc_agg.Collector:
+        """The collector with its tokens for this federation."""
+        return self.deployment.collector(**kwargs)
 
 
 def start_launcher(config: Path, cwd: Path, timeout_s: float = 60.0) -> RunningFederation:
@@ -116,7 +127,9 @@ def start_launcher(config: Path, cwd: Path, timeout_s: float = 60.0) -> RunningF
         proc.wait(timeout=10)
         raise RuntimeError(f"launcher exited ({proc.returncode}):\n" + "".join(lines[-40:]))
     pids = [int(p) for p in re.search(r"pids \[([\d, ]+)\]", line).group(1).split(",")]
-    return RunningFederation(Topology.load(config), config, proc, pids, lines)
+    provisioned = Path(re.search(r"topology (\S+)$", line.strip()).group(1))
+    deployment = LocalDeployment.open(provisioned.parent)
+    return RunningFederation(deployment.topology(), provisioned, proc, pids, lines, deployment)
 
 
 def pid_alive(pid: int) -> bool:

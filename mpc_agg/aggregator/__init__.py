@@ -20,10 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
 from mpc_agg.core.rounds import Round, RoundState
 from mpc_agg.core.sharing import ShareKind
+from mpc_agg.core.statement import ResultStatement, sign_statement, total_digest
 from mpc_agg.dp.accountant import PrivacyLedger
 from mpc_agg.dp.discrete_gaussian import NoiseStream
 from mpc_agg.errors import (
@@ -37,7 +41,7 @@ from mpc_agg.mpc.network import PartyNetwork
 from mpc_agg.storage.round_index import RoundIndex
 
 from .commands import LEADER, Driver
-from .ingest import INGEST_THREADS, Ingest
+from .ingest import INGEST_THREADS, Ingest, expected_kind
 from .metrics import metrics_text
 from .privacy import Privacy, plan_summary
 from .store import RoundStore
@@ -52,7 +56,8 @@ class Aggregator:
 
     ``clock`` (seconds, monotonic) is injected so tests can control timings;
     ``noise_stream`` makes the keystream that DP noise is drawn from (default: a fresh
-    :class:`~mpc_agg.dp.discrete_gaussian.NoiseStream` keyed from the OS per round).
+    :class:`~mpc_agg.dp.discrete_gaussian.NoiseStream` keyed from the OS per round);
+    ``signing_key`` signs result statements (without one, :meth:`statement` refuses).
     Raises :class:`~mpc_agg.errors.StateError` if its durable state is inconsistent.
     """
 
@@ -64,10 +69,14 @@ class Aggregator:
         *,
         clock: Callable[[], float] = time.monotonic,
         noise_stream: Callable[[], NoiseStream] | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.topology = topology
         self.index = index
         self.network = network
+        self.signing_key = signing_key
+        self.fingerprint = fingerprint(topology)
+        self._statements: dict[str, dict[str, Any]] = {}
         self.metrics: dict[str, int] = {
             "uploads_accepted": 0,
             "uploads_retried": 0,
@@ -160,7 +169,8 @@ class Aggregator:
         Called before the body is read, so a bad request costs no upload bandwidth.
         """
         codec.check_id("client", client_id)
-        return codec.share_body_length(ShareKind.FULL, self.store.lookup(round_id).dim)
+        kind = expected_kind(client_id, self.index, self.topology.m)
+        return codec.share_body_length(kind, self.store.lookup(round_id).dim)
 
     def receive_share(self, round_id: str, client_id: str, body: bytes | bytearray) -> bool:
         """Validate, journal and accumulate one upload in the calling thread: True when
@@ -225,6 +235,43 @@ class Aggregator:
             "timings": rnd.timings,
         }
         return codec.encode_result(rnd.total, meta)
+
+    def statement(self, round_id: str) -> dict[str, Any]:
+        """This aggregator's signed statement of a DONE round (README, "Security model"):
+        round id, topology fingerprint, digests of the total and of the agreed client set,
+        counts and privacy, signed with its Ed25519 key; JSON-ready."""
+        cached = self._statements.get(round_id)
+        if cached is not None:
+            return cached
+        rnd = self.store.lookup(round_id)
+        if rnd.state is RoundState.FAILED:
+            raise RoundAborted(
+                rnd.failure or "unknown reason", rnd.failure_code or "aggregation_error"
+            )
+        self.store.result_of(rnd)
+        if rnd.state is not RoundState.DONE or rnd.total is None:
+            raise ResultNotReady(f"round {round_id!r} is {rnd.state.value}; no result yet")
+        if self.signing_key is None or rnd.clients_digest is None:
+            raise ResultNotReady(f"aggregator {self.index} has no signing key; no statement")
+        privacy = self.privacy.result_fields.get(round_id, {})
+        content = ResultStatement(
+            round_id=round_id,
+            topology_fingerprint=self.fingerprint,
+            total_digest=total_digest(rnd.total),
+            clients_digest=rnd.clients_digest,
+            num_clients=int(rnd.num_clients or 0),
+            dropped_clients=len(rnd.dropped_clients),
+            dim=rnd.dim,
+            epsilon=privacy.get("epsilon"),
+            delta=privacy.get("delta"),
+            noise_stddev=privacy.get("noise_stddev"),
+            aggregator=self.index,
+        )
+        signed = sign_statement(content, self.signing_key).to_json()
+        self._statements[round_id] = signed
+        while len(self._statements) > self.topology.rounds.keep_results:
+            del self._statements[next(iter(self._statements))]  # oldest first
+        return signed
 
     def metrics_text(self) -> str:
         """The Prometheus text of ``GET /metrics`` (:mod:`mpc_agg.aggregator.metrics`)."""

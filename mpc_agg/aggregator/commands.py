@@ -24,6 +24,7 @@ from typing import TypeVar
 
 from mpc_agg.core import codec
 from mpc_agg.core.field import FieldArray
+from mpc_agg.core.statement import clients_digest
 from mpc_agg.core.protocol import (
     CloseCommand,
     EndedRounds,
@@ -192,6 +193,7 @@ class Driver:
                 self.fail(rnd, str(exc), exc.code)
                 return
             rnd.reveal(total)
+            rnd.clients_digest = clients_digest(agreement.clients)
             t_done = self.clock()
             rnd.timings.update(
                 {

@@ -18,11 +18,17 @@ from typing import Any
 from mpc_agg.core import codec
 from mpc_agg.core.field import FieldArray
 from mpc_agg.core.rounds import Round, RoundState, upload_digest
-from mpc_agg.core.sharing import Share
-from mpc_agg.errors import RoundEnded, RoundFull
+from mpc_agg.core.sharing import Share, ShareKind, full_share_index
+from mpc_agg.errors import MalformedUpload, RoundEnded, RoundFull
 from mpc_agg.storage.journal import RoundJournal
 
 from .store import RoundStore
+
+
+def expected_kind(client_id: str, index: int, m: int) -> ShareKind:
+    """The kind of share aggregator ``index`` accepts from ``client_id``: FULL at the one
+    :func:`~mpc_agg.core.sharing.full_share_index` designates, SEED everywhere else."""
+    return ShareKind.FULL if full_share_index(client_id, m) == index else ShareKind.SEED
 
 INGEST_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads doing the O(d) work of uploads at one aggregator."""
@@ -105,6 +111,13 @@ class Ingest:
             codec.check_id("client", client_id)
             rnd = self.store.lookup(round_id)
             share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim, check_values=False)
+            expected = expected_kind(client_id, self.index, self.store.topology.m)
+            if share.kind is not expected:
+                raise MalformedUpload(
+                    f"client {client_id!r} must send a {expected.name.lower()} share to this "
+                    f"aggregator (its full share goes to aggregator "
+                    f"{full_share_index(client_id, self.store.topology.m)})"
+                )
             digest = upload_digest(body)
             if not rnd.check_upload(client_id, share, digest):
                 self.counters["uploads_retried"] += 1

@@ -3,22 +3,18 @@ objects (``schema``) and the generic YAML reading they are built with (``load``)
 
 from mpc_agg.config.schema import (
     AggregatorAddress,
-    AuthSettings,
     Deadlines,
     DPSettings,
     Mechanism,
     RoundPolicy,
-    TlsSettings,
     Topology,
 )
 
 __all__ = [
     "AggregatorAddress",
-    "AuthSettings",
     "DPSettings",
     "Deadlines",
     "Mechanism",
     "RoundPolicy",
-    "TlsSettings",
     "Topology",
 ]

@@ -54,14 +54,26 @@ def _directory(value: object, path: str) -> Path:
 
 @dataclass(frozen=True)
 class AggregatorAddress:
-    """Where aggregator ``index`` listens: MPyC party link and HTTP API (``aggregators[i]``)."""
+    """Aggregator ``index`` (``aggregators[i]``): where it listens (MPyC party link, HTTP API)
+    and its public keys.
+
+    ``party_cert``: PEM of the self-signed certificate it presents on party links (pinned:
+    peers accept exactly this one for index ``i``). ``http_cert``: PEM of its HTTPS
+    certificate (pinned by clients and the collector). ``signing_key``: hex of its raw
+    32-byte Ed25519 public key, which verifies its result statements. All three are public;
+    a topology without them is a *template* that ``mpc_agg.provision`` (the local launcher
+    and the demo) fills in with throw-away keys. README, "Security model".
+    """
 
     index: int = field(metadata={YAML: None})
     host: str
     mpc_port: int
     http_port: int
-    scheme: str = field(default="http", metadata={YAML: None})
-    """``https`` when the topology configures TLS."""
+    scheme: str = field(default="https", metadata={YAML: None})
+    """``http`` only when the topology is ``insecure``."""
+    party_cert: str | None = None
+    http_cert: str | None = None
+    signing_key: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
@@ -76,11 +88,31 @@ class AggregatorAddress:
                 raise ConfigError(f"{p}.{key}", f"port must be in 1..65535, got {port}")
         if self.scheme not in ("http", "https"):
             raise ConfigError(f"{p}.scheme", f"expected http or https, got {self.scheme!r}")
+        for key in ("party_cert", "http_cert"):
+            pem = getattr(self, key)
+            if pem is not None and not (
+                isinstance(pem, str) and pem.lstrip().startswith("-----BEGIN CERTIFICATE-----")
+            ):
+                raise ConfigError(f"{p}.{key}", "expected a PEM certificate (-----BEGIN CERTIFICATE-----)")
+        key_hex = self.signing_key
+        if key_hex is not None and not (
+            isinstance(key_hex, str)
+            and len(key_hex) == 64
+            and all(c in "0123456789abcdef" for c in key_hex)
+        ):
+            raise ConfigError(
+                f"{p}.signing_key", "expected 64 lowercase hex characters (an Ed25519 public key)"
+            )
 
     @property
     def url(self) -> str:
         """Base URL of this aggregator's HTTP API."""
         return f"{self.scheme}://{self.host}:{self.http_port}"
+
+    @property
+    def has_keys(self) -> bool:
+        """True when all three public keys are present (not a template entry)."""
+        return None not in (self.party_cert, self.http_cert, self.signing_key)
 
 
 @dataclass(frozen=True)
@@ -171,30 +203,6 @@ class Deadlines:
             object.__setattr__(self, key, float(value))
 
 
-@dataclass(frozen=True)
-class TlsSettings:
-    """TLS on every link (the ``tls`` section). ``dir`` holds the material of
-    ``scripts/make_certs.py``: the CA, each aggregator's HTTPS certificate and MPyC's
-    ``.config/`` for mutual TLS between parties (layout in :mod:`mpc_agg.transport.tls`)."""
-
-    dir: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "dir", _directory(self.dir, "tls.dir"))
-
-
-@dataclass(frozen=True)
-class AuthSettings:
-    """Bearer tokens (the ``auth`` section). ``secrets_dir`` holds ``aggregator-{i}.key``
-    (aggregator i's HMAC key for client tokens) and ``collector.token``
-    (``scripts/make_secrets.py``)."""
-
-    secrets_dir: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "secrets_dir", _directory(self.secrets_dir, "auth.secrets_dir"))
-
-
 def parse_mechanism(value: object) -> Mechanism:
     """``dp.mechanism`` as a :class:`Mechanism` (``none``, no noise, is the reader's
     business: it means no ``dp`` section)."""
@@ -282,8 +290,7 @@ class Topology:
     data_dir: Path
     fsync: bool = True
     deadlines: Deadlines = Deadlines()
-    tls: TlsSettings | None = None
-    auth: AuthSettings | None = None
+    insecure: bool = False
     dp: DPSettings | None = None
     source: str | None = field(default=None, metadata={YAML: None})
 
@@ -318,8 +325,6 @@ class Topology:
             ("rounds", RoundPolicy, False),
             ("encoding", FixedPointEncoding, False),
             ("deadlines", Deadlines, False),
-            ("tls", TlsSettings, True),
-            ("auth", AuthSettings, True),
             ("dp", DPSettings, True),
         ):
             value = getattr(self, key)
@@ -327,6 +332,7 @@ class Topology:
                 raise ConfigError(key, f"expected {cls.__name__}, got {type(value).__name__}")
         object.__setattr__(self, "data_dir", _directory(self.data_dir, "data_dir"))
         expect(self.fsync, bool, "fsync")
+        self._validate_insecure()
         if self.dp is not None:
             self._validate_dp(self.dp)
         self.encoding.check_headroom(self.rounds.max_clients)
@@ -361,6 +367,29 @@ class Topology:
                         here, f"port {port} on {a.host} is already used by {seen[(host, port)]}"
                     )
                 seen[(host, port)] = here
+
+    def _validate_insecure(self) -> None:
+        """``insecure: true`` (no HTTPS, no tokens) only with every address on loopback; the
+        scheme of every address follows it."""
+        insecure = expect(self.insecure, bool, "insecure")
+        if insecure:
+            remote = [a.host for a in self.aggregators if a.host.lower() not in _LOOPBACK_NAMES]
+            if remote:
+                raise ConfigError(
+                    "insecure",
+                    f"insecure: true (plain HTTP, no tokens) is allowed only when every "
+                    f"aggregator is on loopback; {', '.join(remote)} is not",
+                )
+        scheme = "http" if insecure else "https"
+        if any(a.scheme != scheme for a in self.aggregators):
+            object.__setattr__(
+                self, "aggregators", tuple(replace(a, scheme=scheme) for a in self.aggregators)
+            )
+
+    @property
+    def has_keys(self) -> bool:
+        """True when every aggregator names its public keys (not a template)."""
+        return all(a.has_keys for a in self.aggregators)
 
     def _validate_dp(self, dp: DPSettings) -> None:
         m, threshold = self.m, self.threshold
@@ -426,12 +455,7 @@ class Topology:
     def with_absolute_paths(self) -> Topology:
         """The same topology with its directories resolved against the current directory
         (a party does this before it changes directory for MPyC)."""
-        return replace(
-            self,
-            data_dir=self.data_dir.resolve(),
-            tls=TlsSettings(self.tls.dir.resolve()) if self.tls else None,
-            auth=AuthSettings(self.auth.secrets_dir.resolve()) if self.auth else None,
-        )
+        return replace(self, data_dir=self.data_dir.resolve())
 
     def ledger_path(self, index: int) -> Path:
         """Aggregator ``index``'s privacy ledger (rounds' privacy cost, append-only)."""
@@ -475,9 +499,18 @@ def _read_topology(data: object, source: str) -> Topology:
     """The document ``data`` read into the constructors above, which check the values."""
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"a topology is a mapping of keys, got {type(data).__name__}")
+    for gone in ("tls", "auth"):
+        if gone in data:
+            raise ConfigError(
+                gone,
+                "the tls and auth sections are gone: every party link is mutually "
+                "authenticated TLS with the keys the aggregators entries name, every HTTP "
+                "request needs a token, and the local launcher provisions both (README, "
+                "\"Security model\"); remove the section (or set insecure: true on loopback)",
+            )
     root = Section(data, "", yaml_keys(Topology))
     name = root.get("name", str)
-    scheme = "https" if root.has("tls") else "http"
+    scheme = "http" if root.get("insecure", bool, False) else "https"
     aggregators = tuple(
         _read_address(i, raw, scheme) for i, raw in enumerate(root.get("aggregators", list))
     )
@@ -489,11 +522,7 @@ def _read_topology(data: object, source: str) -> Topology:
     fsync = root.get("fsync", bool, True)
     deadlines_section = root.section("deadlines", yaml_keys(Deadlines), {})
     deadlines = Deadlines(**deadlines_section.fields(Deadlines, null_is_default=False))
-    tls = auth = None
-    if root.has("tls"):
-        tls = TlsSettings(**root.section("tls", yaml_keys(TlsSettings)).fields(TlsSettings))
-    if root.has("auth"):
-        auth = AuthSettings(**root.section("auth", yaml_keys(AuthSettings)).fields(AuthSettings))
+    insecure = root.get("insecure", bool, False)
     return Topology(
         name=name,
         aggregators=aggregators,
@@ -503,8 +532,7 @@ def _read_topology(data: object, source: str) -> Topology:
         data_dir=data_dir,
         fsync=fsync,
         deadlines=deadlines,
-        tls=tls,
-        auth=auth,
+        insecure=insecure,
         dp=dp,
         source=source,
     )

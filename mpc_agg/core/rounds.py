@@ -155,6 +155,8 @@ class Round:
     total: FieldArray | None = None
     num_clients: int | None = None
     dropped_clients: tuple[str, ...] = ()
+    clients_digest: str | None = None
+    """Once agreed: :func:`mpc_agg.core.statement.clients_digest` of the agreed clients."""
     timings: dict[str, float] = dc_field(default_factory=dict)
 
     def __post_init__(self) -> None:

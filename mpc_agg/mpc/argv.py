@@ -16,6 +16,4 @@ def mpyc_argv(topology: Topology, index: int, *, log_level: str = "warning") -> 
     for a in topology.aggregators:
         argv += ["-P", f"{a.host}:{a.mpc_port}"]
     argv += ["-I", str(index), "-T", str(topology.threshold), "--log-level", log_level]
-    if topology.tls is not None:
-        argv.append("--ssl")  # mutual TLS; MPyC reads .config/ from the working directory
-    return argv
+    return argv  # no --ssl: MpycNetwork opens the links itself, with pinned certificates

@@ -4,16 +4,34 @@ MPyC parses ``sys.argv`` and configures logging when ``mpyc.runtime`` is first i
 keeps one global runtime. :func:`load_runtime` sets ``sys.argv`` to the options built from the
 topology (:func:`mpc_agg.mpc.argv.mpyc_argv`), imports MPyC once, and restores ``sys.argv``.
 Configure logging before calling it, so MPyC's ``basicConfig`` leaves yours in place.
+
+MPyC's own ``start()`` listens on every interface and, without ``--ssl``, believes the party
+number a peer sends; :class:`MpycNetwork` opens the links itself instead (README, "Security
+model"): it listens on the party's own address only, speaks TLS 1.3 with the certificates
+the topology pins, checks a peer's certificate against the index it claims before reading
+anything else, compares topology fingerprints before the first message of the protocol,
+and installs the restricted unpickler (:mod:`mpc_agg.mpc.unpickle`) for everything MPyC
+receives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from mpc_agg.errors import PartyLinkLost
+from mpc_agg.config.fingerprint import differing_sections
+from mpc_agg.errors import PartyLinkLost, StartupError
+from mpc_agg.transport.tls import (
+    der_of,
+    party_client_context,
+    party_server_context,
+    pinned_index,
+)
 
 log = logging.getLogger("mpc_agg.mpc")
 
@@ -31,9 +49,23 @@ def load_runtime(argv: list[str]) -> Any:
     return mpc
 
 
-def _supervise_links(on_lost: Any) -> None:
-    """Make MPyC create links whose loss calls ``on_lost(link, exc)`` instead of MPyC's own
-    handler (which raises inside an event-loop callback or unsets a link blindly)."""
+@dataclass(frozen=True)
+class LinkSecurity:
+    """What a party needs to open authenticated party links (docs/design.md, "Keys and
+    identities"): its certificate and key files, every party's pinned ``party_cert`` by
+    index, the address to listen on, and its topology's section digests
+    (:func:`mpc_agg.config.fingerprint.section_digests`)."""
+
+    cert_key: tuple[Path, Path]
+    pins: dict[int, str]
+    bind_host: str
+    digests: dict[str, str]
+
+
+def _supervise_links(on_lost: Any, pins: dict[int, str]) -> None:
+    """Make MPyC create links that check the peer's pinned certificate against the index it
+    claims, and whose loss calls ``on_lost(link, exc)`` instead of MPyC's own handler
+    (which raises inside an event-loop callback or unsets a link blindly)."""
     from mpyc import asyncoro
 
     base = asyncoro.MessageExchanger
@@ -47,9 +79,9 @@ def _supervise_links(on_lost: Any) -> None:
         identity_checked = False
 
         def data_received(self, data: bytes) -> None:
-            # MPyC's listening side takes the peer's party number from its first two bytes
-            # without comparing it with the TLS certificate; refuse a peer whose certificate
-            # names another party.
+            # MPyC's listening side takes the peer's party number from its first two bytes;
+            # refuse, before anything else is read, a peer whose certificate is not the one
+            # pinned for the index it claims.
             if self.peer_pid is None and not self.identity_checked:
                 head = bytes(self.bytes) + data
                 if len(head) >= 2:
@@ -58,16 +90,21 @@ def _supervise_links(on_lost: Any) -> None:
                         self.retired = True
                         self.transport.close()
                         return
+            if self.retired:
+                return
             super().data_received(data)
 
         def _identity_matches(self, claimed: int) -> bool:
-            cert = self.transport.get_extra_info("peercert")
-            if cert is None:
-                return True  # plain TCP (no TLS configured): nothing to compare with
-            names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
-            if names == [f"MPyC party {claimed}"]:
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+            if der is not None and claimed in pins and der == der_of(pins[claimed]):
                 return True
-            log.error("refusing a party link: certificate %s claims to be party %d", names, claimed)
+            log.error(
+                "refusing a party link: the peer claims to be aggregator %d but does not "
+                "present the certificate the topology pins for it (it presents %s)",
+                claimed,
+                "none" if der is None else f"that of aggregator {pinned_index(der, pins)}",
+            )
             return False
 
         def connection_lost(self, exc: BaseException | None) -> None:
@@ -90,16 +127,30 @@ class MpycNetwork:
       PRSS keys, and connects afresh, so a restarted party rejoins and later rounds work.
     """
 
-    def __init__(self, argv: list[str], *, step_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        security: LinkSecurity,
+        *,
+        step_timeout_s: float = 30.0,
+        mismatch_retry_s: float = 5.0,
+    ) -> None:
         self._mpc = load_runtime(argv)
+        from mpc_agg.mpc.unpickle import install
+
+        install()  # every message from a peer goes through the restricted unpickler
         self.pid: int = self._mpc.pid
         self.m: int = len(self._mpc.parties)
+        self.security = security
         self.step_timeout_s = step_timeout_s
+        self.mismatch_retry_s = mismatch_retry_s
         self.broken = asyncio.Event()
+        self.mismatch: str | None = None
+        """Why the links were last refused for a topology mismatch (None once they agree)."""
         self._connected = False
         self._lost: set[int] = set()
         self._secfld: Any = None
-        _supervise_links(self._on_lost)
+        _supervise_links(self._on_lost, security.pins)
 
     @property
     def connected(self) -> bool:
@@ -117,8 +168,20 @@ class MpycNetwork:
         return self._mpc.run(coro)
 
     async def start(self) -> None:
-        """Connect to every other party; returns when all links are up (retries forever)."""
-        await self._mpc.start()
+        """Connect to every other party and check that all hold this topology; returns when
+        all links are up and agree (retries forever; a mismatch is logged and retried
+        every ``mismatch_retry_s``)."""
+        while True:
+            await self._connect_all()
+            mismatch = await self._compare_topologies()
+            if mismatch is None:
+                break
+            self.mismatch = mismatch
+            log.error("refusing the party links: %s", mismatch)
+            self._drop_links()
+            self._reset_counters()
+            await asyncio.sleep(self.mismatch_retry_s)
+        self.mismatch = None
         # MPyC resolves this party's own "protocol" future once all links are up; a fresh one
         # keeps later resolutions legal. Our hook replaces MPyC's connection_lost, which
         # would raise in a callback or unset a link that a reconnect has replaced.
@@ -126,6 +189,75 @@ class MpycNetwork:
         self._lost.clear()
         self.broken.clear()
         self._connected = True
+
+    async def _connect_all(self) -> None:
+        """MPyC's ``start()`` with authenticated links: listen on this party's own address
+        only (for lower indices), dial higher ones, TLS 1.3 with pinned certificates."""
+        from mpyc import asyncoro
+
+        rt, sec = self._mpc, self.security
+        loop = asyncio.get_running_loop()
+        for peer in rt.parties:
+            peer.protocol = loop.create_future() if peer.pid == self.pid else None
+        server = None
+        if self.pid:
+            lower = [sec.pins[j] for j in range(self.pid)]
+            port = rt.parties[self.pid].port
+            try:
+                server = await loop.create_server(
+                    lambda: asyncoro.MessageExchanger(rt),
+                    host=sec.bind_host,
+                    port=port,
+                    ssl=party_server_context(sec.cert_key, lower),
+                )
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen for party links on {sec.bind_host}:{port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        try:
+            for peer in rt.parties[self.pid + 1 :]:
+                context = party_client_context(sec.cert_key, sec.pins[peer.pid])
+                while True:
+                    try:
+                        await loop.create_connection(
+                            lambda pid=peer.pid: asyncoro.MessageExchanger(rt, pid),
+                            peer.host,
+                            peer.port,
+                            ssl=context,
+                        )
+                        break
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - peer not up yet: retry
+                        log.debug("connecting to aggregator %d: %s", peer.pid, exc)
+                    await asyncio.sleep(0.1)
+            await rt.parties[self.pid].protocol
+        finally:
+            if server is not None:
+                server.close()
+
+    async def _compare_topologies(self) -> str | None:
+        """Exchange section digests with every party; a description of the first mismatch,
+        or None when every party holds the same topology."""
+        digests = self.security.digests
+        try:
+            theirs = await self._await(self._mpc.transfer(digests), self.step_timeout_s)
+        except PartyLinkLost as exc:
+            return f"the topology check did not complete ({exc})"
+        for j, other in enumerate(theirs):
+            sections = differing_sections(digests, other)
+            if j != self.pid and sections:
+                return (
+                    f"aggregator {j} runs another topology (differing section(s): "
+                    f"{', '.join(sections)}); every party must load the same topology file"
+                )
+        return None
+
+    def _reset_counters(self) -> None:
+        self._mpc._program_counter = [0, 0]
+        self._mpc._pc_level = 0
+        self._mpc.threshold = self._mpc.threshold  # fresh PRSS keys, cleared PRF cache
 
     def _peers(self) -> list[Any]:
         return [p for p in self._mpc.parties if p.pid != self.pid]
@@ -165,7 +297,15 @@ class MpycNetwork:
         finally:
             waiter.cancel()
         if fut in done:
-            return fut.result()
+            try:
+                return fut.result()
+            except pickle.UnpicklingError as exc:
+                # A configured peer sent something the protocol never sends: drop every
+                # link (all parties then reconnect) and fail the step.
+                log.error("a party sent a message that is not allowed (%s); dropping links", exc)
+                self.broken.set()
+                self._drop_links()
+                raise PartyLinkLost(f"a party sent a message that is not allowed: {exc}") from None
         fut.cancel()
         if not done:  # deadline: treat as a lost link, and drop ours so the others notice
             self.broken.set()
@@ -223,9 +363,7 @@ class MpycNetwork:
         """Drop every link and connect afresh (returns once all parties are back)."""
         self._connected = False
         self._drop_links()
-        self._mpc._program_counter = [0, 0]
-        self._mpc._pc_level = 0
-        self._mpc.threshold = self._mpc.threshold  # fresh PRSS keys, cleared PRF cache
+        self._reset_counters()
         await self.start()
 
     async def stop(self) -> None:

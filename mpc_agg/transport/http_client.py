@@ -10,13 +10,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
 
+from mpc_agg.config.fingerprint import TOPOLOGY_HEADER
 from mpc_agg.config.schema import AggregatorAddress, Topology
-from mpc_agg.errors import AggregationTimeout, AggregatorUnavailable, RemoteRefusal
+from mpc_agg.errors import (
+    AggregationTimeout,
+    AggregatorUnavailable,
+    RemoteRefusal,
+    TopologyMismatch,
+    TopologyMismatchError,
+    UsageError,
+)
+from mpc_agg.transport.tls import https_client_context
 
 T = TypeVar("T")
 
@@ -30,14 +39,17 @@ class AggregatorAPI:
         address: AggregatorAddress,
         *,
         token: str | None = None,
+        fingerprint: str | None = None,
         retries: int = 3,
         backoff_s: float = 0.2,
     ) -> None:
         self.session = session
         self.address = address
         self.token = token
+        self.fingerprint = fingerprint
         self.retries = retries
         self.backoff_s = backoff_s
+        self._ssl = https_client_context(address)
 
     def __repr__(self) -> str:
         return f"AggregatorAPI({self.address.index}, {self.address.url})"
@@ -58,6 +70,9 @@ class AggregatorAPI:
         """
         url = self.address.url + path
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if self.fingerprint is not None:
+            headers[TOPOLOGY_HEADER] = self.fingerprint
+        extra: dict[str, Any] = {} if self._ssl is None else {"ssl": self._ssl}
         if data is not None:
             headers["Content-Type"] = "application/octet-stream"
         last = "no attempt made"
@@ -78,7 +93,7 @@ class AggregatorAPI:
                 )
             try:
                 async with self.session.request(
-                    method, url, data=data, json=json_body, headers=headers, timeout=timeout
+                    method, url, data=data, json=json_body, headers=headers, timeout=timeout, **extra
                 ) as resp:
                     body = await resp.read()
                     if resp.status < 300:
@@ -87,6 +102,8 @@ class AggregatorAPI:
                         last = f"HTTP {resp.status}"
                         continue
                     code, detail, failure = parse_error(resp.status, body)
+                    if code == TopologyMismatch.code:
+                        raise TopologyMismatchError(self.address.index, detail)
                     raise RemoteRefusal(
                         self.address.index, resp.status, code, detail, failure=failure
                     )
@@ -114,16 +131,11 @@ def parse_error(status: int, body: bytes) -> tuple[str, str, str | None]:
 
 
 def new_session(timeout_s: float, topology: Topology | None = None) -> aiohttp.ClientSession:
-    """A client session with a total per-request timeout of ``timeout_s`` seconds; with a
-    TLS topology, HTTPS verified against the topology's CA (and nothing else)."""
-    connector = None
-    if topology is not None and topology.tls is not None:
-        from mpc_agg.transport.tls import client_context
-
-        connector = aiohttp.TCPConnector(ssl=client_context(topology.tls.dir))
-    return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=timeout_s), connector=connector
-    )
+    """A client session with a total per-request timeout of ``timeout_s`` seconds. HTTPS
+    is verified per request against the one certificate the topology pins for that
+    aggregator (:class:`AggregatorAPI`); ``topology`` is accepted for symmetry."""
+    del topology
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
 
 
 def run_sync(coro: Coroutine[Any, Any, T], what: str) -> T:
@@ -134,3 +146,16 @@ def run_sync(coro: Coroutine[Any, Any, T], what: str) -> T:
         return asyncio.run(coro)
     coro.close()
     raise RuntimeError(f"{what} was called inside a running event loop; await {what}_async instead")
+
+
+def tokens_per_aggregator(token: str | Sequence[str] | None, m: int) -> list[str | None]:
+    """One token (or None) per aggregator: from None, one token for all, a sequence of
+    ``m``, or the comma-separated line of ``m`` tokens the launcher prints."""
+    if token is None:
+        return [None] * m
+    tokens = token.split(",") if isinstance(token, str) else list(token)
+    if len(tokens) == 1:
+        tokens = tokens * m
+    if len(tokens) != m:
+        raise UsageError(f"expected 1 or {m} tokens (one per aggregator), got {len(tokens)}")
+    return [t.strip() for t in tokens]

@@ -7,7 +7,14 @@
 | ``PUT  /v1/rounds/{round}/shares/{client}`` binary | 201 accepted, 200 identical retry |
 | ``POST /v1/rounds/{round}/close`` (leader only) | 202 |
 | ``GET  /v1/rounds/{round}/result`` | 200 binary result (``mpc_agg.core.codec``) |
+| ``GET  /v1/rounds/{round}/statement`` | 200 JSON signed result statement |
+| ``GET  /v1/topology`` (no token) | 200 JSON fingerprint, section digests, index |
 | ``GET  /healthz``, ``GET /metrics`` | liveness JSON; Prometheus text |
+
+With credentials (every topology but an ``insecure`` one), every call but
+``/v1/topology`` needs a token: a client's for its shares, the collector's for the rest.
+A request carrying ``X-Mpc-Agg-Topology: <fingerprint>`` made under another topology is
+refused (409 ``topology_mismatch``) before anything else is done.
 
 Every error is ``{"error": code, "detail": text}`` with the status from :data:`HTTP_STATUS`,
 the one table from error to status; aiohttp's own refusals (no such route, wrong method) are
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from typing import Any
 
 from aiohttp import web
@@ -51,6 +59,7 @@ from mpc_agg.errors import (
     RoundIdUsed,
     RoundNotOpen,
     StorageFailure,
+    TopologyMismatch,
     Unauthenticated,
     UnknownRound,
 )
@@ -106,6 +115,7 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     RoundNotOpen: 409,
     RoundFull: 409,
     NotLeader: 409,
+    TopologyMismatch: 409,
     PartyNetworkDown: 409,
     ResultNotReady: 409,
     RoundEnded: 410,
@@ -248,7 +258,25 @@ def build_app(
 ) -> web.Application:
     """The aiohttp application serving ``aggregator``; with ``credentials``, clients and the
     collector must present bearer tokens (401 without, 403 with a wrong one)."""
-    app = web.Application(middlewares=[_errors], client_max_size=aggregator.max_body_bytes() + 1)
+    from mpc_agg.config.fingerprint import TOPOLOGY_HEADER, fingerprint_of, section_digests
+
+    digests = section_digests(aggregator.topology)
+    fingerprint = fingerprint_of(digests)
+
+    @web.middleware
+    async def same_topology(request: web.Request, handler: Handler) -> web.StreamResponse:
+        theirs = request.headers.get(TOPOLOGY_HEADER)
+        if theirs is not None and theirs != fingerprint:
+            raise TopologyMismatch(
+                f"this aggregator runs topology {aggregator.topology.name!r} with fingerprint "
+                f"{fingerprint[:16]}..., the request was made under {theirs[:16]!r}...; load "
+                "the same topology file as the aggregators"
+            )
+        return await handler(request)
+
+    app = web.Application(
+        middlewares=[_errors, same_topology], client_max_size=aggregator.max_body_bytes() + 1
+    )
     upload_s = aggregator.topology.deadlines.upload_s
     policy = aggregator.topology.rounds
     limits = UploadLimits(policy.max_concurrent_uploads, policy.upload_buffer_bytes)
@@ -308,16 +336,38 @@ def build_app(
         body = aggregator.result(request.match_info["round"])
         return web.Response(body=body, content_type="application/octet-stream")
 
-    async def healthz(request: web.Request) -> web.Response:
+    async def statement(request: web.Request) -> web.Response:
+        check_collector(request)
+        return web.json_response(aggregator.statement(request.match_info["round"]))
+
+    async def topology(request: web.Request) -> web.Response:
         return web.json_response(
             {
-                "status": "ok",
+                "name": aggregator.topology.name,
                 "aggregator": aggregator.index,
-                "mpc": "connected" if aggregator.network.connected else "connecting",
+                "fingerprint": fingerprint,
+                "sections": digests,
             }
         )
 
+    async def healthz(request: web.Request) -> web.Response:
+        check_collector(request)
+        network = aggregator.network
+        mismatch = getattr(network, "mismatch", None)
+        state = "connected" if network.connected else "connecting"
+        body: dict[str, Any] = {
+            "status": "ok",
+            "aggregator": aggregator.index,
+            "fingerprint": fingerprint,
+            "pid": os.getpid(),
+            "mpc": "topology_mismatch" if mismatch and not network.connected else state,
+        }
+        if mismatch and not network.connected:
+            body["detail"] = mismatch
+        return web.json_response(body)
+
     async def metrics(request: web.Request) -> web.Response:
+        check_collector(request)
         return web.Response(text=aggregator.metrics_text(), content_type="text/plain")
 
     app.router.add_put("/v1/rounds/{round}", open_round)
@@ -325,6 +375,8 @@ def build_app(
     app.router.add_put("/v1/rounds/{round}/shares/{client}", put_share)
     app.router.add_post("/v1/rounds/{round}/close", close_round)
     app.router.add_get("/v1/rounds/{round}/result", result)
+    app.router.add_get("/v1/rounds/{round}/statement", statement)
+    app.router.add_get("/v1/topology", topology)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app

@@ -23,6 +23,10 @@ class PartyLinks(Protocol):
         """True once links to every other party are up."""
         ...
 
+    def missing(self) -> list[int]:
+        """Peers whose link is down."""
+        ...
+
 
 class AggregatorService(Protocol):
     """The aggregator as the HTTP handlers see it.
@@ -83,4 +87,8 @@ class AggregatorService(Protocol):
 
     def result(self, round_id: str) -> bytes:
         """The encoded result of a DONE round (:func:`mpc_agg.core.codec.encode_result`)."""
+        ...
+
+    def statement(self, round_id: str) -> dict[str, Any]:
+        """This aggregator's signed result statement of a DONE round, JSON-ready."""
         ...

@@ -1,184 +1,108 @@
-"""TLS contexts for an aggregator's HTTPS API and the files MPyC's ``--ssl`` reads.
+"""TLS contexts with pinned certificates, for party links and the HTTPS API.
 
-README, "Security model": client uploads travel over TLS, and the MPyC party links are
-mutually authenticated so only the configured aggregators can send anything (MPyC unpickles
-what arrives on a party link). ``scripts/make_certs.py CONFIG`` writes one directory per
-topology, for ``m`` aggregators::
+README, "Security model"; docs/design.md, "Keys and identities". There is no certificate
+authority: every certificate is self-signed and the topology names each aggregator's two
+certificates (``party_cert``, ``http_cert``). A context trusts exactly the certificates it
+is given, so a peer is accepted only if it presents one of them:
 
-    tls_dir/
-      ca.crt  ca.key                  the topology's own CA (ca.key: mode 0600, keep offline)
-      http_{i}.crt  http_{i}.key      aggregator i's HTTPS server certificate (SAN = its host)
-      .config/party_{i}.crt           MPyC party i: CN "MPyC party {i}", no DNS SAN,
-      .config/party_{i}.key             clientAuth + serverAuth
-      .config/mpyc_ca.crt             a copy of ca.crt, the name MPyC looks for
+* party links are mutual TLS 1.3. The connecting side pins the one certificate of the
+  party it dials; the listening side accepts only the certificates of the parties that
+  dial it, and then checks that the certificate is the one of the index the peer claims
+  (:func:`pinned_index`) before it reads a byte of its messages.
+* clients and the collector pin each aggregator's ``http_cert`` (host name checked
+  against its SubjectAltName).
 
-MPyC reads ``.config/...`` relative to its working directory (see :func:`mpyc_dir`) and checks
-the literal host name ``"MPyC party {j}"`` when it connects to party ``j``; with no DNS
-SubjectAltName in the certificate, OpenSSL matches that name against the CN.
-
-Everything here builds paths and :class:`ssl.SSLContext` objects; nothing listens or connects.
+Everything here builds :class:`ssl.SSLContext` objects; nothing listens or connects.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+import hashlib
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
-from mpc_agg.errors import ConfigError
+from mpc_agg.config.schema import AggregatorAddress
 
-CA_CERT = "ca.crt"
-CA_KEY = "ca.key"
-MPYC_CONFIG = ".config"
-MPYC_CA_CERT = "mpyc_ca.crt"
 MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
-YAML_PATH = "tls.dir"
-MAKE_CERTS_HINT = "run `python scripts/make_certs.py CONFIG` to create them"
+PARTY_TLS_VERSION = ssl.TLSVersion.TLSv1_3
 
 
-def party_hostname(index: int) -> str:
-    """The name MPyC checks in party ``index``'s certificate (its CN)."""
-    return f"MPyC party {index}"
+def der_of(pem: str) -> bytes:
+    """The DER bytes of a PEM certificate."""
+    return ssl.PEM_cert_to_DER_cert(pem.strip() + "\n")
 
 
-def ca_cert_path(tls_dir: Path) -> Path:
-    """The CA certificate every client and aggregator trusts."""
-    return Path(tls_dir) / CA_CERT
+def cert_digest(pem: str) -> str:
+    """SHA-256 (hex) of a PEM certificate's DER bytes: what a pin compares."""
+    return hashlib.sha256(der_of(pem)).hexdigest()
 
 
-def ca_key_path(tls_dir: Path) -> Path:
-    """The CA's private key; only ``make_certs`` needs it."""
-    return Path(tls_dir) / CA_KEY
-
-
-def http_cert_paths(tls_dir: Path, index: int) -> tuple[Path, Path]:
-    """``(certificate, key)`` of aggregator ``index``'s HTTPS server."""
-    tls_dir = Path(tls_dir)
-    return tls_dir / f"http_{index}.crt", tls_dir / f"http_{index}.key"
-
-
-def mpyc_dir(tls_dir: Path) -> Path:
-    """The directory holding MPyC's ``.config/``: MPyC's working directory under ``--ssl``.
-
-    MPyC opens ``.config/party_{i}.crt``, ``.config/party_{i}.key`` and
-    ``.config/mpyc_ca.crt`` relative to the process's current directory, each time it opens
-    a party link, so the party must run MPyC's ``start()`` from here.
-    """
-    return Path(tls_dir)
-
-
-def party_cert_paths(tls_dir: Path, index: int) -> tuple[Path, Path]:
-    """``(certificate, key)`` MPyC party ``index`` presents on its party links."""
-    config = mpyc_dir(tls_dir) / MPYC_CONFIG
-    return config / f"party_{index}.crt", config / f"party_{index}.key"
-
-
-def mpyc_ca_path(tls_dir: Path) -> Path:
-    """The CA certificate MPyC verifies party certificates against (a copy of ``ca.crt``)."""
-    return mpyc_dir(tls_dir) / MPYC_CONFIG / MPYC_CA_CERT
-
-
-def required_files(tls_dir: Path, m: int, index: int | None = None) -> list[Path]:
-    """The files a party needs: for aggregator ``index``, or for all ``m`` when ``None``.
-
-    The CA key is not among them: no party needs it at run time.
-    """
-    indices = range(m) if index is None else [index]
-    files = [ca_cert_path(tls_dir), mpyc_ca_path(tls_dir)]
-    for i in indices:
-        files += [*http_cert_paths(tls_dir, i), *party_cert_paths(tls_dir, i)]
-    return files
-
-
-def private_key_files(tls_dir: Path, m: int) -> list[Path]:
-    """Every private key ``make_certs`` writes for ``m`` aggregators (the CA key first)."""
-    keys = [ca_key_path(tls_dir)]
-    for i in range(m):
-        keys += [http_cert_paths(tls_dir, i)[1], party_cert_paths(tls_dir, i)[1]]
-    return keys
-
-
-def check_tls_dir(tls_dir: Path, m: int, *, index: int | None = None) -> None:
-    """Raise :class:`ConfigError` (``tls.dir``) naming every missing file in ``tls_dir``.
-
-    Checks the files of all ``m`` aggregators, or of aggregator ``index`` only (a party on its
-    own machine holds only its own keys). Private keys readable by group or others are
-    refused too, with the ``chmod`` that fixes them.
-    """
-    tls_dir = Path(tls_dir)
-    if index is not None and not 0 <= index < m:
-        raise ValueError(f"index must be in 0..{m - 1}, got {index}")
-    files = required_files(tls_dir, m, index)
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ConfigError(
-            YAML_PATH,
-            f"TLS directory {str(tls_dir)!r} lacks {len(missing)} file(s): "
-            f"{', '.join(missing)}; {MAKE_CERTS_HINT}",
-        )
-    loose = [str(f) for f in files if f.suffix == ".key" and _group_or_other_access(f)]
-    if loose:
-        raise ConfigError(
-            YAML_PATH,
-            f"private key(s) accessible to group or others: {', '.join(loose)}; "
-            f"run `chmod 600` on them",
-        )
-
-
-def server_context(tls_dir: Path, index: int) -> ssl.SSLContext:
-    """TLS server context for aggregator ``index``'s HTTPS API (TLS >= 1.2, no client cert).
-
-    Clients authenticate with bearer tokens, not certificates (README, "Security model").
-    """
-    crt, key = http_cert_paths(tls_dir, index)
-    _require([crt, key], tls_dir)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = MIN_TLS_VERSION
-    _load_chain(context, crt, key)
+def party_server_context(cert_key: tuple[Path, Path], peers: Sequence[str]) -> ssl.SSLContext:
+    """The listening side of party links: present our certificate, require a client
+    certificate that is one of ``peers`` (PEM); TLS 1.3 only."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = PARTY_TLS_VERSION
+    context.load_cert_chain(str(cert_key[0]), str(cert_key[1]))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata="".join(p.strip() + "\n" for p in peers))
     return context
 
 
-def client_context(tls_dir: Path) -> ssl.SSLContext:
-    """TLS client context that trusts only the topology's CA, with host name checks.
+def party_client_context(cert_key: tuple[Path, Path], peer: str) -> ssl.SSLContext:
+    """The dialling side of a party link to the party whose certificate is ``peer`` (PEM):
+    present our certificate, accept exactly ``peer``'s; TLS 1.3 only.
 
-    System CAs are not loaded: an aggregator certificate must chain to ``ca.crt``.
-    """
-    ca = ca_cert_path(tls_dir)
-    _require([ca], tls_dir)
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-    except ssl.SSLError as exc:
-        raise ConfigError(
-            YAML_PATH, f"{str(ca)!r} is not a PEM CA certificate ({exc.reason}); {MAKE_CERTS_HINT}"
-        ) from None
+    Host names are not checked: the pin is stronger (one certificate, not any a CA made
+    for that name)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = PARTY_TLS_VERSION
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(str(cert_key[0]), str(cert_key[1]))
+    context.load_verify_locations(cadata=peer.strip() + "\n")
+    return context
+
+
+def pinned_index(peer_der: bytes | None, pins: dict[int, str]) -> int | None:
+    """The index whose pinned certificate (PEM, by index) is exactly ``peer_der``, else
+    None."""
+    if peer_der is None:
+        return None
+    for index, pem in pins.items():
+        if der_of(pem) == peer_der:
+            return index
+    return None
+
+
+def https_server_context(cert_key: tuple[Path, Path]) -> ssl.SSLContext:
+    """An aggregator's HTTPS API (TLS >= 1.2, no client certificate: clients present
+    tokens)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = MIN_TLS_VERSION
+    context.load_cert_chain(str(cert_key[0]), str(cert_key[1]))
+    return context
+
+
+@functools.lru_cache(maxsize=64)
+def _https_client_context(pem: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = MIN_TLS_VERSION
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=pem.strip() + "\n")
     return context
 
 
-def _require(files: list[Path], tls_dir: Path) -> None:
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise ConfigError(
-            YAML_PATH,
-            f"TLS directory {str(tls_dir)!r} lacks {', '.join(missing)}; {MAKE_CERTS_HINT}",
+def https_client_context(address: AggregatorAddress) -> ssl.SSLContext | None:
+    """A client context that trusts exactly ``address``'s ``http_cert`` (None for plain
+    HTTP). Raises ValueError for an https address without a certificate (a template)."""
+    if address.scheme == "http":
+        return None
+    if address.http_cert is None:
+        raise ValueError(
+            f"aggregator {address.index} has no http_cert in this topology (a template); "
+            "use the topology the launcher provisioned or the assembled one"
         )
-
-
-def _load_chain(context: ssl.SSLContext, crt: Path, key: Path) -> None:
-    try:
-        context.load_cert_chain(str(crt), keyfile=str(key))
-    except ssl.SSLError as exc:
-        # The reason is OpenSSL's short code (e.g. KEY_VALUES_MISMATCH), never key material.
-        raise ConfigError(
-            YAML_PATH,
-            f"cannot load certificate {str(crt)!r} with key {str(key)!r} ({exc.reason}); "
-            f"{MAKE_CERTS_HINT} (with --force to replace them)",
-        ) from None
-
-
-def _group_or_other_access(path: Path) -> bool:
-    if os.name != "posix":
-        return False
-    return bool(path.stat().st_mode & 0o077)
+    return _https_client_context(address.http_cert)

@@ -1,0 +1,473 @@
+"""Unpickling what peer parties send, without running code chosen by the peer.
+
+README, "Security model" (*Links*, *Who may talk*); docs/design.md, "Security model": MPyC
+``pickle.loads`` every message a party link carries (``Runtime.transfer`` and the secure-array
+input, output and reshare steps). Plain ``pickle`` calls any importable function the bytes
+name, so one party (or anyone holding a party certificate) could run code on another.
+:func:`install` replaces the ``pickle`` that ``mpyc.runtime`` uses with :data:`SAFE_PICKLE`,
+whose ``loads`` is :func:`restricted_loads`:
+
+- Globals: exactly the ones MPyC 0.11 and the protocol pickle, each behind a wrapper that
+  checks its arguments (:data:`ALLOWLIST`); any other global is refused by name.
+- numpy arrays and scalars of bool, int, uint, float or complex dtypes, plus the object arrays
+  of Python ints that MPyC's secure arrays send (``thresha.np_random_split`` rows). The
+  dtype's pickled state must equal a canonical dtype's exactly: numpy accepts a forged state
+  (object flags on ``uint64``, fields on a plain type) that makes raw bytes pointers.
+- gmpy2 ``mpz``, and MPyC elements and arrays of the fields in :data:`FIELD_MODULI` only
+  (each new modulus would be primality-tested and cached forever).
+- Values: the result is walked once (O(objects), never O(bytes)) and anything but
+  :data:`None`, bool, int, float, str, bytes, bytearray, tuple, list, dict, set, frozenset and
+  the kinds above is refused, as are cycles and nesting deeper than :data:`MAX_DEPTH`.
+
+Every failure, refused or merely malformed (truncated, trailing bytes, numpy's own errors),
+raises :class:`ForbiddenPickle`, a :class:`pickle.UnpicklingError`: callers catch one type.
+:data:`SAFE_PICKLE` also pins ``dumps`` to protocol 4, so the parties send numpy arrays the
+one way the allowlist knows whatever the Python version (3.14 defaults to 5).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mpc_agg.core.field import P
+
+PROTOCOL: int = 4
+"""The pickle protocol :data:`SAFE_PICKLE` sends (Python 3.11's default)."""
+
+MAX_DEPTH: int = 64
+"""Deepest nesting of containers accepted; protocol messages are at most 4 deep."""
+
+FIELD_MODULI: frozenset[int] = frozenset({P})
+"""Prime fields whose MPyC elements and arrays may arrive: the one the engine uses."""
+
+_MALFORMED_DETAIL = 200  # characters of the underlying error kept in the message
+
+
+class ForbiddenPickle(pickle.UnpicklingError):
+    """A peer's pickle was refused: a global off the allowlist, a value of a refused type,
+    or bytes that are not one well-formed pickle."""
+
+
+# numpy ---------------------------------------------------------------------------------------
+
+# numpy's own reconstructors, whatever module they live in (numpy._core from 2.0, numpy.core
+# before): the functions ndarray and scalar pickles name.
+_NP_RECONSTRUCT: Callable[..., Any] = np.empty(0).__reduce__()[0]
+_NP_SCALAR: Callable[..., Any] = np.uint8(0).__reduce__()[0]
+
+_NUMERIC_CHARS = "?bhilqBHILQefdgFDG"  # bool, signed, unsigned, float, complex (all widths)
+
+
+def _dtype_table() -> dict[tuple[str, tuple[Any, ...]], np.dtype[Any]]:
+    """(pickled type string, pickled state) -> the dtype it stands for, for every numeric
+    dtype in either byte order and for ``object``: the only dtype pickles accepted."""
+    table: dict[tuple[str, tuple[Any, ...]], np.dtype[Any]] = {}
+    for char in _NUMERIC_CHARS + "O":
+        native = np.dtype(char)
+        variants = [native] if native.byteorder == "|" else [native.newbyteorder(o) for o in "<>"]
+        for dt in variants:
+            _, (code, _align, _copy), state = dt.__reduce__()
+            table[(code, state)] = dt
+    return table
+
+
+_DTYPES = _dtype_table()
+_DTYPE_CODES = frozenset(code for code, _ in _DTYPES)
+_NUMERIC_KINDS = "biufc"
+_SCALAR_TYPES = frozenset(dt.type for dt in _DTYPES.values() if dt.kind in _NUMERIC_KINDS)
+
+
+class _NdarrayToken:
+    """What the global ``numpy.ndarray`` loads as: a marker for :func:`_reconstruct`, not the
+    class, so a pickle cannot call ``ndarray(shape, ...)`` itself."""
+
+    __slots__ = ()
+
+
+_NDARRAY = _NdarrayToken()
+
+
+class _DtypeStub:
+    """A dtype being unpickled: ``dtype(code, False, True)`` then ``__setstate__(state)``."""
+
+    __slots__ = ("code", "dtype")
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+        self.dtype: np.dtype[Any] | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if self.dtype is not None:
+            raise ForbiddenPickle("numpy dtype state set twice")
+        if type(state) is not tuple or not all(type(v) in (int, str, type(None)) for v in state):
+            raise ForbiddenPickle(f"numpy dtype {self.code!r}: malformed state")
+        dt = _DTYPES.get((self.code, state))
+        if dt is None:
+            raise ForbiddenPickle(f"numpy dtype {self.code!r}: state {state!r} is not canonical")
+        self.dtype = dt
+
+    def resolved(self) -> np.dtype[Any]:
+        if self.dtype is None:
+            raise ForbiddenPickle(f"numpy dtype {self.code!r} without its state")
+        return self.dtype
+
+
+def _dtype(*args: object) -> _DtypeStub:
+    """``numpy.dtype`` as pickles call it: ``dtype(code, False, True)``, an allowed code."""
+    if len(args) != 3 or args[1] is not False or args[2] is not True:
+        raise ForbiddenPickle("numpy.dtype called with other arguments than numpy pickles")
+    code = args[0]
+    if type(code) is not str or code not in _DTYPE_CODES:
+        raise ForbiddenPickle(f"numpy dtype {code!r} refused (numeric dtypes only)")
+    return _DtypeStub(code)
+
+
+def _as_dtype(obj: object) -> np.dtype[Any]:
+    if type(obj) is not _DtypeStub:
+        raise ForbiddenPickle(f"expected a numpy dtype, got {type(obj).__name__}")
+    return obj.resolved()
+
+
+class _ArrayStub:
+    """An ndarray being unpickled: ``_reconstruct(ndarray, (0,), b'b')`` then
+    ``__setstate__((1, shape, dtype, is_fortran, data))``, checked before numpy sees it."""
+
+    __slots__ = ("array",)
+
+    def __init__(self) -> None:
+        self.array: np.ndarray[Any, Any] | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if self.array is not None:
+            raise ForbiddenPickle("numpy array state set twice")
+        if type(state) is not tuple or len(state) != 5:
+            raise ForbiddenPickle("numpy array: malformed state")
+        version, shape, dtype_stub, is_fortran, data = state
+        if version != 1 or type(version) is not int or type(is_fortran) is not bool:
+            raise ForbiddenPickle("numpy array: malformed state")
+        if type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape):
+            raise ForbiddenPickle("numpy array: malformed shape")
+        dt = _as_dtype(dtype_stub)
+        size = math.prod(shape)
+        if dt.kind == "O":
+            if type(data) is not list or len(data) != size:
+                raise ForbiddenPickle("numpy object array: elements do not match its shape")
+        elif type(data) is not bytes or len(data) != size * dt.itemsize:
+            raise ForbiddenPickle("numpy array: data does not match its shape and dtype")
+        array = _NP_RECONSTRUCT(np.ndarray, (0,), b"b")
+        array.__setstate__((1, shape, dt, is_fortran, data))
+        self.array = array
+
+
+def _reconstruct(*args: object) -> _ArrayStub:
+    """``numpy.core.multiarray._reconstruct`` as ndarray pickles call it, and only so."""
+    if args != (_NDARRAY, (0,), b"b") or type(args[1]) is not tuple or type(args[2]) is not bytes:
+        raise ForbiddenPickle("numpy _reconstruct called with other arguments than numpy pickles")
+    return _ArrayStub()
+
+
+def _scalar(*args: object) -> Any:
+    """``numpy.core.multiarray.scalar(dtype, data)`` for numeric dtypes only."""
+    if len(args) != 2:
+        raise ForbiddenPickle("numpy scalar called with other arguments than numpy pickles")
+    dt = _as_dtype(args[0])
+    data = args[1]
+    if dt.kind not in _NUMERIC_KINDS:
+        raise ForbiddenPickle(f"numpy scalar of dtype {dt.str!r} refused")
+    if type(data) is not bytes or len(data) != dt.itemsize:
+        raise ForbiddenPickle("numpy scalar: data does not match its dtype")
+    return _NP_SCALAR(dt, data)
+
+
+# gmpy2, builtins ------------------------------------------------------------------------------
+
+try:
+    import gmpy2 as _gmpy2
+except ImportError:  # pragma: no cover - gmpy2 is a dependency
+    _gmpy2 = None
+_MPZ: type | None = type(_gmpy2.mpz(0)) if _gmpy2 is not None else None
+
+
+def _from_binary(*args: object) -> object:
+    """``gmpy2.from_binary(data)``, which is how an ``mpz`` pickles; any other gmpy2 type
+    (``mpq``, ``mpfr``, ...) is refused."""
+    if _gmpy2 is None or len(args) != 1 or type(args[0]) is not bytes:
+        raise ForbiddenPickle("gmpy2.from_binary called with other arguments than mpz pickles")
+    value = _gmpy2.from_binary(args[0])
+    if type(value) is not _MPZ:
+        raise ForbiddenPickle(f"gmpy2 {type(value).__name__} refused (mpz only)")
+    return value
+
+
+def _bytearray(*args: object) -> bytearray:
+    """``bytearray()`` or ``bytearray(data)``, as protocol 4 pickles one (never a size)."""
+    if args == ():
+        return bytearray()
+    if len(args) != 1 or type(args[0]) is not bytes:
+        raise ForbiddenPickle("bytearray called with other arguments than bytearray pickles")
+    return bytearray(args[0])
+
+
+# MPyC finite fields ---------------------------------------------------------------------------
+
+
+def _finfields() -> Any:
+    """``mpyc.finfields`` if MPyC is loaded (by :mod:`mpc_agg.mpc.runtime`); this module never
+    imports MPyC itself."""
+    module = sys.modules.get("mpyc.finfields")
+    if module is None:
+        raise ForbiddenPickle("MPyC field values refused: MPyC is not loaded")
+    return module
+
+
+def _create_gf(*args: object) -> Any:
+    """``PrimeFieldElement.createGF(p, n, w)``, how an MPyC prime-field element pickles, for the
+    fields :func:`mpyc.finfields.GF` makes for :data:`FIELD_MODULI` only."""
+    if len(args) != 3 or not all(type(a) is int for a in args) or args[0] not in FIELD_MODULI:
+        raise ForbiddenPickle("MPyC field element of a field other than GF(2^61 - 1) refused")
+    finfields = _finfields()
+    field = finfields.GF(args[0])
+    if (field.nth, field.root) != args[1:]:
+        raise ForbiddenPickle("MPyC field element with unexpected field parameters refused")
+    return finfields.PrimeFieldElement.createGF(*args)
+
+
+class _FieldArrayStub:
+    """An MPyC field array being unpickled (``NEWOBJ`` then ``__setstate__``); the walk
+    builds the real array once its ``value`` is checked. ``target`` is set per field."""
+
+    __slots__ = ("value",)
+    target: Any = None
+
+    def __new__(cls, *args: object) -> _FieldArrayStub:
+        if args or cls.target is None:
+            raise ForbiddenPickle("MPyC field array built with other arguments than MPyC pickles")
+        return super().__new__(cls)
+
+    def __setstate__(self, state: object) -> None:
+        if hasattr(self, "value"):
+            raise ForbiddenPickle("MPyC field array state set twice")
+        if (
+            type(state) is not tuple
+            or len(state) != 2
+            or state[0] is not None
+            or type(state[1]) is not dict
+            or list(state[1]) != ["value"]
+        ):
+            raise ForbiddenPickle("MPyC field array: malformed state")
+        self.value = state[1]["value"]
+
+
+_FIELD_ARRAY_STUBS: dict[str, type[_FieldArrayStub]] = {}
+
+
+def _field_array_stub(name: str) -> type[_FieldArrayStub] | None:
+    """The stub class for the MPyC array type named ``name`` (``ArrayGF(p)``), if ``p`` is in
+    :data:`FIELD_MODULI`; None for any other name."""
+    if name in _FIELD_ARRAY_STUBS:
+        return _FIELD_ARRAY_STUBS[name]
+    for p in FIELD_MODULI:
+        if name == f"ArrayGF({p})":
+            target = _finfields().GF(p).array
+            if target.__qualname__ != name:
+                return None
+            stub = type(f"_FieldArrayStub_{p}", (_FieldArrayStub,), {"__slots__": ()})
+            stub.target = target
+            _FIELD_ARRAY_STUBS[name] = stub
+            return stub
+    return None
+
+
+# the allowlist --------------------------------------------------------------------------------
+
+ALLOWLIST: dict[tuple[str, str], Any] = {
+    # bytearray under protocol 4 pickles as builtins.bytearray(data).
+    ("builtins", "bytearray"): _bytearray,
+    # numpy arrays: _reconstruct(ndarray, (0,), b'b') then setstate with a dtype(...).
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # numpy < 2 peers
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy >= 2
+    # numpy scalars (np.uint64(5), np.float64(0.5), ...): scalar(dtype, data).
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    # gmpy2.mpz pickles as from_binary(data) (module gmpy2.gmpy2 from gmpy2 2.2 on).
+    ("gmpy2", "from_binary"): _from_binary,
+    ("gmpy2.gmpy2", "from_binary"): _from_binary,
+    # MPyC prime-field elements; their arrays are the per-field ArrayGF(p) classes,
+    # handled by _field_array_stub.
+    ("mpyc.finfields", "PrimeFieldElement.createGF"): _create_gf,
+}
+"""``(module, name)`` -> what that global loads as. Each entry is a wrapper that accepts only
+the arguments the real pickles use, never the real callable; ``ArrayGF(p)`` in
+``mpyc.finfields`` is the one dynamic entry (a checked stub class, for ``p`` in
+:data:`FIELD_MODULI`)."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str, /) -> Any:
+        found = ALLOWLIST.get((module, name))
+        if found is None and module == "mpyc.finfields":
+            found = _field_array_stub(name)
+        if found is None:
+            raise ForbiddenPickle(f"refused global {module}.{name}: not on the allowlist")
+        return found
+
+
+# the walk -------------------------------------------------------------------------------------
+
+_ATOMS: frozenset[type] = frozenset(
+    {type(None), bool, int, float, str, bytes, bytearray} | _SCALAR_TYPES
+) | ({_MPZ} if _MPZ is not None else frozenset())
+_ARRAY_ELEMENTS: frozenset[type] = frozenset({int} | ({_MPZ} if _MPZ is not None else set()))
+
+
+class _Walk:
+    """One pass over a loaded value: checks every object's type, swaps the stubs for the
+    real numpy and MPyC arrays, refuses cycles and deep nesting. Each object is visited once
+    (shared references included), so the cost is O(objects)."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, tuple[object, object]] = {}  # id -> (original, result)
+        self.active: set[int] = set()
+
+    def visit(self, obj: object, depth: int) -> object:
+        kind = type(obj)
+        if kind in _ATOMS:
+            return obj
+        key = id(obj)
+        if key in self.done:
+            return self.done[key][1]
+        if key in self.active:
+            raise ForbiddenPickle("cyclic structure refused")
+        if depth >= MAX_DEPTH:
+            raise ForbiddenPickle(f"nesting deeper than {MAX_DEPTH} refused")
+        self.active.add(key)
+        result = self._convert(obj, kind, depth + 1)
+        self.active.discard(key)
+        self.done[key] = (obj, result)
+        return result
+
+    def _items(self, items: Any, depth: int) -> list[object] | None:
+        """The visited items, or None if they are all atoms (a C-speed check)."""
+        if set(map(type, items)) <= _ATOMS:
+            return None
+        return [self.visit(x, depth) for x in items]
+
+    def _convert(self, obj: Any, kind: type, depth: int) -> object:
+        if kind is list:
+            new = self._items(obj, depth)
+            if new is not None:
+                obj[:] = new
+            return obj
+        if kind is tuple:
+            new = self._items(obj, depth)
+            if new is None or all(a is b for a, b in zip(new, obj)):
+                return obj
+            return tuple(new)
+        if kind is dict:
+            for k, v in list(obj.items()):
+                if self.visit(k, depth) is not k:
+                    raise ForbiddenPickle("dict key of a refused kind")
+                w = self.visit(v, depth)
+                if w is not v:
+                    obj[k] = w
+            return obj
+        if kind is set or kind is frozenset:
+            new = self._items(obj, depth)
+            if new is not None and not all(a is b for a, b in zip(new, obj)):
+                raise ForbiddenPickle("set element of a refused kind")
+            return obj
+        if kind is _ArrayStub:
+            if obj.array is None:
+                raise ForbiddenPickle("numpy array without its state")
+            return _checked_array(obj.array)
+        if isinstance(obj, _FieldArrayStub):
+            if not hasattr(obj, "value"):
+                raise ForbiddenPickle("MPyC field array without its value")
+            value = self.visit(obj.value, depth)
+            if type(value) is not np.ndarray or value.dtype.kind not in "Oiu":
+                raise ForbiddenPickle("MPyC field array whose value is not an integer array")
+            array = obj.target.__new__(obj.target)
+            array.value = value
+            return array
+        finfields = sys.modules.get("mpyc.finfields")
+        if finfields is not None and isinstance(obj, finfields.PrimeFieldElement):
+            modulus = kind.modulus
+            value = getattr(obj, "value", None)
+            if modulus not in FIELD_MODULI or type(value) not in _ARRAY_ELEMENTS:
+                raise ForbiddenPickle("MPyC field element refused")
+            if not 0 <= value < modulus:
+                raise ForbiddenPickle("MPyC field element out of range")
+            return obj
+        raise ForbiddenPickle(f"value of type {kind.__module__}.{kind.__qualname__} refused")
+
+
+def _checked_array(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    dt = array.dtype
+    if dt.fields is not None or dt.subdtype is not None:
+        raise ForbiddenPickle(f"numpy array of structured dtype {dt.str!r} refused")
+    if dt.kind == "O":
+        if not set(map(type, array.ravel().tolist())) <= _ARRAY_ELEMENTS:
+            raise ForbiddenPickle("numpy object array holding other values than ints refused")
+    elif dt.kind not in _NUMERIC_KINDS or dt.hasobject:
+        raise ForbiddenPickle(f"numpy array of dtype {dt.str!r} refused")
+    return array
+
+
+# the entry points -----------------------------------------------------------------------------
+
+
+def restricted_loads(data: bytes | bytearray | memoryview) -> object:
+    """``pickle.loads`` for what peers send: the allowlisted kinds only (module docstring).
+
+    Raises :class:`ForbiddenPickle` for anything refused, malformed, truncated or followed by
+    trailing bytes."""
+    stream = io.BytesIO(data)
+    try:
+        loaded = _RestrictedUnpickler(stream, fix_imports=False).load()
+    except ForbiddenPickle:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to load is one refusal
+        detail = f"{type(exc).__name__}: {exc}"[:_MALFORMED_DETAIL]
+        raise ForbiddenPickle(f"malformed pickle ({detail})") from exc
+    if stream.tell() != stream.getbuffer().nbytes:
+        raise ForbiddenPickle("trailing bytes after the pickle")
+    return _Walk().visit(loaded, 0)
+
+
+def dumps(obj: object) -> bytes:
+    """``pickle.dumps`` at :data:`PROTOCOL`, what :func:`restricted_loads` reads."""
+    return pickle.dumps(obj, protocol=PROTOCOL)
+
+
+SAFE_PICKLE = types.SimpleNamespace(
+    dumps=dumps,
+    loads=restricted_loads,
+    UnpicklingError=pickle.UnpicklingError,
+    PicklingError=pickle.PicklingError,
+    DEFAULT_PROTOCOL=PROTOCOL,
+    HIGHEST_PROTOCOL=PROTOCOL,
+)
+"""Stands in for the ``pickle`` module in ``mpyc.runtime`` (which uses ``dumps`` and
+``loads`` only; no other MPyC module unpickles)."""
+
+
+def install() -> None:
+    """Make MPyC unpickle peer messages with :func:`restricted_loads`. Idempotent.
+
+    Call it right after :func:`mpc_agg.mpc.runtime.load_runtime` has imported
+    ``mpyc.runtime`` and before any party link is up; it never imports MPyC itself and raises
+    RuntimeError if ``mpyc.runtime`` is not loaded yet."""
+    runtime = sys.modules.get("mpyc.runtime")
+    if runtime is None:
+        raise RuntimeError("import mpyc.runtime (load_runtime) before installing the unpickler")
+    runtime.pickle = SAFE_PICKLE  # type: ignore[attr-defined]
