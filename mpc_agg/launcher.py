@@ -73,6 +73,18 @@ def free_loopback_ports(n: int) -> list[int]:
     return ports
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (None if it can), as asyncio would bind
+    it (SO_REUSEADDR)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 class LaunchError(RuntimeError):
     """A party exited early or did not become ready in time."""
 
@@ -136,7 +148,15 @@ class LocalFederation:
         self.stop()
 
     def start(self) -> None:
-        """Spawn one process per aggregator."""
+        """Spawn one process per aggregator, after checking that their ports are free."""
+        for a in self.topology.aggregators:
+            for port, what in ((a.http_port, "HTTP API"), (a.mpc_port, "party links")):
+                taken = port_taken(a.host, port)
+                if taken:
+                    raise LaunchError(
+                        f"port {a.host}:{port} (aggregator {a.index}'s {what}) is taken: "
+                        f"{taken}; is this topology already running?"
+                    )
         for a in self.topology.aggregators:
             self.processes.append(self._spawn(a.index))
 
@@ -241,11 +261,6 @@ class LocalFederation:
                 request, timeout=1.0, context=https_client_context(address)
             ) as resp:
                 status = json.loads(resp.read())
-        except ssl.SSLCertVerificationError:
-            raise LaunchError(
-                f"port {where} (aggregator {i}'s HTTP API) is held by another server: it does "
-                "not present the certificate this topology pins"
-            ) from None
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
                 raise LaunchError(
@@ -253,7 +268,13 @@ class LocalFederation:
                     f"refuses this federation's token ({exc.code})"
                 ) from None
             return False
-        except (OSError, urllib.error.URLError, ValueError):
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise LaunchError(
+                    f"port {where} (aggregator {i}'s HTTP API) is held by another server: it "
+                    "does not present the certificate this topology pins"
+                ) from None
             return False
         expected = (i, self.fingerprint, self.processes[i].pid)
         found = (status.get("aggregator"), status.get("fingerprint"), status.get("pid"))

@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -166,6 +167,25 @@ async def serve(
         raise failure
 
 
+def lock_data_dir(directory: Path) -> IO[bytes]:
+    """Take an exclusive lock on this aggregator's data directory (``LOCK`` inside it), held
+    while the returned file stays open: two party processes never share journals, the
+    round index or the ledger. Raises :class:`StartupError` if another process holds it."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / "LOCK", "ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StartupError(
+            f"the data directory {str(directory)!r} is in use by another party process "
+            "(is this aggregator already running?)"
+        ) from None
+    return handle
+
+
 def main(
     argv: list[str] | None = None,
     wrap_network: Callable[[PartyNetwork], PartyNetwork] | None = None,
@@ -205,6 +225,11 @@ def main(
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        lock = lock_data_dir(topology.aggregator_dir(args.index))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     credentials = None if topology.insecure else secrets.credentials
     if topology.insecure:
         log.warning(
@@ -229,6 +254,7 @@ def main(
     used: PartyNetwork = network if wrap_network is None else wrap_network(network)
     try:
         network.run(serve(topology, args.index, used, credentials, secrets))
+        del lock  # held for the life of the party
     except (StateError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

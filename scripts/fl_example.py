@@ -36,9 +36,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from mpc_agg.provision import LocalDeployment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,17 +196,23 @@ def make_client_app(data: FederatedDigits, training: Training, mods: Sequence = 
     return app
 
 
+def client_id(context) -> str:
+    """The mpc_agg client id of the Flower node running ``context``: its partition."""
+    return f"digits-{int(context.node_config['partition-id'])}"
+
+
 def run_fedavg(
     data: FederatedDigits,
     training: Training,
-    topology=None,
+    deployment: LocalDeployment | None = None,
     *,
     round_prefix: str | None = None,
 ) -> RunResult:
     """Run FedAvg in process for ``training.rounds`` rounds; evaluate on the test set after
-    each round. ``topology``: None for Flower's plaintext ``FedAvg``, else an mpc_agg
-    :class:`~mpc_agg.Topology` whose aggregators are running (``MpcFedAvg`` on the server,
-    ``secure_train_mod`` on the clients)."""
+    each round. ``deployment``: None for Flower's plaintext ``FedAvg``, else the mpc_agg
+    deployment whose aggregators are running (``LocalFederation.deployment``): its topology
+    and tokens give ``MpcFedAvg`` on the server the collector's tokens and
+    ``secure_train_mod`` on each client the tokens issued for its client id."""
     from flwr.app import Array, ArrayRecord, MetricRecord
     from flwr.serverapp import ServerApp
     from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -213,13 +223,27 @@ def run_fedavg(
     n = len(data.partitions)
     common = {"fraction_evaluate": 0.0, "min_available_nodes": n, "min_train_nodes": n}
     mods: list = []
-    if topology is None:
+    topology = None if deployment is None else deployment.topology()
+    if deployment is None or topology is None:
         strategy = FedAvg(**common)
     else:
         from mpc_agg.integrations.flower import MpcFedAvg, secure_train_mod
 
-        strategy = MpcFedAvg(topology, round_prefix=round_prefix, **common)
-        mods = [secure_train_mod(topology)]
+        secure = not topology.insecure
+        strategy = MpcFedAvg(
+            topology,
+            collector_token=deployment.collector_tokens() if secure else None,
+            round_prefix=round_prefix,
+            **common,
+        )
+        tokens = deployment.client_tokens
+        mods = [
+            secure_train_mod(
+                topology,
+                client_id=client_id,
+                token=lambda context: tokens(client_id(context)) if secure else None,
+            )
+        ]
 
     accuracies: dict[int, float] = {}
 
@@ -270,8 +294,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "FedAvg through mpc_agg (--config) and through mpc_agg with DP (--dp-config), and "
             "the epsilon spent so far; progress goes to stderr. The aggregators of each "
             "topology listen on its ports on 127.0.0.1 and run in a temporary directory (fresh "
-            "journals and privacy budget every run). Topologies with tls or auth are not "
-            "supported by this example."
+            "journals and privacy budget every run) with throw-away keys and tokens the "
+            "launcher provisions there; the topologies must be templates (no keys)."
         ),
     )
     parser.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
@@ -317,7 +341,7 @@ def run_on_federation(
         progress(f"[{label}] starting {describe(federation.topology)} ...")
         with federation:
             progress(f"[{label}] aggregators ready; training {training.rounds} rounds ...")
-            result = run_fedavg(data, training, federation.topology)
+            result = run_fedavg(data, training, federation.deployment)
         progress(f"[{label}] done in {result.seconds:.1f} s; aggregators stopped")
     return result
 
@@ -386,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for topo in topologies:
-        if topo.tls is not None or topo.auth is not None:
+        if topo.has_keys:
             print(
-                f"error: {topo.source}: this example runs topologies without tls or auth",
+                f"error: {topo.source}: this example starts its own aggregators with "
+                "throw-away keys: give a template topology (without keys)",
                 file=sys.stderr,
             )
             return 2

@@ -4,31 +4,78 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mpc_agg import AggregationTimeout, Client, Collector, EncodingError, Topology
-from mpc_agg.errors import InvalidRequest
+from mpc_agg.errors import InvalidRequest, UsageError
+from mpc_agg.provision import provision_local
 
-from .conftest import topology_doc
+from .conftest import topology_doc, write_topology
 
 
-def test_aggregate_respects_its_timeout_against_a_silent_leader():
-    # A listening socket that never answers: connections succeed, requests hang.
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
+@pytest.fixture
+def silent() -> Iterator[int]:
+    """A listening socket that never answers: connections succeed, requests (and TLS
+    handshakes) hang. Yields its port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
     try:
-        doc = topology_doc(2, 0, name="silent")
-        doc["aggregators"][0]["http_port"] = silent.getsockname()[1]
-        collector = Collector(Topology.from_dict(doc), timeout_s=30.0)
-        started = time.monotonic()
-        with pytest.raises(AggregationTimeout, match="within 1.0 s"):
-            collector.aggregate("r", timeout=1.0)
-        assert time.monotonic() - started < 5.0
+        yield sock.getsockname()[1]
     finally:
-        silent.close()
+        sock.close()
+
+
+def test_aggregate_respects_its_timeout_against_a_silent_leader(silent: int) -> None:
+    doc = topology_doc(2, 0, name="silent", insecure=True)  # plain HTTP on loopback
+    doc["aggregators"][0]["http_port"] = silent
+    collector = Collector(Topology.from_dict(doc), timeout_s=30.0)
+    started = time.monotonic()
+    with pytest.raises(AggregationTimeout, match="within 1.0 s"):
+        collector.aggregate("r", timeout=1.0)
+    assert time.monotonic() - started < 5.0
+
+
+def test_aggregate_respects_its_timeout_over_https_against_a_silent_leader(
+    silent: int, tmp_path: Path
+) -> None:
+    # The default: HTTPS pinned to the provisioned certificate; the handshake never ends.
+    doc = topology_doc(2, 0, name="silent-tls")
+    doc["aggregators"][0]["http_port"] = silent
+    deployment = provision_local(write_topology(tmp_path, doc), cwd=tmp_path)
+    collector = deployment.collector(timeout_s=30.0)
+    assert collector.topology.aggregators[0].url == f"https://127.0.0.1:{silent}"
+    started = time.monotonic()
+    with pytest.raises(AggregationTimeout, match="within 1.0 s"):
+        collector.aggregate("r", timeout=1.0)
+    assert time.monotonic() - started < 5.0
+
+
+def test_a_template_topology_cannot_reach_an_aggregator() -> None:
+    # No http_cert to pin (and not insecure): refused before anything is sent.
+    topo = Topology.from_dict(topology_doc(2, 0, name="template"))
+    assert not topo.has_keys and topo.aggregators[0].scheme == "https"
+    with pytest.raises(ValueError, match="no http_cert in this topology \\(a template\\)"):
+        Collector(topo, "t").open_round("r", 3)
+    with pytest.raises(ValueError, match="a template"):
+        Client(topo, "alice", "t").submit("r", np.zeros(3))
+
+
+def test_tokens_one_for_all_or_one_per_aggregator() -> None:
+    topo = Topology.from_dict(topology_doc(3, 1, name="tokens", insecure=True))
+    Collector(topo, "a")
+    Collector(topo, ["a", "b", "c"])
+    Collector(topo, "a, b, c")
+    Client(topo, "alice", "a,b,c")
+    for wrong in (["a", "b"], "a,b", ["a", "b", "c", "d"]):
+        with pytest.raises(UsageError, match="expected 1 or 3 tokens"):
+            Collector(topo, wrong)
+        with pytest.raises(UsageError, match="expected 1 or 3 tokens"):
+            Client(topo, "alice", wrong)
 
 
 def test_client_refuses_bad_ids_and_vectors_before_sending():

@@ -14,12 +14,10 @@ import pytest
 from mpc_agg import ConfigError, Topology
 from mpc_agg.config import (
     AggregatorAddress,
-    AuthSettings,
     Deadlines,
     DPSettings,
     Mechanism,
     RoundPolicy,
-    TlsSettings,
 )
 from mpc_agg.config.load import yaml_keys
 from mpc_agg.core.encoding import FixedPointEncoding
@@ -71,8 +69,26 @@ def doc(**sections: object) -> dict:
         (lambda: AggregatorAddress(1, "h", 0, 2), "aggregators[1].mpc_port", "1..65535"),
         (lambda: AggregatorAddress(2, "h", 1, "2"), "aggregators[2].http_port", "expected int"),
         (lambda: AggregatorAddress(0, "h", 1, 2, "ftp"), "aggregators[0].scheme", "https"),
-        (lambda: TlsSettings(5), "tls.dir", "expected str, got int"),  # type: ignore[arg-type]
-        (lambda: AuthSettings(None), "auth.secrets_dir", "expected str"),  # type: ignore[arg-type]
+        (
+            lambda: AggregatorAddress(0, "h", 1, 2, party_cert="not a PEM"),
+            "aggregators[0].party_cert",
+            "expected a PEM certificate",
+        ),
+        (
+            lambda: AggregatorAddress(1, "h", 1, 2, http_cert="MIIB..."),
+            "aggregators[1].http_cert",
+            "expected a PEM certificate",
+        ),
+        (
+            lambda: AggregatorAddress(2, "h", 1, 2, signing_key="AB" * 32),
+            "aggregators[2].signing_key",
+            "64 lowercase hex characters",
+        ),
+        (
+            lambda: AggregatorAddress(0, "h", 1, 2, signing_key="ab" * 31),
+            "aggregators[0].signing_key",
+            "64 lowercase hex characters",
+        ),
         (lambda: dp_settings(mechanism="gauss"), "dp.mechanism", "discrete_gaussian, binomial"),
         (lambda: dp_settings(mechanism="skellam"), "dp.mechanism", "no longer offered"),
         (lambda: dp_settings(epsilon=0), "dp.epsilon", "positive"),
@@ -92,7 +108,8 @@ def test_objects_built_in_code_are_checked_at_their_yaml_path(build, path, words
 
 def test_valid_objects_are_normalised() -> None:
     assert Deadlines(step_s=5).step_s == 5.0 and isinstance(Deadlines(step_s=5).step_s, float)
-    assert TlsSettings("x").dir == Path("x")  # type: ignore[arg-type]
+    assert AggregatorAddress(0, "h", 1, 2).url == "https://h:2"  # https unless insecure
+    assert not AggregatorAddress(0, "h", 1, 2).has_keys
     dp = dp_settings(mechanism="binomial", epsilon=1)
     assert dp.mechanism is Mechanism.BINOMIAL and dp.mechanism == "binomial"
     assert isinstance(dp.epsilon, float)
@@ -151,7 +168,14 @@ def test_headroom_includes_the_noise_of_a_round_of_dimension_1() -> None:
 def test_allowed_keys_are_the_dataclass_fields() -> None:
     assert yaml_keys(RoundPolicy) == sorted(f.name for f in fields(RoundPolicy))
     assert yaml_keys(Deadlines) == ["startup_s", "step_s", "upload_s"]
-    assert yaml_keys(AggregatorAddress) == ["host", "http_port", "mpc_port"]
+    assert yaml_keys(AggregatorAddress) == [
+        "host",
+        "http_cert",
+        "http_port",
+        "mpc_port",
+        "party_cert",
+        "signing_key",
+    ]
     assert yaml_keys(DPSettings) == [
         "budget",
         "delta",
@@ -189,13 +213,50 @@ def test_dp_defaults_and_nulls() -> None:
     assert null_rounds.rounds.min_clients == 2 and null_rounds.deadlines == Deadlines()
 
 
-def test_tls_makes_every_address_https_and_paths_resolve(tmp_path: Path) -> None:
-    topo = Topology.from_dict(doc(tls={"dir": "tls/x"}, auth={"secrets_dir": "s"}))
-    assert all(a.url.startswith("https://") for a in topo.aggregators)
-    assert topo.tls == TlsSettings(Path("tls/x"))
+def test_addresses_are_https_unless_insecure_and_paths_resolve() -> None:
+    topo = Topology.from_dict(doc())
+    assert not topo.insecure and not topo.has_keys  # a template: no keys
+    assert all(a.scheme == "https" and a.url.startswith("https://") for a in topo.aggregators)
+    plain = Topology.from_dict(doc(insecure=True))
+    assert plain.insecure
+    assert all(a.url.startswith("http://") for a in plain.aggregators)
+    # Built in code, the scheme of every address follows ``insecure`` both ways.
+    assert all(a.scheme == "http" for a in replace(topo, insecure=True).aggregators)
+    assert all(a.scheme == "https" for a in replace(plain, insecure=False).aggregators)
     absolute = topo.with_absolute_paths()
-    assert absolute.tls is not None and absolute.tls.dir.is_absolute()
-    assert absolute.auth is not None and absolute.auth.secrets_dir.is_absolute()
+    assert absolute.data_dir.is_absolute() and absolute.aggregators == topo.aggregators
+
+
+@pytest.mark.parametrize("section", ["tls", "auth"])
+def test_tls_and_auth_sections_are_refused_with_the_migration_message(section: str) -> None:
+    value = {"dir": "tls/x"} if section == "tls" else {"secrets_dir": "s"}
+    with pytest.raises(ConfigError) as err:
+        Topology.from_dict(doc(**{section: value}), source="cfg.yaml")
+    assert err.value.path == section
+    assert "the tls and auth sections are gone" in err.value.detail
+    assert "insecure: true on loopback" in err.value.detail
+    assert "Security model" in err.value.detail
+    assert str(err.value).startswith(f"cfg.yaml: {section}: ")
+
+
+def test_insecure_is_refused_with_a_host_off_loopback() -> None:
+    remote = doc(insecure=True)
+    remote["aggregators"][1]["host"] = "10.0.0.2"
+    with pytest.raises(ConfigError) as err:
+        Topology.from_dict(remote, source="cfg.yaml")
+    assert err.value.path == "insecure" and "10.0.0.2" in err.value.detail
+    assert "only when every aggregator is on loopback" in err.value.detail
+    remote["insecure"] = False
+    assert Topology.from_dict(remote).aggregators[1].url == "https://10.0.0.2:2002"
+    topo = Topology.from_dict(doc())
+    moved = topo.aggregators[:2] + (replace(topo.aggregators[2], host="example.org"),)
+    with pytest.raises(ConfigError) as err:  # in code too
+        replace(topo, insecure=True, aggregators=moved)
+    assert err.value.path == "insecure" and "example.org" in err.value.detail
+    for host in ("localhost", "LocalHost"):
+        local = doc(insecure=True)
+        local["aggregators"][0]["host"] = host
+        assert Topology.from_dict(local).insecure
 
 
 def test_binomial_sensitivity_beyond_exact_accounting_is_a_config_error() -> None:

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from mpc_agg import Client, Collector, RoundFailed, Topology
+from mpc_agg import RoundFailed, Topology
 from mpc_agg.launcher import LocalFederation
 
 from .conftest import dp_topology_doc, write_topology
@@ -25,13 +25,12 @@ def test_noisy_round_error_matches_the_announced_stddev(tmp_path):
     d = 20_000
     config = write_topology(tmp_path, dp_topology_doc("dpround", budget_epsilon=8.0))
     with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
-        topo = fed.topology
-        collector = Collector(topo)
+        collector = fed.collector()
         collector.open_round("r", d)
         announced = collector.status("r")[0]["dp"]["noise_stddev"]
         data = unit_vectors(5, d, seed=1)
         for i, x in enumerate(data):
-            Client(topo, f"c{i}").submit("r", x)
+            fed.client(f"c{i}").submit("r", x)
         result = collector.aggregate("r", timeout=60)
     assert (result.epsilon, result.delta) == (1.0, 1e-5)
     assert result.noise_stddev == pytest.approx(announced)
@@ -50,10 +49,10 @@ def test_budget_refuses_the_next_round_also_after_a_restart(tmp_path):
     data = unit_vectors(2, 100, seed=2)
 
     def run_round(fed: LocalFederation, round_id: str) -> object:
-        collector = Collector(fed.topology)
+        collector = fed.collector()
         collector.open_round(round_id, 100)
         for i, x in enumerate(data):
-            Client(fed.topology, f"{round_id}-c{i}").submit(round_id, x)
+            fed.client(f"{round_id}-c{i}").submit(round_id, x)
         return collector.aggregate(round_id, timeout=60)
 
     with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
@@ -85,8 +84,7 @@ def test_joint_binomial_histogram_round(tmp_path):
     rng = np.random.default_rng(3)
     counts = np.zeros(d)
     with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
-        topo = fed.topology
-        collector = Collector(topo)
+        collector = fed.collector()
         collector.open_round("h", d)
         plan = collector.status("h")[0]["dp"]
         assert plan["mechanism"] == "binomial" and plan["secure_bits"] == plan["trials"] * d
@@ -94,7 +92,7 @@ def test_joint_binomial_histogram_round(tmp_path):
             x = np.zeros(d)
             x[rng.integers(d)] = 1.0  # a one-hot histogram contribution
             counts += x
-            Client(topo, f"h{i}").submit("h", x)
+            fed.client(f"h{i}").submit("h", x)
         result = collector.aggregate("h", timeout=120)
     trials = plan["trials"]
     assert result.noise_stddev == pytest.approx(np.sqrt(trials / 4))

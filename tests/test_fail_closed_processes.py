@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpc_agg import Client, Collector, RoundFailed, Topology
+from mpc_agg import RoundFailed, Topology
 from mpc_agg.errors import RemoteRefusal
 from mpc_agg.launcher import LocalFederation
 
@@ -62,9 +62,9 @@ def fill_disk(directory: Path) -> Path:
     return filler
 
 
-def submit_all(topo: Topology, round_id: str, data: np.ndarray) -> None:
+def submit_all(fed: LocalFederation, round_id: str, data: np.ndarray) -> None:
     for i, x in enumerate(data):
-        Client(topo, f"{round_id}-c{i}").submit(round_id, x)
+        fed.client(f"{round_id}-c{i}").submit(round_id, x)
 
 
 def test_dp_round_on_a_full_disk_fails_everywhere_with_nothing_revealed(tmp_path) -> None:
@@ -74,9 +74,9 @@ def test_dp_round_on_a_full_disk_fails_everywhere_with_nothing_revealed(tmp_path
     mount_tmpfs(disk, "2m")
     try:
         with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
-            collector = Collector(fed.topology)
+            collector = fed.collector()
             collector.open_round("r", D)
-            submit_all(fed.topology, "r", unit_vectors(3, seed=1))
+            submit_all(fed, "r", unit_vectors(3, seed=1))
             filler = fill_disk(disk)
             with pytest.raises(RoundFailed) as failed:
                 collector.aggregate("r", timeout=60)
@@ -103,7 +103,7 @@ def test_dp_round_on_a_full_disk_fails_everywhere_with_nothing_revealed(tmp_path
             filler.unlink()
             data = unit_vectors(3, seed=2)
             collector.open_round("r2", D)
-            submit_all(fed.topology, "r2", data)
+            submit_all(fed, "r2", data)
             result = collector.aggregate("r2", timeout=60)
             assert result.num_clients == 3 and result.epsilon == 1.0
             assert np.std(result.total - data.sum(axis=0)) > 0  # noisy, not the exact total
@@ -115,13 +115,13 @@ def test_a_round_id_is_refused_after_every_party_restarts(tmp_path) -> None:
     config = write_topology(tmp_path, dp_topology_doc("reuse", budget_epsilon=8.0))
     data = unit_vectors(2, seed=3)
     with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
-        collector = Collector(fed.topology)
+        collector = fed.collector()
         collector.open_round("r1", D)
-        submit_all(fed.topology, "r1", data)
+        submit_all(fed, "r1", data)
         first = collector.aggregate("r1", timeout=60)
     # Every party stops and starts again: journals of ended rounds are gone by now.
     with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
-        collector = Collector(fed.topology)
+        collector = fed.collector()
         with pytest.raises(RemoteRefusal) as refused:
             collector.open_round("r1", D)
         assert refused.value.status == 409 and refused.value.code == "round_id_used"
@@ -130,7 +130,7 @@ def test_a_round_id_is_refused_after_every_party_restarts(tmp_path) -> None:
             collector.status("r1")
         assert ended.value.status == 410 and ended.value.code == "round_ended"
         collector.open_round("r2", D)  # a fresh id works, and is charged on top of r1
-        submit_all(fed.topology, "r2", data)
+        submit_all(fed, "r2", data)
         second = collector.aggregate("r2", timeout=60)
     assert second.cumulative_epsilon > first.cumulative_epsilon
     topo = Topology.load(config)

@@ -33,7 +33,7 @@ from flwr.serverapp import ServerApp  # noqa: E402
 from flwr.serverapp.exception import PrivacyBudgetExhausted  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
-from mpc_agg import Collector, Topology  # noqa: E402
+from mpc_agg import Topology  # noqa: E402
 from mpc_agg.errors import UsageError  # noqa: E402
 from mpc_agg.integrations import FedAvgScheme, flatten  # noqa: E402
 from mpc_agg.integrations.flower import (  # noqa: E402
@@ -132,16 +132,37 @@ def expected_after(rounds: int) -> dict[str, np.ndarray]:
     return {k: INITIAL[k].astype(float) + rounds * mean[k] for k in INITIAL}
 
 
+def node_client_id(context: Context) -> str:
+    """The mpc_agg client id of a Flower node (secure_train_mod's default)."""
+    return f"flwr-node-{context.node_id}"
+
+
+def strategy_for(fed, **kwargs) -> MpcFedAvg:
+    """MpcFedAvg on the running federation ``fed``, with the collector's tokens."""
+    return MpcFedAvg(
+        fed.topology, collector_token=fed.deployment.collector_tokens(), **kwargs
+    )
+
+
+def mod_for(fed, topology: Topology | None = None):
+    """secure_train_mod for the running federation ``fed``: each node submits with the
+    tokens its aggregators issued for its client id."""
+    return secure_train_mod(
+        fed.topology if topology is None else topology,
+        client_id=node_client_id,
+        token=lambda context: fed.deployment.client_tokens(node_client_id(context)),
+    )
+
+
 pytestmark = pytest.mark.processes
 
 
 def test_two_flower_rounds_through_real_aggregators(federation3, round_id: str) -> None:
-    topology = federation3.topology
-    strategy = MpcFedAvg(
-        topology, round_prefix=round_id, min_available_nodes=NUM_NODES, fraction_evaluate=1.0
+    strategy = strategy_for(
+        federation3, round_prefix=round_id, min_available_nodes=NUM_NODES, fraction_evaluate=1.0
     )
     # The clients reply float64 arrays for the float32 "w": the server keeps its dtype.
-    app = stepping_client_app([secure_train_mod(topology)], keep_dtypes=False)
+    app = stepping_client_app([mod_for(federation3)], keep_dtypes=False)
     out, grid = run(strategy, app, rounds=2)
     result = out["result"]
 
@@ -168,7 +189,7 @@ def test_two_flower_rounds_through_real_aggregators(federation3, round_id: str) 
         assert metrics["loss"] == pytest.approx(sum(p * num_examples(p) for p in range(4)) / 100)
         assert "mpc-epsilon" not in metrics
         assert strategy.history[r].num_clients == NUM_NODES
-        status = Collector(topology).status(strategy.round_id(r))
+        status = federation3.collector().status(strategy.round_id(r))
         assert all(s["state"] == "done" and s["num_clients"] == NUM_NODES for s in status)
         assert all(s["dim"] == 8 + 1 for s in status)  # the model and the weight
     # Evaluate messages pass through the mod untouched.
@@ -185,12 +206,14 @@ def test_same_run_with_plain_fedavg_matches(federation3, round_id: str) -> None:
         stepping_client_app([]),
         rounds=2,
     )
-    topology = federation3.topology
     mpc_out, _ = run(
-        MpcFedAvg(
-            topology, round_prefix=round_id, min_available_nodes=NUM_NODES, fraction_evaluate=0.0
+        strategy_for(
+            federation3,
+            round_prefix=round_id,
+            min_available_nodes=NUM_NODES,
+            fraction_evaluate=0.0,
         ),
-        stepping_client_app([secure_train_mod(topology)]),
+        stepping_client_app([mod_for(federation3)]),
         rounds=2,
     )
     for k in INITIAL:
@@ -215,18 +238,20 @@ def test_client_with_mod_refuses_a_plain_fedavg_server() -> None:
 
 
 def test_client_refuses_another_topology_and_mismatched_arrays(federation3, round_id) -> None:
-    topology = federation3.topology
     other = Topology.from_dict(topology_doc(3, 1, name="other"))
     _, grid = run(
-        MpcFedAvg(
-            topology, round_prefix=round_id, min_available_nodes=NUM_NODES, fraction_evaluate=0.0
+        strategy_for(
+            federation3,
+            round_prefix=round_id,
+            min_available_nodes=NUM_NODES,
+            fraction_evaluate=0.0,
         ),
-        stepping_client_app([secure_train_mod(other)]),
+        stepping_client_app([mod_for(federation3, other)]),
         rounds=1,
     )
     assert all(m.has_error() and "topology 'fed3'" in m.error.reason for m in grid.seen)
 
-    app = ClientApp(mods=[secure_train_mod(topology)])
+    app = ClientApp(mods=[mod_for(federation3)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -235,8 +260,8 @@ def test_client_refuses_another_topology_and_mismatched_arrays(federation3, roun
         return Message(RecordDict({"arrays": bad, "metrics": metrics}), reply_to=msg)
 
     _, grid = run(
-        MpcFedAvg(
-            topology,
+        strategy_for(
+            federation3,
             round_prefix=round_id + "-b",
             min_available_nodes=NUM_NODES,
             fraction_evaluate=0.0,
@@ -254,8 +279,8 @@ def test_server_ignores_arrays_from_clients_without_the_mod(
     """Clients without the mod send arrays to the server and nothing to the aggregators:
     the server uses none of them, the mpc_agg round fails (too few clients) and the global
     model stays as it was."""
-    strategy = MpcFedAvg(
-        federation3.topology,
+    strategy = strategy_for(
+        federation3,
         round_prefix=round_id,
         min_available_nodes=NUM_NODES,
         fraction_evaluate=0.0,
@@ -266,6 +291,30 @@ def test_server_ignores_arrays_from_clients_without_the_mod(
     assert "sent arrays to the Flower server; ignored" in caplog.text
     assert "the global model is unchanged" in caplog.text
     assert len(out["result"].arrays) == 0  # Flower's Result: no aggregated arrays
+
+
+def test_nodes_without_their_tokens_are_refused_by_the_aggregators(
+    federation3, round_id: str
+) -> None:
+    """A node whose mod has no tokens (or another client's) cannot upload: its train reply
+    is an error, and the server, which still holds the collector's tokens, leaves the
+    model unchanged."""
+    alice = federation3.deployment.client_tokens("alice")
+    for token, status in ((None, "401"), (alice, "403")):
+        strategy = strategy_for(
+            federation3,
+            round_prefix=f"{round_id}-{status}",
+            min_available_nodes=NUM_NODES,
+            fraction_evaluate=0.0,
+        )
+        mod = secure_train_mod(federation3.topology, client_id=node_client_id, token=token)
+        out, grid = run(strategy, stepping_client_app([mod]), rounds=1)
+        assert len(grid.seen) == NUM_NODES
+        assert all(m.has_error() and status in m.error.reason for m in grid.seen), [
+            m.error.reason for m in grid.seen
+        ]
+        assert strategy.history == {}
+        assert len(out["result"].arrays) == 0
 
 
 def two_round_budget(dim: int) -> float:
@@ -286,8 +335,7 @@ def test_dp_flower_run_spends_budget_and_stops_when_it_is_spent(tmp_path: Path) 
     and leaves the model of the last revealed round."""
     config = write_topology(tmp_path, dp_topology_doc("fldp", two_round_budget(8)))
     with open(os.devnull, "w") as sink, LocalFederation(config, cwd=tmp_path, output=sink) as fed:
-        topology = fed.topology
-        strategy = MpcFedAvg(topology, min_available_nodes=NUM_NODES, fraction_evaluate=0.0)
+        strategy = strategy_for(fed, min_available_nodes=NUM_NODES, fraction_evaluate=0.0)
         server = ServerApp()
         out: dict = {}
 
@@ -297,7 +345,7 @@ def test_dp_flower_run_spends_budget_and_stops_when_it_is_spent(tmp_path: Path) 
                 grid=grid, initial_arrays=to_record(INITIAL), num_rounds=3
             )
 
-        grid = RecordingGrid(stepping_client_app([secure_train_mod(topology)]), NUM_NODES)
+        grid = RecordingGrid(stepping_client_app([mod_for(fed)]), NUM_NODES)
         with pytest.raises(PrivacyBudgetExhausted, match="over the budget"):
             run_server_app(server, grid)
     assert sorted(strategy.history) == [1, 2]
@@ -353,7 +401,7 @@ def test_example_accuracy_matches_plaintext_fedavg(federation3, round_id: str) -
     data = ex.load_federated_digits(10, seed=1)
     training = ex.Training(rounds=3, seed=1)
     plain = ex.run_fedavg(data, training)
-    secure = ex.run_fedavg(data, training, federation3.topology, round_prefix=round_id)
+    secure = ex.run_fedavg(data, training, federation3.deployment, round_prefix=round_id)
     assert len(plain.accuracy) == len(secure.accuracy) == 4
     assert plain.accuracy[-1] > 0.85  # it learns
     for a, b in zip(plain.accuracy, secure.accuracy, strict=True):

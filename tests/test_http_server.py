@@ -9,8 +9,10 @@ processes, no fixed sleeps (uploads are held by events; a round's end is a bound
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,14 +21,28 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mpc_agg import Client, Topology
 from mpc_agg.aggregator import Aggregator
 from mpc_agg.aggregator.metrics import metrics_text, render_metrics
+from mpc_agg.collector import load_and_verify, verify_statements
+from mpc_agg.config.fingerprint import TOPOLOGY_HEADER, fingerprint, section_digests
+from mpc_agg.core import codec
 from mpc_agg.core.codec import decode_result
 from mpc_agg.core.field import to_signed
-from mpc_agg.core.sharing import full_share_index
-from mpc_agg.errors import PeerError
+from mpc_agg.core.sharing import Share, ShareKind, full_share_index
+from mpc_agg.core.statement import (
+    ResultMismatch,
+    SignedStatement,
+    clients_digest,
+    total_digest,
+    verify_result,
+    verify_signature,
+)
+from mpc_agg.errors import PeerError, TopologyMismatchError
+from mpc_agg.identity import load_party_dir
+from mpc_agg.provision import provision_local
 from mpc_agg.mpc.memory import InMemoryNetwork, memory_links
 from mpc_agg.transport import auth
 from mpc_agg.transport.auth import Credentials
@@ -38,8 +54,9 @@ from mpc_agg.transport.http_server import (
     build_app,
     status_for,
 )
+from mpc_agg.transport.tls import https_server_context
 
-from .conftest import topology_doc
+from .conftest import topology_doc, write_topology
 
 T = TypeVar("T")
 TERMINAL = ("done", "failed")
@@ -71,6 +88,7 @@ class PluggableNetwork(InMemoryNetwork):
     def __init__(self, pid: int, links: Any) -> None:
         super().__init__(pid, links)
         self.up = True
+        self.mismatch: str | None = None  # as MpycNetwork: why the links were refused
 
     @property
     def connected(self) -> bool:
@@ -80,13 +98,20 @@ class PluggableNetwork(InMemoryNetwork):
         return [] if self.up else [j for j in range(self.m) if j != self.pid]
 
 
-def make_federation(tmp_path: Path, **doc_changes: Any) -> list[Aggregator]:
+def make_federation(
+    tmp_path: Path,
+    signing_keys: Sequence[Ed25519PrivateKey | None] = (None, None, None),
+    **doc_changes: Any,
+) -> list[Aggregator]:
     doc = topology_doc(3, 1, name="http")
     doc["data_dir"] = str(tmp_path / "data")
     doc.update(doc_changes)
     topology = Topology.from_dict(doc)
     links = memory_links(3)
-    return [Aggregator(topology, i, PluggableNetwork(i, links)) for i in range(3)]
+    return [
+        Aggregator(topology, i, PluggableNetwork(i, links), signing_key=signing_keys[i])
+        for i in range(3)
+    ]
 
 
 def unplug(agg: Aggregator) -> None:
@@ -101,11 +126,16 @@ def credentials_for(index: int) -> Credentials:
 
 @asynccontextmanager
 async def serving(
-    tmp_path: Path, *, auth_on: bool = False, commands: bool = False, **doc_changes: Any
+    tmp_path: Path,
+    *,
+    auth_on: bool = False,
+    commands: bool = False,
+    signing_keys: Sequence[Ed25519PrivateKey | None] = (None, None, None),
+    **doc_changes: Any,
 ) -> AsyncIterator[tuple[list[Aggregator], list[TestClient]]]:
     """Three aggregators, each behind its own test server; with ``commands``, their party
     command loops run too (needed to close rounds)."""
-    aggs = make_federation(tmp_path, **doc_changes)
+    aggs = make_federation(tmp_path, signing_keys, **doc_changes)
     clients: list[TestClient] = []
     loops: list[asyncio.Task[None]] = []
     try:
@@ -147,17 +177,29 @@ async def open_everywhere(clients: list[TestClient], round_id: str, dim: int, **
 
 
 async def upload_everywhere(
-    aggs: list[Aggregator], clients: list[TestClient], round_id: str, cid: str, x: np.ndarray
+    aggs: list[Aggregator],
+    clients: list[TestClient],
+    round_id: str,
+    cid: str,
+    x: np.ndarray,
+    *,
+    auth_on: bool = False,
 ) -> list[bytes | bytearray]:
-    """Upload ``x`` as client ``cid`` (201 everywhere); returns the bodies sent."""
+    """Upload ``x`` as client ``cid`` (201 everywhere, with its tokens if ``auth_on``);
+    returns the bodies sent."""
     bodies = Client(aggs[0].topology, cid).prepare(round_id, x)
-    for client, body in zip(clients, bodies, strict=True):
-        status, answer = await call(client, "PUT", f"/v1/rounds/{round_id}/shares/{cid}", body)
+    for i, (client, body) in enumerate(zip(clients, bodies, strict=True)):
+        headers = {}
+        if auth_on:
+            token = auth.client_token(credentials_for(i).client_key, cid)
+            headers["Authorization"] = f"Bearer {token}"
+        path = f"/v1/rounds/{round_id}/shares/{cid}"
+        status, answer = await call(client, "PUT", path, body, headers=headers)
         assert (status, answer) == (201, {"accepted": True, "retry": False})
     return bodies
 
 
-async def ended(clients: list[TestClient], round_id: str) -> None:
+async def ended(clients: list[TestClient], round_id: str, **kw: Any) -> None:
     """Bounded wait until every aggregator reports ``round_id`` DONE or FAILED."""
     states: list[str] = []
 
@@ -165,7 +207,8 @@ async def ended(clients: list[TestClient], round_id: str) -> None:
         while True:
             states.clear()
             for client in clients:
-                states.append((await call(client, "GET", f"/v1/rounds/{round_id}"))[1]["state"])
+                answer = (await call(client, "GET", f"/v1/rounds/{round_id}", **kw))[1]
+                states.append(answer["state"])
             if all(s in TERMINAL for s in states):
                 return
             await asyncio.sleep(0.002)
@@ -243,6 +286,9 @@ def test_a_round_over_http_open_upload_close_result(tmp_path: Path) -> None:
                 assert meta["num_clients"] == 3
                 got = to_signed(total) / 2.0 ** meta["frac_bits"]
                 np.testing.assert_array_equal(got, xs.sum(axis=0))
+            status, answer = await call(follower, "GET", "/v1/rounds/r/statement")
+            assert (status, answer["error"]) == (409, "result_not_ready")
+            assert "no signing key" in answer["detail"]
             status, answer = await call(leader, "POST", "/v1/rounds/r/close")
             assert (status, answer["state"]) == (202, "done")  # closing again: idempotent
             status, answer = await call(leader, "PUT", "/v1/rounds/r/shares/late", bodies[0])
@@ -336,10 +382,29 @@ def test_healthz_and_metrics(tmp_path: Path) -> None:
             await open_everywhere(clients, "r", 4)
             await upload_everywhere(aggs, clients, "r", "c0", np.ones(4))
             status, answer = await call(clients[2], "GET", "/healthz")
-            assert (status, answer) == (200, {"status": "ok", "aggregator": 2, "mpc": "connected"})
+            assert (status, answer) == (
+                200,
+                {
+                    "status": "ok",
+                    "aggregator": 2,
+                    "fingerprint": fingerprint(aggs[2].topology),
+                    "pid": os.getpid(),
+                    "mpc": "connected",
+                },
+            )
             unplug(aggs[2])
             status, answer = await call(clients[2], "GET", "/healthz")
             assert (status, answer["mpc"]) == (200, "connecting")
+            assert "detail" not in answer
+            network = aggs[2].network
+            assert isinstance(network, PluggableNetwork)
+            network.mismatch = "aggregator 0 holds another topology (sections: rounds)"
+            status, answer = await call(clients[2], "GET", "/healthz")
+            assert (status, answer["mpc"]) == (200, "topology_mismatch")
+            assert answer["detail"] == network.mismatch
+            network.up = True
+            status, answer = await call(clients[2], "GET", "/healthz")
+            assert (status, answer["mpc"]) == (200, "connected") and "detail" not in answer
 
             async with clients[2].get("/metrics") as response:
                 assert response.status == 200 and response.content_type == "text/plain"
@@ -641,7 +706,285 @@ def test_tokens_401_without_403_with_a_wrong_one(tmp_path: Path) -> None:
             alice = auth.client_token(credentials_for(0).client_key, "alice")
             headers = {"Authorization": f"Bearer {alice}"}
             assert (await call(leader, "PUT", path, body, headers=headers))[0] == 201
-            status, answer = await call(leader, "GET", "/healthz")  # liveness needs no token
+            status, answer = await call(leader, "GET", "/healthz")  # liveness needs a token
+            assert (status, answer["error"]) == (401, "unauthenticated")
+            status, answer = await call(leader, "GET", "/healthz", headers=good)
             assert status == 200 and answer["status"] == "ok"
 
     run(main())
+
+
+def test_healthz_and_metrics_need_the_collector_token(tmp_path: Path) -> None:
+    good = {"Authorization": f"Bearer {COLLECTOR_TOKEN}"}
+    alice = auth.client_token(credentials_for(1).client_key, "alice")
+
+    async def main() -> None:
+        async with serving(tmp_path, auth_on=True) as (aggs, clients):
+            for path in ("/healthz", "/metrics"):
+                async with clients[1].get(path) as response:
+                    assert response.status == 401, path
+                    assert response.headers["WWW-Authenticate"] == auth.BEARER_CHALLENGE
+                    assert (await response.json())["error"] == "unauthenticated"
+                for token in (alice, "0" * 48):  # a client's token is not the collector's
+                    headers = {"Authorization": f"Bearer {token}"}
+                    status, answer = await call(clients[1], "GET", path, headers=headers)
+                    assert (status, answer["error"]) == (403, "forbidden"), (path, token)
+            status, answer = await call(clients[1], "GET", "/healthz", headers=good)
+            assert status == 200 and answer["aggregator"] == 1 and answer["mpc"] == "connected"
+            status, text = await call(clients[1], "GET", "/metrics", headers=good)
+            assert status == 200 and text.decode() == metrics_text(aggs[1])
+
+    run(main())
+
+
+def test_topology_route_answers_without_a_token(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, auth_on=True) as (aggs, clients):
+            topology = aggs[0].topology
+            for i, client in enumerate(clients):
+                status, answer = await call(client, "GET", "/v1/topology")
+                assert status == 200
+                assert answer == {
+                    "name": "http",
+                    "aggregator": i,
+                    "fingerprint": fingerprint(topology),
+                    "sections": section_digests(topology),
+                }
+            # Under another topology too: it is how a caller finds out which one runs.
+            headers = {TOPOLOGY_HEADER: "0" * 64}
+            status, answer = await call(clients[0], "GET", "/v1/topology", headers=headers)
+            assert (status, answer["error"]) == (409, "topology_mismatch")
+
+    run(main())
+
+
+def test_a_request_under_another_topology_is_409_and_changes_nothing(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, commands=True) as (aggs, clients):
+            topology = aggs[0].topology
+            mine = {TOPOLOGY_HEADER: fingerprint(topology)}
+            other_topology = dataclasses.replace(
+                topology, rounds=dataclasses.replace(topology.rounds, min_clients=3)
+            )
+            theirs = {TOPOLOGY_HEADER: fingerprint(other_topology)}
+            leader = clients[0]
+
+            status, answer = await call(leader, "PUT", "/v1/rounds/r", {"dim": 4}, headers=theirs)
+            assert (status, answer["error"]) == (409, "topology_mismatch")
+            assert set(answer) == {"error", "detail"}
+            assert "'http'" in answer["detail"] and "same topology file" in answer["detail"]
+            assert fingerprint(other_topology)[:16] in answer["detail"]
+            status, answer = await call(leader, "GET", "/v1/rounds/r", headers=mine)
+            assert (status, answer["error"]) == (404, "unknown_round")  # nothing was opened
+
+            # Local tuning is not part of the fingerprint: a collector with another data_dir
+            # or deadlines is the same topology.
+            tuned = dataclasses.replace(topology, fsync=not topology.fsync, data_dir=Path("x"))
+            same = {TOPOLOGY_HEADER: fingerprint(tuned)}
+            await open_everywhere(clients, "r", 4, headers=same)
+
+            bodies = Client(topology, "c0").prepare("r", np.ones(4))
+            path = "/v1/rounds/r/shares/c0"
+            for i, client in enumerate(clients):
+                status, answer = await call(client, "PUT", path, bodies[i], headers=theirs)
+                assert (status, answer["error"]) == (409, "topology_mismatch")
+                assert aggs[i].rounds["r"].accepted == {} and aggs[i].rounds["r"].pending == set()
+            status, answer = await call(leader, "POST", "/v1/rounds/r/close", headers=theirs)
+            assert (status, answer["error"]) == (409, "topology_mismatch")
+            assert not aggs[0].rounds["r"].close_requested
+            assert aggs[0].metrics["uploads_refused"] == 0  # refused before the aggregator
+
+            for i, client in enumerate(clients):
+                status, _ = await call(client, "PUT", path, bodies[i], headers=mine)
+                assert status == 201
+
+    run(main())
+
+
+def test_the_topology_check_comes_before_the_tokens(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path, auth_on=True) as (aggs, clients):
+            headers = {TOPOLOGY_HEADER: "f" * 64}
+            status, answer = await call(clients[0], "GET", "/v1/rounds/r", headers=headers)
+            assert (status, answer["error"]) == (409, "topology_mismatch")
+            headers[TOPOLOGY_HEADER] = fingerprint(aggs[0].topology)
+            status, answer = await call(clients[0], "GET", "/v1/rounds/r", headers=headers)
+            assert (status, answer["error"]) == (401, "unauthenticated")
+
+    run(main())
+
+
+def other_kind(client_id: str, index: int, dim: int) -> bytes:
+    """A well-formed share addressed to aggregator ``index`` of the kind it must NOT accept
+    from ``client_id``: FULL where the client's SEED share goes, SEED where its FULL goes."""
+    if full_share_index(client_id, 3) == index:
+        return codec.encode_share(Share(index, ShareKind.SEED, dim, seed=bytes(range(16))))
+    vector = np.arange(dim, dtype=np.uint64)
+    return bytes(codec.encode_share(Share(index, ShareKind.FULL, dim, vector=vector)))
+
+
+def test_a_share_of_the_wrong_kind_is_refused(tmp_path: Path) -> None:
+    cid = "c0"
+    full = full_share_index(cid, 3)
+    seed = (full + 1) % 3
+
+    async def main() -> None:
+        async with serving(tmp_path) as (aggs, clients):
+            # d = 2: a FULL share is as long as a SEED share (28 bytes), so it is read and
+            # refused by kind; for larger d its length alone refuses it (413, unread).
+            for dim in (2, 8):
+                r = f"d{dim}"
+                await open_everywhere(clients, r, dim)
+                path = f"/v1/rounds/{r}/shares/{cid}"
+                status, answer = await call(clients[full], "PUT", path, other_kind(cid, full, dim))
+                assert (status, answer["error"]) == (400, "malformed")
+                assert "must send a full share" in answer["detail"]
+                status, answer = await call(clients[seed], "PUT", path, other_kind(cid, seed, dim))
+                if dim == 2:
+                    assert (status, answer["error"]) == (400, "malformed")
+                    assert "must send a seed share" in answer["detail"]
+                    assert f"goes to aggregator {full}" in answer["detail"]
+                else:
+                    assert (status, answer["error"]) == (413, "too_large")
+                for a in aggs:
+                    assert a.rounds[r].accepted == {} and a.rounds[r].pending == set()
+                # The right kinds are accepted afterwards.
+                bodies = Client(aggs[0].topology, cid).prepare(r, np.ones(dim))
+                for i, client in enumerate(clients):
+                    assert (await call(client, "PUT", path, bodies[i]))[0] == 201
+
+    run(main())
+
+
+def test_statement_of_a_round_is_signed_by_each_aggregator(tmp_path: Path) -> None:
+    signing = [Ed25519PrivateKey.generate() for _ in range(3)]
+    good = {"Authorization": f"Bearer {COLLECTOR_TOKEN}"}
+    xs = ints(3, 5, seed=11)
+
+    async def main() -> None:
+        async with serving(tmp_path, auth_on=True, commands=True, signing_keys=signing) as (
+            aggs,
+            clients,
+        ):
+            topology = aggs[0].topology
+            await open_everywhere(clients, "r", 5, headers=good)
+            for k, x in enumerate(xs):
+                await upload_everywhere(aggs, clients, "r", f"c{k}", x, auth_on=True)
+            status, answer = await call(clients[1], "GET", "/v1/rounds/r/statement", headers=good)
+            assert (status, answer["error"]) == (409, "result_not_ready")
+            status, answer = await call(clients[0], "POST", "/v1/rounds/r/close", headers=good)
+            assert status == 202
+            await ended(clients, "r", headers=good)
+            status, raw = await call(clients[0], "GET", "/v1/rounds/r/result", headers=good)
+            assert status == 200
+            total, _ = decode_result(raw)
+
+            status, answer = await call(clients[2], "GET", "/v1/rounds/r/statement")
+            assert (status, answer["error"]) == (401, "unauthenticated")
+            status, answer = await call(clients[2], "GET", "/v1/rounds/x/statement", headers=good)
+            assert (status, answer["error"]) == (404, "unknown_round")
+            signed = []
+            for i, client in enumerate(clients):
+                status, answer = await call(client, "GET", "/v1/rounds/r/statement", headers=good)
+                assert status == 200, answer
+                st = SignedStatement.from_json(answer)
+                assert verify_signature(st, signing[i].public_key())
+                assert not verify_signature(st, signing[(i + 1) % 3].public_key())
+                body = st.statement
+                assert (body.round_id, body.aggregator, body.dim) == ("r", i, 5)
+                assert body.topology_fingerprint == fingerprint(topology)
+                assert body.total_digest == total_digest(total)
+                assert body.clients_digest == clients_digest(["c0", "c1", "c2"])
+                assert (body.num_clients, body.dropped_clients) == (3, 0)
+                assert body.epsilon is None and body.noise_stddev is None  # no dp section
+                again = (await call(client, "GET", "/v1/rounds/r/statement", headers=good))[1]
+                assert again == answer
+                signed.append(st)
+            keys = [k.public_key().public_bytes_raw() for k in signing]
+            agreed = verify_result(total, signed, keys, fingerprint(topology), "r")
+            assert agreed == signed[0].statement
+            other = total.copy()
+            other[0] ^= 1
+            with pytest.raises(ResultMismatch):
+                verify_result(other, signed, keys, fingerprint(topology), "r")
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+async def https_federation(
+    deployment: Any, stack: list[Any]
+) -> tuple[list[Aggregator], list[asyncio.Task[None]]]:
+    """Serve every aggregator of a provisioned deployment over HTTPS with its own keys and
+    tokens, on its topology's ports (in this process, on the in-memory party network)."""
+    topology = deployment.topology()
+    links = memory_links(topology.m)
+    aggs, loops = [], []
+    for a, party in zip(topology.aggregators, deployment.party_dirs, strict=True):
+        secrets = load_party_dir(party, a)
+        agg = Aggregator(
+            topology, a.index, PluggableNetwork(a.index, links), signing_key=secrets.signing_key
+        )
+        runner = web.AppRunner(build_app(agg, secrets.credentials))
+        await runner.setup()
+        stack.append(runner)
+        site = web.TCPSite(
+            runner, a.host, a.http_port, ssl_context=https_server_context(secrets.https)
+        )
+        await site.start()
+        aggs.append(agg)
+        loops.append(asyncio.ensure_future(agg.serve_commands()))
+    return aggs, loops
+
+
+def test_client_and_collector_over_pinned_https_with_tokens_and_statements(
+    tmp_path: Path,
+) -> None:
+    template = write_topology(tmp_path, topology_doc(3, 1, name="e2e"))
+    deployment = provision_local(template, cwd=tmp_path)
+    topology = deployment.topology()
+    assert topology.has_keys and topology.aggregators[0].url.startswith("https://")
+    xs = ints(3, 6, seed=12)
+    saved = tmp_path / "result.npz"
+
+    async def main() -> None:
+        stack: list[Any] = []
+        aggs: list[Aggregator] = []
+        loops: list[asyncio.Task[None]] = []
+        try:
+            aggs, loops = await https_federation(deployment, stack)
+            collector = deployment.collector(timeout_s=10.0)
+            await collector.open_round_async("r", 6)
+            # A client whose topology differs in one setting is refused; nothing uploaded.
+            stray = dataclasses.replace(
+                topology, rounds=dataclasses.replace(topology.rounds, min_clients=3)
+            )
+            with pytest.raises(TopologyMismatchError):
+                await Client(stray, "c0", deployment.client_tokens("c0")).submit_async("r", xs[0])
+            assert all(a.rounds["r"].accepted == {} for a in aggs)
+            for k, x in enumerate(xs):
+                await deployment.client(f"c{k}").submit_async("r", x)
+            result = await collector.aggregate_async("r", timeout=10.0)
+            np.testing.assert_array_equal(result.total, xs.sum(axis=0))
+            assert result.num_clients == 3 and len(result.statements) == 3
+            result.save(saved)
+            verify_statements(topology, "r", result.field_total, result.statements)
+            tampered = [dict(st) for st in result.statements]
+            tampered[1]["num_clients"] = 2
+            with pytest.raises(ResultMismatch):
+                verify_statements(topology, "r", result.field_total, tampered)
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            for runner in reversed(stack):
+                await runner.cleanup()
+            for a in aggs:
+                a.close_journals()
+
+    run(main(), timeout_s=30.0)
+    again = load_and_verify(topology, saved)
+    np.testing.assert_array_equal(again.total, xs.sum(axis=0))
+    assert again.num_clients == 3

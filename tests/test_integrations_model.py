@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mpc_agg import Client, Collector, EncodingError, Topology
+from mpc_agg import EncodingError, Topology
 from mpc_agg.core.encoding import FixedPointEncoding
 from mpc_agg.errors import LayoutError, UsageError
 from mpc_agg.integrations import (
@@ -392,10 +392,10 @@ def test_weighted_fedavg_round_on_real_parties(federation3, round_id: str) -> No
     xs = rng.normal(size=(4, 50))
     ws = [10, 25, 40, 5]
     scheme = FedAvgScheme.for_topology(topology, weight_scale=50)
-    collector = Collector(topology)
+    collector = federation3.collector()
     open_fedavg_round(collector, round_id, 50, scheme)
     for i, (x, w) in enumerate(zip(xs, ws, strict=True)):
-        submit_update(Client(topology, f"c{i}"), round_id, x, w, scheme=scheme)
+        submit_update(federation3.client(f"c{i}"), round_id, x, w, scheme=scheme)
     out = aggregate_updates(collector, round_id, scheme=scheme, timeout=60)
     # Each client's w' = w / 50 is exact to 2^-24 (randomized rounding): 4 x 2^-24 x 50.
     assert out.num_clients == 4 and out.total_weight == pytest.approx(80, abs=4 * 2**-24 * 50)

@@ -70,17 +70,27 @@ def test_party_cli_help_and_bad_index(tmp_path):
         [sys.executable, script, "--help"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0
-    assert "--config" in out.stdout and "--index" in out.stdout
+    assert all(opt in out.stdout for opt in ("--config", "--index", "--party-dir"))
     path = write_topology(tmp_path, topology_doc(2, 0, name="idx"))
-    out = subprocess.run(
-        [sys.executable, script, "--config", str(path), "--index", "5"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+
+    def party(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, script, "--config", str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+
+    out = party("--index", "5", "--party-dir", str(tmp_path / "party-5"))
     assert out.returncode == 2
     assert "--index must be in 0..1" in out.stderr
+    out = party("--index", "0")  # a party cannot start without its own keys
+    assert out.returncode == 2
+    assert "--party-dir" in out.stderr
+    out = party("--index", "0", "--party-dir", str(tmp_path / "party-0"))
+    assert out.returncode == 2
+    assert "template" in out.stderr  # no keys in the topology: the launcher provisions them
 
 
 def test_importing_mpc_agg_does_not_import_mpyc():
@@ -106,27 +116,39 @@ def test_lost_party_is_reported_and_a_restarted_party_rejoins(tmp_path):
 
     import numpy as np
 
-    from mpc_agg import AggregationTimeout, Client, Collector, RoundFailed
+    from mpc_agg import AggregationTimeout, RoundFailed
     from mpc_agg.launcher import LocalFederation
-
-    def health(url: str) -> str:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=5) as resp:
-            return _json.loads(resp.read())["mpc"]
+    from mpc_agg.transport.tls import https_client_context
 
     config = write_topology(tmp_path, topology_doc(3, 1, name="rejoin"))
     with LocalFederation(config, cwd=tmp_path, output=open(os.devnull, "w")) as fed:
         topo = fed.topology
+        tokens = fed.deployment.collector_tokens()
+
+        def request(index: int, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+            """One HTTPS request to aggregator ``index`` with the collector's token."""
+            a = topo.aggregators[index]
+            req = urllib.request.Request(
+                a.url + path,
+                data=body,
+                method="GET" if body is None else "PUT",
+                headers={"Authorization": f"Bearer {tokens[index]}"},
+            )
+            with urllib.request.urlopen(req, timeout=5, context=https_client_context(a)) as resp:
+                return resp.status, resp.read()
+
+        def health(index: int) -> str:
+            return _json.loads(request(index, "/healthz")[1])["mpc"]
+
         fed.processes[2].kill()
         fed.processes[2].wait(timeout=10)
-        leader = topo.aggregators[0].url
         deadline = time.monotonic() + 15
-        while health(leader) != "connecting" and time.monotonic() < deadline:
+        while health(0) != "connecting" and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert health(leader) == "connecting"
-        for a in topo.aggregators[:2]:
-            req = urllib.request.Request(f"{a.url}/v1/rounds/r", data=b'{"dim": 4}', method="PUT")
-            assert urllib.request.urlopen(req, timeout=5).status == 201
-        collector = Collector(topo)
+        assert health(0) == "connecting"
+        for i in (0, 1):
+            assert request(i, "/v1/rounds/r", b'{"dim": 4}')[0] == 201
+        collector = fed.collector()
         with pytest.raises(AggregationTimeout, match=r"waiting for aggregator\(s\) \[2\]"):
             collector.aggregate("r", timeout=2)
         assert fed.processes[0].poll() is None and fed.processes[1].poll() is None
@@ -138,5 +160,5 @@ def test_lost_party_is_reported_and_a_restarted_party_rejoins(tmp_path):
         collector.open_round("r2", 4)
         data = np.array([[1.0, 2, 3, 4], [5, 6, 7, 8]])
         for i, x in enumerate(data):
-            Client(topo, f"c{i}").submit("r2", x)
+            fed.client(f"c{i}").submit("r2", x)
         np.testing.assert_array_equal(collector.aggregate("r2", timeout=30).total, data.sum(0))

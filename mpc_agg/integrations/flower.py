@@ -120,7 +120,10 @@ class MpcFedAvg(FedAvg):
 
     ``topology``: the aggregators (a :class:`~mpc_agg.Topology` or a YAML path); with a
     ``dp`` section every aggregate is differentially private. ``collector_token``: the
-    collector's token when the topology has ``auth``. ``weighting``: ``"examples"``
+    collector's token at each aggregator, required unless the topology is ``insecure``:
+    one per aggregator in index order (each aggregator issues its own, ``collector.token``
+    in its party directory; for a local federation ``deployment.collector_tokens()``), or
+    their comma-separated line. ``weighting``: ``"examples"``
     (weighted by the clients' ``weighted_by_key`` metric; default without DP) or
     ``"uniform"`` (the only choice with DP); ``weight_scale``: the public constant clients
     divide their weight by (see :class:`~mpc_agg.integrations.FedAvgScheme`).
@@ -137,7 +140,7 @@ class MpcFedAvg(FedAvg):
         self,
         topology: Topology | str | Path,
         *,
-        collector_token: str | None = None,
+        collector_token: str | Sequence[str] | None = None,
         weighting: Weighting | None = None,
         weight_scale: float = 1.0,
         min_clients: int | None = None,
@@ -287,10 +290,15 @@ def secure_train_mod(
 ) -> Mod:
     """A Flower client mod that sends the trained update to mpc_agg instead of the server.
 
-    ``topology``: the same aggregators as the server's ``MpcFedAvg``. ``token``: this
-    client's token(s) when the topology has ``auth`` (a string, one per aggregator, or a
-    function of the node's ``Context``; default: ``node_config["mpc-token"]`` if set).
-    ``client_id``: the id under which this node submits (default ``flwr-node-{node_id}``).
+    ``topology``: the same aggregators as the server's ``MpcFedAvg`` (with their keys: the
+    topology the aggregators run). ``token``: this client's token at each aggregator,
+    required unless the topology is ``insecure``; each aggregator issues its own for this
+    client id (for a local federation ``deployment.client_tokens(client_id)``). Give them as
+    a sequence (one per aggregator, in index order), their comma-separated line, or a
+    function of the node's ``Context`` returning either; default:
+    ``node_config["mpc-token"]`` if set. ``client_id``: the id under which this node
+    submits, the one its tokens were issued for (a string or a function of the node's
+    ``Context``; default ``flwr-node-{node_id}``).
 
     Train messages only; evaluate and query messages pass through untouched. The reply to a
     train message keeps its metric and config records and loses its array records.

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import pickle
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,34 @@ def load_runtime(argv: list[str]) -> Any:
     finally:
         sys.argv = saved
     return mpc
+
+
+class RefusedMessage:
+    """What MPyC hands on in place of a peer message the restricted unpickler refused
+    (:mod:`mpc_agg.mpc.unpickle`): raising inside MPyC's transfer would stop the event
+    loop, so the refusal travels as a value and :class:`MpycNetwork` drops the links."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _install_unpickler() -> None:
+    """Route every ``pickle.loads`` in ``mpyc.runtime`` through the restricted unpickler;
+    a refused message becomes a :class:`RefusedMessage`."""
+    from mpc_agg.mpc import unpickle
+
+    unpickle.install()
+    runtime = sys.modules["mpyc.runtime"]
+
+    def loads(data: bytes) -> object:
+        try:
+            return unpickle.restricted_loads(data)
+        except pickle.UnpicklingError as exc:
+            return RefusedMessage(str(exc))
+
+    runtime.pickle = types.SimpleNamespace(**{**vars(unpickle.SAFE_PICKLE), "loads": loads})  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -136,9 +165,7 @@ class MpycNetwork:
         mismatch_retry_s: float = 5.0,
     ) -> None:
         self._mpc = load_runtime(argv)
-        from mpc_agg.mpc.unpickle import install
-
-        install()  # every message from a peer goes through the restricted unpickler
+        _install_unpickler()  # every message from a peer goes through it
         self.pid: int = self._mpc.pid
         self.m: int = len(self._mpc.parties)
         self.security = security
@@ -171,9 +198,23 @@ class MpycNetwork:
         """Connect to every other party and check that all hold this topology; returns when
         all links are up and agree (retries forever; a mismatch is logged and retried
         every ``mismatch_retry_s``)."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._connect_all()
-            mismatch = await self._compare_topologies()
+            # MPyC resolves this party's own "protocol" future once all links are up; a fresh
+            # one keeps later resolutions legal. Our hook replaces MPyC's connection_lost,
+            # which would raise in a callback or unset a link that a reconnect has replaced.
+            self._mpc.parties[self.pid].protocol = loop.create_future()
+            self._lost.clear()
+            self.broken.clear()
+            try:
+                mismatch = await self._compare_topologies()
+            except PartyLinkLost as exc:
+                log.warning("a link dropped during the topology check (%s); reconnecting", exc)
+                self._drop_links()
+                self._reset_counters()
+                await asyncio.sleep(0.2)
+                continue
             if mismatch is None:
                 break
             self.mismatch = mismatch
@@ -182,12 +223,6 @@ class MpycNetwork:
             self._reset_counters()
             await asyncio.sleep(self.mismatch_retry_s)
         self.mismatch = None
-        # MPyC resolves this party's own "protocol" future once all links are up; a fresh one
-        # keeps later resolutions legal. Our hook replaces MPyC's connection_lost, which
-        # would raise in a callback or unset a link that a reconnect has replaced.
-        self._mpc.parties[self.pid].protocol = asyncio.get_running_loop().create_future()
-        self._lost.clear()
-        self.broken.clear()
         self._connected = True
 
     async def _connect_all(self) -> None:
@@ -241,10 +276,7 @@ class MpycNetwork:
         """Exchange section digests with every party; a description of the first mismatch,
         or None when every party holds the same topology."""
         digests = self.security.digests
-        try:
-            theirs = await self._await(self._mpc.transfer(digests), self.step_timeout_s)
-        except PartyLinkLost as exc:
-            return f"the topology check did not complete ({exc})"
+        theirs = await self._await(self._mpc.transfer(digests), self.step_timeout_s)
         for j, other in enumerate(theirs):
             sections = differing_sections(digests, other)
             if j != self.pid and sections:
@@ -297,15 +329,20 @@ class MpycNetwork:
         finally:
             waiter.cancel()
         if fut in done:
-            try:
-                return fut.result()
-            except pickle.UnpicklingError as exc:
+            result = fut.result()
+            refused = [
+                r for r in (result if isinstance(result, list) else [result])
+                if isinstance(r, RefusedMessage)
+            ]
+            if refused:
                 # A configured peer sent something the protocol never sends: drop every
                 # link (all parties then reconnect) and fail the step.
-                log.error("a party sent a message that is not allowed (%s); dropping links", exc)
+                reason = refused[0].reason
+                log.error("a party sent a message that is not allowed (%s); dropping links", reason)
                 self.broken.set()
                 self._drop_links()
-                raise PartyLinkLost(f"a party sent a message that is not allowed: {exc}") from None
+                raise PartyLinkLost(f"a party sent a message that is not allowed: {reason}")
+            return result
         fut.cancel()
         if not done:  # deadline: treat as a lost link, and drop ours so the others notice
             self.broken.set()

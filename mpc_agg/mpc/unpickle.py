@@ -32,9 +32,10 @@ import math
 import pickle
 import sys
 import types
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
+import gmpy2  # type: ignore[import-untyped]
 import numpy as np
 
 from mpc_agg.core.field import P
@@ -43,7 +44,7 @@ PROTOCOL: int = 4
 """The pickle protocol :data:`SAFE_PICKLE` sends (Python 3.11's default)."""
 
 MAX_DEPTH: int = 64
-"""Deepest nesting of containers accepted; protocol messages are at most 4 deep."""
+"""Deepest nesting of containers accepted; protocol messages are three deep."""
 
 FIELD_MODULI: frozenset[int] = frozenset({P})
 """Prime fields whose MPyC elements and arrays may arrive: the one the engine uses."""
@@ -56,12 +57,18 @@ class ForbiddenPickle(pickle.UnpicklingError):
     or bytes that are not one well-formed pickle."""
 
 
+def _short(value: object) -> str:
+    """A bounded repr of peer data for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # numpy ---------------------------------------------------------------------------------------
 
 # numpy's own reconstructors, whatever module they live in (numpy._core from 2.0, numpy.core
 # before): the functions ndarray and scalar pickles name.
-_NP_RECONSTRUCT: Callable[..., Any] = np.empty(0).__reduce__()[0]
-_NP_SCALAR: Callable[..., Any] = np.uint8(0).__reduce__()[0]
+_NP_RECONSTRUCT: Callable[..., Any] = cast(tuple[Any, ...], np.empty(0).__reduce__())[0]
+_NP_SCALAR: Callable[..., Any] = cast(tuple[Any, ...], np.uint8(0).__reduce__())[0]
 
 _NUMERIC_CHARS = "?bhilqBHILQefdgFDG"  # bool, signed, unsigned, float, complex (all widths)
 
@@ -71,10 +78,13 @@ def _dtype_table() -> dict[tuple[str, tuple[Any, ...]], np.dtype[Any]]:
     dtype in either byte order and for ``object``: the only dtype pickles accepted."""
     table: dict[tuple[str, tuple[Any, ...]], np.dtype[Any]] = {}
     for char in _NUMERIC_CHARS + "O":
-        native = np.dtype(char)
-        variants = [native] if native.byteorder == "|" else [native.newbyteorder(o) for o in "<>"]
+        # by the string it pickles as ("u8"), so that np.dtype("u8") is uint64, not ulonglong
+        native = np.dtype(cast(tuple[Any, ...], np.dtype(char).__reduce__())[1][0])
+        variants = [native]
+        if native.byteorder != "|":
+            variants = [native.newbyteorder("<"), native.newbyteorder(">")]
         for dt in variants:
-            _, (code, _align, _copy), state = dt.__reduce__()
+            _, (code, _align, _copy), state = cast(tuple[Any, ...], dt.__reduce__())
             table[(code, state)] = dt
     return table
 
@@ -90,6 +100,9 @@ class _NdarrayToken:
     class, so a pickle cannot call ``ndarray(shape, ...)`` itself."""
 
     __slots__ = ()
+
+    def __call__(self, *args: object) -> None:
+        raise ForbiddenPickle("numpy.ndarray called directly (only _reconstruct may name it)")
 
 
 _NDARRAY = _NdarrayToken()
@@ -111,7 +124,7 @@ class _DtypeStub:
             raise ForbiddenPickle(f"numpy dtype {self.code!r}: malformed state")
         dt = _DTYPES.get((self.code, state))
         if dt is None:
-            raise ForbiddenPickle(f"numpy dtype {self.code!r}: state {state!r} is not canonical")
+            raise ForbiddenPickle(f"numpy dtype {self.code!r}: state {_short(state)} refused")
         self.dtype = dt
 
     def resolved(self) -> np.dtype[Any]:
@@ -126,7 +139,7 @@ def _dtype(*args: object) -> _DtypeStub:
         raise ForbiddenPickle("numpy.dtype called with other arguments than numpy pickles")
     code = args[0]
     if type(code) is not str or code not in _DTYPE_CODES:
-        raise ForbiddenPickle(f"numpy dtype {code!r} refused (numeric dtypes only)")
+        raise ForbiddenPickle(f"numpy dtype {_short(code)} refused (numeric dtypes only)")
     return _DtypeStub(code)
 
 
@@ -151,7 +164,7 @@ class _ArrayStub:
         if type(state) is not tuple or len(state) != 5:
             raise ForbiddenPickle("numpy array: malformed state")
         version, shape, dtype_stub, is_fortran, data = state
-        if version != 1 or type(version) is not int or type(is_fortran) is not bool:
+        if type(version) is not int or version != 1 or type(is_fortran) is not bool:
             raise ForbiddenPickle("numpy array: malformed state")
         if type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape):
             raise ForbiddenPickle("numpy array: malformed shape")
@@ -169,7 +182,16 @@ class _ArrayStub:
 
 def _reconstruct(*args: object) -> _ArrayStub:
     """``numpy.core.multiarray._reconstruct`` as ndarray pickles call it, and only so."""
-    if args != (_NDARRAY, (0,), b"b") or type(args[1]) is not tuple or type(args[2]) is not bytes:
+    if (
+        len(args) != 3
+        or args[0] is not _NDARRAY
+        or type(args[1]) is not tuple
+        or len(args[1]) != 1
+        or type(args[1][0]) is not int
+        or args[1][0] != 0
+        or type(args[2]) is not bytes
+        or args[2] != b"b"
+    ):
         raise ForbiddenPickle("numpy _reconstruct called with other arguments than numpy pickles")
     return _ArrayStub()
 
@@ -189,19 +211,15 @@ def _scalar(*args: object) -> Any:
 
 # gmpy2, builtins ------------------------------------------------------------------------------
 
-try:
-    import gmpy2 as _gmpy2
-except ImportError:  # pragma: no cover - gmpy2 is a dependency
-    _gmpy2 = None
-_MPZ: type | None = type(_gmpy2.mpz(0)) if _gmpy2 is not None else None
+_MPZ: type = type(gmpy2.mpz(0))
 
 
 def _from_binary(*args: object) -> object:
     """``gmpy2.from_binary(data)``, which is how an ``mpz`` pickles; any other gmpy2 type
-    (``mpq``, ``mpfr``, ...) is refused."""
-    if _gmpy2 is None or len(args) != 1 or type(args[0]) is not bytes:
+    (``mpq``, ``mpfr``, ...) is refused before it is parsed (its type is the first byte)."""
+    if len(args) != 1 or type(args[0]) is not bytes or args[0][:1] != b"\x01":
         raise ForbiddenPickle("gmpy2.from_binary called with other arguments than mpz pickles")
-    value = _gmpy2.from_binary(args[0])
+    value = gmpy2.from_binary(args[0])
     if type(value) is not _MPZ:
         raise ForbiddenPickle(f"gmpy2 {type(value).__name__} refused (mpz only)")
     return value
@@ -232,7 +250,7 @@ def _create_gf(*args: object) -> Any:
     """``PrimeFieldElement.createGF(p, n, w)``, how an MPyC prime-field element pickles, for the
     fields :func:`mpyc.finfields.GF` makes for :data:`FIELD_MODULI` only."""
     if len(args) != 3 or not all(type(a) is int for a in args) or args[0] not in FIELD_MODULI:
-        raise ForbiddenPickle("MPyC field element of a field other than GF(2^61 - 1) refused")
+        raise ForbiddenPickle("MPyC field element of a field outside FIELD_MODULI refused")
     finfields = _finfields()
     field = finfields.GF(args[0])
     if (field.nth, field.root) != args[1:]:
@@ -240,7 +258,17 @@ def _create_gf(*args: object) -> Any:
     return finfields.PrimeFieldElement.createGF(*args)
 
 
-class _FieldArrayStub:
+class _FrozenClass(type):
+    """A class no pickle ``BUILD`` can change (it would ``setattr`` on the class itself)."""
+
+    def __setattr__(cls, name: str, value: object) -> None:
+        raise ForbiddenPickle(f"cannot set {name} on {cls.__name__}")
+
+    def __delattr__(cls, name: str) -> None:
+        raise ForbiddenPickle(f"cannot delete {name} from {cls.__name__}")
+
+
+class _FieldArrayStub(metaclass=_FrozenClass):
     """An MPyC field array being unpickled (``NEWOBJ`` then ``__setstate__``); the walk
     builds the real array once its ``value`` is checked. ``target`` is set per field."""
 
@@ -279,8 +307,11 @@ def _field_array_stub(name: str) -> type[_FieldArrayStub] | None:
             target = _finfields().GF(p).array
             if target.__qualname__ != name:
                 return None
-            stub = type(f"_FieldArrayStub_{p}", (_FieldArrayStub,), {"__slots__": ()})
-            stub.target = target
+            namespace = {"__slots__": (), "target": target}
+            stub = cast(
+                type[_FieldArrayStub],
+                _FrozenClass(f"_FieldArrayStub_{p}", (_FieldArrayStub,), namespace),
+            )
             _FIELD_ARRAY_STUBS[name] = stub
             return stub
     return None
@@ -288,24 +319,46 @@ def _field_array_stub(name: str) -> type[_FieldArrayStub] | None:
 
 # the allowlist --------------------------------------------------------------------------------
 
-ALLOWLIST: dict[tuple[str, str], Any] = {
-    # bytearray under protocol 4 pickles as builtins.bytearray(data).
-    ("builtins", "bytearray"): _bytearray,
-    # numpy arrays: _reconstruct(ndarray, (0,), b'b') then setstate with a dtype(...).
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # numpy < 2 peers
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy >= 2
-    # numpy scalars (np.uint64(5), np.float64(0.5), ...): scalar(dtype, data).
-    ("numpy.core.multiarray", "scalar"): _scalar,
-    ("numpy._core.multiarray", "scalar"): _scalar,
-    # gmpy2.mpz pickles as from_binary(data) (module gmpy2.gmpy2 from gmpy2 2.2 on).
-    ("gmpy2", "from_binary"): _from_binary,
-    ("gmpy2.gmpy2", "from_binary"): _from_binary,
-    # MPyC prime-field elements; their arrays are the per-field ArrayGF(p) classes,
-    # handled by _field_array_stub.
-    ("mpyc.finfields", "PrimeFieldElement.createGF"): _create_gf,
-}
+
+class _Global:
+    """An allowlisted global as a pickle gets it: callable, and with no attribute that a
+    ``BUILD`` on it could set (a plain function has a ``__dict__`` and ``__defaults__``)."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: object) -> Any:
+        raise NotImplementedError
+
+
+def _global(fn: Callable[..., Any]) -> _Global:
+    namespace = {"__slots__": (), "__call__": staticmethod(fn)}
+    cls = type(f"_Global_{fn.__name__}", (_Global,), namespace)
+    return cast(_Global, cls())
+
+
+_DTYPE, _RECONSTRUCT, _SCALAR = _global(_dtype), _global(_reconstruct), _global(_scalar)
+_FROM_BINARY = _global(_from_binary)
+
+ALLOWLIST: Mapping[tuple[str, str], object] = types.MappingProxyType(
+    {
+        # bytearray under protocol 4 pickles as builtins.bytearray(data).
+        ("builtins", "bytearray"): _global(_bytearray),
+        # numpy arrays: _reconstruct(ndarray, (0,), b'b') then setstate with a dtype(...).
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): _DTYPE,
+        ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # numpy < 2 peers
+        ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # numpy >= 2
+        # numpy scalars (np.uint64(5), np.float64(0.5), ...): scalar(dtype, data).
+        ("numpy.core.multiarray", "scalar"): _SCALAR,
+        ("numpy._core.multiarray", "scalar"): _SCALAR,
+        # gmpy2.mpz pickles as from_binary(data) (module gmpy2.gmpy2 from gmpy2 2.2 on).
+        ("gmpy2", "from_binary"): _FROM_BINARY,
+        ("gmpy2.gmpy2", "from_binary"): _FROM_BINARY,
+        # MPyC prime-field elements; their arrays are the per-field ArrayGF(p) classes,
+        # handled by _field_array_stub.
+        ("mpyc.finfields", "PrimeFieldElement.createGF"): _global(_create_gf),
+    }
+)
 """``(module, name)`` -> what that global loads as. Each entry is a wrapper that accepts only
 the arguments the real pickles use, never the real callable; ``ArrayGF(p)`` in
 ``mpyc.finfields`` is the one dynamic entry (a checked stub class, for ``p`` in
@@ -314,7 +367,7 @@ the arguments the real pickles use, never the real callable; ``ArrayGF(p)`` in
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str, /) -> Any:
-        found = ALLOWLIST.get((module, name))
+        found: object = ALLOWLIST.get((module, name))
         if found is None and module == "mpyc.finfields":
             found = _field_array_stub(name)
         if found is None:
@@ -325,9 +378,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # the walk -------------------------------------------------------------------------------------
 
 _ATOMS: frozenset[type] = frozenset(
-    {type(None), bool, int, float, str, bytes, bytearray} | _SCALAR_TYPES
-) | ({_MPZ} if _MPZ is not None else frozenset())
-_ARRAY_ELEMENTS: frozenset[type] = frozenset({int} | ({_MPZ} if _MPZ is not None else set()))
+    {type(None), bool, int, float, str, bytes, bytearray, _MPZ} | _SCALAR_TYPES
+)
+_ARRAY_ELEMENTS: frozenset[type] = frozenset({int, _MPZ})
 
 
 class _Walk:
@@ -370,7 +423,7 @@ class _Walk:
             return obj
         if kind is tuple:
             new = self._items(obj, depth)
-            if new is None or all(a is b for a, b in zip(new, obj)):
+            if new is None or all(a is b for a, b in zip(new, obj, strict=True)):
                 return obj
             return tuple(new)
         if kind is dict:
@@ -383,7 +436,7 @@ class _Walk:
             return obj
         if kind is set or kind is frozenset:
             new = self._items(obj, depth)
-            if new is not None and not all(a is b for a, b in zip(new, obj)):
+            if new is not None and not all(a is b for a, b in zip(new, obj, strict=True)):
                 raise ForbiddenPickle("set element of a refused kind")
             return obj
         if kind is _ArrayStub:
@@ -401,11 +454,11 @@ class _Walk:
             return array
         finfields = sys.modules.get("mpyc.finfields")
         if finfields is not None and isinstance(obj, finfields.PrimeFieldElement):
-            modulus = kind.modulus
-            value = getattr(obj, "value", None)
-            if modulus not in FIELD_MODULI or type(value) not in _ARRAY_ELEMENTS:
+            modulus = getattr(kind, "modulus", None)
+            element: Any = getattr(obj, "value", None)
+            if modulus not in FIELD_MODULI or type(element) not in _ARRAY_ELEMENTS:
                 raise ForbiddenPickle("MPyC field element refused")
-            if not 0 <= value < modulus:
+            if not 0 <= element < modulus:
                 raise ForbiddenPickle("MPyC field element out of range")
             return obj
         raise ForbiddenPickle(f"value of type {kind.__module__}.{kind.__qualname__} refused")
@@ -431,17 +484,19 @@ def restricted_loads(data: bytes | bytearray | memoryview) -> object:
 
     Raises :class:`ForbiddenPickle` for anything refused, malformed, truncated or followed by
     trailing bytes."""
+    with memoryview(data) as view:
+        size = view.nbytes
     stream = io.BytesIO(data)
     try:
         loaded = _RestrictedUnpickler(stream, fix_imports=False).load()
+        if stream.tell() != size:
+            raise ForbiddenPickle("trailing bytes after the pickle")
+        return _Walk().visit(loaded, 0)
     except ForbiddenPickle:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to load is one refusal
         detail = f"{type(exc).__name__}: {exc}"[:_MALFORMED_DETAIL]
         raise ForbiddenPickle(f"malformed pickle ({detail})") from exc
-    if stream.tell() != stream.getbuffer().nbytes:
-        raise ForbiddenPickle("trailing bytes after the pickle")
-    return _Walk().visit(loaded, 0)
 
 
 def dumps(obj: object) -> bytes:
@@ -454,8 +509,6 @@ SAFE_PICKLE = types.SimpleNamespace(
     loads=restricted_loads,
     UnpicklingError=pickle.UnpicklingError,
     PicklingError=pickle.PicklingError,
-    DEFAULT_PROTOCOL=PROTOCOL,
-    HIGHEST_PROTOCOL=PROTOCOL,
 )
 """Stands in for the ``pickle`` module in ``mpyc.runtime`` (which uses ``dumps`` and
 ``loads`` only; no other MPyC module unpickles)."""

@@ -1,13 +1,14 @@
-"""Bearer tokens for clients and the collector (sans-I/O apart from :func:`load_secret`).
+"""Bearer tokens for clients and the collector (sans-I/O).
 
-docs/design.md and README, "Security model" (README, "TLS and tokens", for the setup):
-clients authenticate with per-client tokens, and each aggregator verifies them itself.
-Aggregator ``i`` holds a 32-byte key ``k_i``; client ``c``'s token for aggregator ``i`` is
+docs/design.md and README, "Security model": clients authenticate with per-client tokens,
+and each aggregator verifies them itself. Aggregator ``i`` holds a 32-byte key ``k_i``;
+client ``c``'s token for aggregator ``i`` is
 ``HMAC-SHA256(k_i, "mpc_agg/client-token/v1" || 0x00 || c)`` in hex, so an aggregator needs
 no list of clients, a token is bound to one client id and one aggregator, and one
-aggregator's key says nothing about the tokens for the others. The collector presents one
-shared random token. ``scripts/make_secrets.py`` creates the keys and hands out tokens;
-:class:`Credentials` is what an aggregator checks them against.
+aggregator's key says nothing about the tokens for the others. The collector presents a
+random token of each aggregator's own. Both live in the aggregator's party directory
+(``token.key``, ``collector.token``: :mod:`mpc_agg.identity`, which reads and checks them);
+:class:`Credentials` is what an aggregator checks tokens against.
 
 Errors: no token or a malformed ``Authorization`` header is :class:`Unauthenticated` (HTTP
 401); a token that does not match is :class:`Forbidden` (HTTP 403). Comparisons are
@@ -18,12 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from mpc_agg.errors import ConfigError, Forbidden, Unauthenticated, UsageError
+from mpc_agg.errors import Forbidden, Unauthenticated, UsageError
 
 CLIENT_TOKEN_LABEL = b"mpc_agg/client-token/v1\x00"
 KEY_BYTES = 32
@@ -35,7 +34,6 @@ BEARER_CHALLENGE = 'Bearer realm="mpc_agg"'
 # (RFC 9110 section 11.1).
 _BEARER_RE = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*)")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,31}")
-_HEX_RE = re.compile(r"[0-9a-fA-F]*")
 
 
 @dataclass(frozen=True, repr=False)
@@ -48,21 +46,6 @@ class Credentials:
 
     def __repr__(self) -> str:
         return "Credentials(<hidden>)"
-
-
-def aggregator_key_path(secrets_dir: Path, index: int) -> Path:
-    """Where aggregator ``index``'s token key lives in a secrets directory."""
-    return Path(secrets_dir) / f"aggregator-{index}.key"
-
-
-def collector_token_path(secrets_dir: Path) -> Path:
-    """Where the collector's token lives in a secrets directory."""
-    return Path(secrets_dir) / "collector.token"
-
-
-def load_collector_token(secrets_dir: Path) -> str:
-    """The collector token stored in ``secrets_dir`` (same checks as :func:`load_secret`)."""
-    return load_secret(collector_token_path(secrets_dir), yaml_path="auth.secrets_dir").hex()
 
 
 def client_token(aggregator_key: bytes, client_id: str) -> str:
@@ -126,44 +109,6 @@ def bearer_token(authorization_header: str | None) -> str | None:
             "<token>'"
         )
     raise Unauthenticated("malformed Authorization header; send 'Authorization: Bearer <token>'")
-
-
-def load_secret(path: Path, *, yaml_path: str = "auth") -> bytes:
-    """Read a 32-byte key stored as 64 hex characters (and an optional newline) at ``path``.
-
-    Raises :class:`ConfigError` (at ``yaml_path``, naming the file) when the file is missing,
-    accessible to group or others (POSIX; fix with ``chmod 600``), or not 64 hex characters.
-    The key's contents never appear in a message.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read(4 * KEY_BYTES)
-    except FileNotFoundError:
-        raise ConfigError(
-            yaml_path,
-            f"secret file {str(path)!r} does not exist; run `python scripts/make_secrets.py "
-            "CONFIG` to create it",
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            yaml_path, f"cannot read secret file {str(path)!r}: {exc.strerror}"
-        ) from None
-    if os.name == "posix" and mode & 0o077:
-        raise ConfigError(
-            yaml_path,
-            f"secret file {str(path)!r} is accessible to group or others (mode "
-            f"{mode & 0o777:04o}); run `chmod 600 {path}`",
-        )
-    text = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
-    if len(text) != 2 * KEY_BYTES or not _HEX_RE.fullmatch(text.decode("latin-1")):
-        raise ConfigError(
-            yaml_path,
-            f"secret file {str(path)!r} must hold {2 * KEY_BYTES} hex characters and an "
-            "optional newline; recreate it with `python scripts/make_secrets.py CONFIG`",
-        )
-    return bytes.fromhex(text.decode("ascii"))
 
 
 def _check_presented(presented: str | None, whom: str) -> str:
