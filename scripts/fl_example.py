@@ -17,8 +17,10 @@ with the same seed and the same client code:
 
 The Flower server and clients run in this process (``mpc_agg.integrations.flower_local``:
 no Ray, no SuperLink); the aggregators are real processes on 127.0.0.1, started here for each
-topology and stopped afterwards. They run in a temporary directory, so every run starts
-with empty journals and a fresh privacy budget (a real deployment keeps its ledger).
+topology and stopped afterwards. They run in a temporary directory, with throw-away keys and
+tokens the launcher provisions there (so ``--config`` and ``--dp-config`` are templates,
+without keys), and every run starts with empty journals and a fresh privacy budget (a real
+deployment keeps its ledger).
 Prints one line per round: test accuracy of each run, and the privacy spent so far. Progress
 goes to stderr, the table to stdout.
 
@@ -42,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
+    from mpc_agg import Topology
     from mpc_agg.provision import LocalDeployment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,10 +226,11 @@ def run_fedavg(
     n = len(data.partitions)
     common = {"fraction_evaluate": 0.0, "min_available_nodes": n, "min_train_nodes": n}
     mods: list = []
-    topology = None if deployment is None else deployment.topology()
-    if deployment is None or topology is None:
+    topology: Topology | None = None
+    if deployment is None:
         strategy = FedAvg(**common)
     else:
+        topology = deployment.topology()
         from mpc_agg.integrations.flower import MpcFedAvg, secure_train_mod
 
         secure = not topology.insecure

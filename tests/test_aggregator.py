@@ -12,13 +12,24 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mpc_agg import Client, Topology
 from mpc_agg.aggregator import Aggregator
+from mpc_agg.aggregator.ingest import expected_kind
+from mpc_agg.config.fingerprint import fingerprint
+from mpc_agg.core import codec
 from mpc_agg.core.codec import decode_result
 from mpc_agg.core.field import to_signed
 from mpc_agg.core.rounds import RoundState
-from mpc_agg.core.sharing import full_share_index
+from mpc_agg.core.sharing import Share, ShareKind, full_share_index
+from mpc_agg.core.statement import (
+    SignedStatement,
+    clients_digest,
+    total_digest,
+    verify_result,
+    verify_signature,
+)
 from mpc_agg.errors import (
     ConflictingShare,
     MalformedUpload,
@@ -35,12 +46,20 @@ from mpc_agg.mpc.memory import memory_networks
 from .conftest import topology_doc
 
 
-def make_federation(tmp_path: Path, m: int = 3, **doc_changes: Any) -> list[Aggregator]:
+def make_federation(
+    tmp_path: Path,
+    m: int = 3,
+    signing_keys: list[Ed25519PrivateKey] | None = None,
+    **doc_changes: Any,
+) -> list[Aggregator]:
     doc = topology_doc(m, (m - 1) // 2, name="inproc")
     doc["data_dir"] = str(tmp_path / "data")
     doc.update(doc_changes)
     topo = Topology.from_dict(doc)
-    return [Aggregator(topo, i, net) for i, net in enumerate(memory_networks(m))]
+    keys = signing_keys or [None] * m
+    return [
+        Aggregator(topo, i, net, signing_key=keys[i]) for i, net in enumerate(memory_networks(m))
+    ]
 
 
 async def run_round(aggs: list[Aggregator], round_id: str) -> None:
@@ -348,3 +367,98 @@ def test_cancelled_close_while_uploads_are_ingested_fails_the_round_cleanly(tmp_
     assert "network was lost" in (rnd.failure or "")
     assert not journal_path.exists()
     assert not leader.rounds["r"].close_requested
+
+
+# --------------------------------------------------------------------------- share kinds
+
+
+def test_each_aggregator_accepts_only_the_kind_of_share_it_is_owed(tmp_path):
+    """A client's FULL share goes to ``full_share_index``, SEED shares everywhere else: a
+    share of the other kind is refused (nothing changes), and the upload limit before the
+    body is read is the size of the kind owed."""
+    aggs = make_federation(tmp_path)
+    dim = 40
+    for a in aggs:
+        a.open_round("r", dim)
+    clients = [f"k{n}" for n in range(30)]
+    assert {full_share_index(c, 3) for c in clients} == {0, 1, 2}
+    for cid in clients:
+        full = full_share_index(cid, 3)
+        for a in aggs:
+            kind = expected_kind(cid, a.index, 3)
+            assert kind is (ShareKind.FULL if a.index == full else ShareKind.SEED)
+            assert a.upload_limit("r", cid) == codec.share_body_length(kind, dim)
+            if kind is ShareKind.FULL:
+                wrong = codec.encode_share(Share(a.index, ShareKind.SEED, dim, seed=bytes(16)))
+                words = f"must send a full share to this aggregator.*aggregator {full}"
+            else:
+                vector = np.zeros(dim, dtype=np.uint64)
+                wrong = codec.encode_share(Share(a.index, ShareKind.FULL, dim, vector=vector))
+                words = f"must send a seed share to this aggregator.*aggregator {full}"
+            with pytest.raises(MalformedUpload, match=words):
+                a.receive_share("r", cid, wrong)
+    for a in aggs:
+        assert a.rounds["r"].accepted == {} and a.rounds["r"].sum.count == 0
+        assert a.metrics["uploads_refused"] == len(clients)
+    submit(aggs, "r", clients[0], np.ones(dim))  # the right kinds still go through
+    assert all(a.rounds["r"].sum.count == 1 for a in aggs)
+
+
+# --------------------------------------------------------------------------- statements
+
+
+def test_statements_are_signed_agree_and_name_the_round(tmp_path):
+    signing = [Ed25519PrivateKey.generate() for _ in range(3)]
+    aggs = make_federation(tmp_path, signing_keys=signing)
+    data = ints(3, 6, seed=9)
+
+    async def go() -> None:
+        for a in aggs:
+            a.open_round("r", 6)
+        for i in range(3):
+            submit(aggs, "r", f"c{i}", data[i])
+        submit(aggs, "r", "partial", data[0], to=[0])
+        with pytest.raises(ResultNotReady):
+            aggs[0].statement("r")
+        await run_round(aggs, "r")
+
+    asyncio.run(go())
+    total, _ = decode_result(aggs[0].result("r"))
+    signed = []
+    for a in aggs:
+        raw = a.statement("r")
+        assert a.statement("r") is raw  # signed once, then served as is
+        st = SignedStatement.from_json(raw)
+        assert verify_signature(st, signing[a.index].public_key())
+        body = st.statement
+        assert (body.round_id, body.aggregator, body.dim, body.num_clients) == ("r", a.index, 6, 3)
+        assert body.dropped_clients == 1
+        assert body.topology_fingerprint == fingerprint(a.topology) == a.fingerprint
+        assert body.total_digest == total_digest(total)
+        assert body.clients_digest == clients_digest(["c0", "c1", "c2"])
+        signed.append(st)
+    keys = [k.public_key().public_bytes_raw() for k in signing]
+    assert verify_result(total, signed, keys, aggs[0].fingerprint, "r") == signed[0].statement
+
+
+def test_statement_refusals(tmp_path):
+    aggs = make_federation(tmp_path, signing_keys=[Ed25519PrivateKey.generate()] * 3)
+    unsigned = make_federation(tmp_path / "unsigned")
+
+    async def go() -> None:
+        for fed in (aggs, unsigned):
+            for a in fed:
+                a.open_round("lonely", 4)
+                a.open_round("ok", 4)
+            submit(fed, "lonely", "c0", np.ones(4))
+            await run_round(fed, "lonely")
+            submit(fed, "ok", "c0", np.ones(4))
+            submit(fed, "ok", "c1", np.ones(4))
+            await run_round(fed, "ok")
+
+    asyncio.run(go())
+    with pytest.raises(RoundAborted, match="min_clients is 2"):
+        aggs[1].statement("lonely")
+    assert SignedStatement.from_json(aggs[1].statement("ok"))
+    with pytest.raises(ResultNotReady, match="no signing key"):
+        unsigned[1].statement("ok")

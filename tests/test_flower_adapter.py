@@ -139,9 +139,7 @@ def node_client_id(context: Context) -> str:
 
 def strategy_for(fed, **kwargs) -> MpcFedAvg:
     """MpcFedAvg on the running federation ``fed``, with the collector's tokens."""
-    return MpcFedAvg(
-        fed.topology, collector_token=fed.deployment.collector_tokens(), **kwargs
-    )
+    return MpcFedAvg(fed.topology, collector_token=fed.deployment.collector_tokens(), **kwargs)
 
 
 def mod_for(fed, topology: Topology | None = None):

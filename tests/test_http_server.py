@@ -42,8 +42,8 @@ from mpc_agg.core.statement import (
 )
 from mpc_agg.errors import PeerError, TopologyMismatchError
 from mpc_agg.identity import load_party_dir
-from mpc_agg.provision import provision_local
 from mpc_agg.mpc.memory import InMemoryNetwork, memory_links
+from mpc_agg.provision import provision_local
 from mpc_agg.transport import auth
 from mpc_agg.transport.auth import Credentials
 from mpc_agg.transport.http_server import (
