@@ -26,7 +26,6 @@ from mpc_agg.errors import (
     RemoteRefusal,
     TopologyMismatchError,
     UploadRefused,
-    UsageError,
 )
 from mpc_agg.transport.http_client import (
     AggregatorAPI,
@@ -55,7 +54,7 @@ class Client:
 
     ``token``: the client's bearer token(s), required when the topology has ``auth``: one
     token per aggregator, as a sequence or as the comma-separated line printed by
-    ``scripts/make_secrets.py --client ID`` (a single token is sent to every aggregator).
+    launcher's ``LocalDeployment.client_tokens`` (a single token is sent to every aggregator).
     ``timeout_s``: per-request timeout. ``rng``: source of rounding coins (default: a
     generator seeded from the OS); ``random_bytes``: seed source
     (default: ``secrets.token_bytes``). Inject both only in tests.

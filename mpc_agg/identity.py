@@ -40,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from mpc_agg.config.schema import AggregatorAddress
 from mpc_agg.errors import ConfigError
 from mpc_agg.transport.auth import KEY_BYTES, Credentials
+from mpc_agg.transport.tls import cert_digest
 
 PARTY_LINK_KEY = "party-link.key"
 PARTY_LINK_CERT = "party-link.crt"
@@ -78,7 +79,9 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str, host: str | 
         .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
     )
@@ -228,7 +231,7 @@ def load_party_dir(directory: Path, address: AggregatorAddress) -> PartySecrets:
         )
     for cert_file, key_name in ((PARTY_LINK_CERT, "party_cert"), (HTTPS_CERT, "http_cert")):
         on_disk = (directory / cert_file).read_text() if (directory / cert_file).exists() else ""
-        if on_disk.strip() != str(getattr(address, key_name)).strip():
+        if not on_disk or cert_digest(on_disk) != cert_digest(str(getattr(address, key_name))):
             raise ConfigError(
                 f"{where}.{key_name}",
                 f"the certificate in {str(directory / cert_file)!r} is not the one the topology "

@@ -19,8 +19,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from aiohttp import web
 

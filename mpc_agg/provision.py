@@ -133,9 +133,7 @@ def provision_local(
                     source,
                 )
         else:
-            entry = generate_party_dir(
-                party_dir, a.index, a.host, a.mpc_port, a.http_port
-            ).entry()
+            entry = generate_party_dir(party_dir, a.index, a.host, a.mpc_port, a.http_port).entry()
         entries.append(entry)
     provisioned["aggregators"] = entries
     path = out / TOPOLOGY_FILE

@@ -1,6 +1,6 @@
 """A test-only aggregator party with an injected fault.
 
-    python tests/fault_party.py --delay-vote-s 2 --config C --index I [--log-level L]
+    python tests/fault_party.py --delay-vote-s 2 --config C --index I --party-dir D [--log-level L]
 
 Runs the normal party (:func:`mpc_agg.party.main`) with its MPyC network wrapped in
 :class:`mpc_agg.mpc.memory.DelayingNetwork`, so fault injection never goes through the

@@ -59,9 +59,9 @@ def test_a_template_topology_cannot_reach_an_aggregator() -> None:
     # No http_cert to pin (and not insecure): refused before anything is sent.
     topo = Topology.from_dict(topology_doc(2, 0, name="template"))
     assert not topo.has_keys and topo.aggregators[0].scheme == "https"
-    with pytest.raises(ValueError, match="no http_cert in this topology \\(a template\\)"):
+    with pytest.raises(UsageError, match="no http_cert in this topology \\(a template\\)"):
         Collector(topo, "t").open_round("r", 3)
-    with pytest.raises(ValueError, match="a template"):
+    with pytest.raises(UsageError, match="a template"):
         Client(topo, "alice", "t").submit("r", np.zeros(3))
 
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mpc_agg import ConfigError, Topology
 from mpc_agg.config.fingerprint import fingerprint
+from mpc_agg.errors import UsageError
 from mpc_agg.identity import (
     CARD,
     COLLECTOR_TOKEN,
@@ -470,5 +471,5 @@ def test_https_client_context_by_scheme(fed: Provisioned) -> None:
     plain = Topology.from_dict(dict(topology_doc(M, 1, name="plain"), insecure=True))
     assert https_client_context(plain.aggregators[1]) is None
     template = Topology.load(fed.template)
-    with pytest.raises(ValueError, match="no http_cert .* template"):
+    with pytest.raises(UsageError, match="no http_cert .* template"):
         https_client_context(template.aggregators[1])

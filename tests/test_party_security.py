@@ -145,9 +145,10 @@ def test_a_configured_party_sending_a_malicious_pickle_runs_nothing(tmp_path):
     config = write_topology(tmp_path, topology_doc(3, 1, name="pickle"))
     marker = tmp_path / "pwned"
     command = [*EVIL_PARTY, "--attacker", "1", "--poison-once", str(marker)]
-    with open(os.devnull, "w") as sink, LocalFederation(
-        config, cwd=tmp_path, output=sink, party_command=command
-    ) as fed:
+    with (
+        open(os.devnull, "w") as sink,
+        LocalFederation(config, cwd=tmp_path, output=sink, party_command=command) as fed,
+    ):
         collector = fed.collector()
         collector.open_round("poisoned", 8)
         for i in range(3):
@@ -239,9 +240,10 @@ def test_parties_with_different_topology_files_refuse_to_link(tmp_path):
 def test_an_altered_leader_answer_is_detected_by_the_signed_statements(tmp_path):
     config = write_topology(tmp_path, topology_doc(3, 1, name="forged"))
     command = [*EVIL_PARTY, "--attacker", "0", "--tamper-result"]
-    with open(os.devnull, "w") as sink, LocalFederation(
-        config, cwd=tmp_path, output=sink, party_command=command
-    ) as fed:
+    with (
+        open(os.devnull, "w") as sink,
+        LocalFederation(config, cwd=tmp_path, output=sink, party_command=command) as fed,
+    ):
         collector = fed.collector()
         collector.open_round("forged", 4)
         for i in range(3):
@@ -257,9 +259,10 @@ def test_a_launch_onto_taken_ports_fails_naming_the_port(tmp_path):
     first.mkdir()
     second.mkdir()
     doc = topology_doc(2, 0, name="taken")
-    with open(os.devnull, "w") as sink, LocalFederation(
-        write_topology(first, doc), cwd=first, output=sink
-    ) as running:
+    with (
+        open(os.devnull, "w") as sink,
+        LocalFederation(write_topology(first, doc), cwd=first, output=sink) as running,
+    ):
         # Another federation of the same template (its own keys) on the same ports.
         with pytest.raises(LaunchError) as failed:
             with LocalFederation(write_topology(second, doc), cwd=second, output=sink):

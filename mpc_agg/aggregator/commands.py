@@ -24,7 +24,6 @@ from typing import TypeVar
 
 from mpc_agg.core import codec
 from mpc_agg.core.field import FieldArray
-from mpc_agg.core.statement import clients_digest
 from mpc_agg.core.protocol import (
     CloseCommand,
     EndedRounds,
@@ -41,6 +40,7 @@ from mpc_agg.core.protocol import (
 )
 from mpc_agg.core.rounds import TERMINAL, Agreement, Round, RoundState
 from mpc_agg.core.sharing import Share, ShareKind
+from mpc_agg.core.statement import clients_digest
 from mpc_agg.errors import AgreementFailed, PartyLinkLost, ProtocolViolation
 from mpc_agg.mpc.network import PartyNetwork
 

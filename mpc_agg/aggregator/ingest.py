@@ -30,6 +30,7 @@ def expected_kind(client_id: str, index: int, m: int) -> ShareKind:
     :func:`~mpc_agg.core.sharing.full_share_index` designates, SEED everywhere else."""
     return ShareKind.FULL if full_share_index(client_id, m) == index else ShareKind.SEED
 
+
 INGEST_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads doing the O(d) work of uploads at one aggregator."""
 

@@ -18,6 +18,7 @@ hold are its dataclass's fields.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +51,16 @@ def _positive(value: object, path: str, upper: float = math.inf) -> float:
 def _directory(value: object, path: str) -> Path:
     """A directory given as a ``Path`` or (from YAML) a ``str``."""
     return value if isinstance(value, Path) else Path(expect(value, str, path))
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` names and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,9 @@ class AggregatorAddress:
             if pem is not None and not (
                 isinstance(pem, str) and pem.lstrip().startswith("-----BEGIN CERTIFICATE-----")
             ):
-                raise ConfigError(f"{p}.{key}", "expected a PEM certificate (-----BEGIN CERTIFICATE-----)")
+                raise ConfigError(
+                    f"{p}.{key}", "expected a PEM certificate (-----BEGIN CERTIFICATE-----)"
+                )
         key_hex = self.signing_key
         if key_hex is not None and not (
             isinstance(key_hex, str)
@@ -373,7 +386,7 @@ class Topology:
         scheme of every address follows it."""
         insecure = expect(self.insecure, bool, "insecure")
         if insecure:
-            remote = [a.host for a in self.aggregators if a.host.lower() not in _LOOPBACK_NAMES]
+            remote = [a.host for a in self.aggregators if not is_loopback(a.host)]
             if remote:
                 raise ConfigError(
                     "insecure",
@@ -506,7 +519,7 @@ def _read_topology(data: object, source: str) -> Topology:
                 "the tls and auth sections are gone: every party link is mutually "
                 "authenticated TLS with the keys the aggregators entries name, every HTTP "
                 "request needs a token, and the local launcher provisions both (README, "
-                "\"Security model\"); remove the section (or set insecure: true on loopback)",
+                '"Security model"); remove the section (or set insecure: true on loopback)',
             )
     root = Section(data, "", yaml_keys(Topology))
     name = root.get("name", str)

@@ -30,6 +30,8 @@ Privacy losses are in nats; ``trials`` and shifts in encoded integer units. An a
 outside its domain raises :class:`~mpc_agg.dp.checks.ParameterError` naming it; a
 sensitivity beyond :data:`MAX_DELTA2` raises its subclass :class:`SensitivityTooLarge`.
 scipy (``gammaln``) and dp-accounting are imported where they are used, not at import time.
+Compositions and ε go through :mod:`mpc_agg.dp.pld_dense`, which gives dp-accounting's results
+bit for bit without its per-entry Python loops.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from mpc_agg.dp import checks
+from mpc_agg.dp import checks, pld_dense
 from mpc_agg.dp.calibration import calibrate_gaussian
 from mpc_agg.dp.checks import ParameterError
 
@@ -253,7 +255,7 @@ def _runs(shifts: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
 @functools.lru_cache(maxsize=64)
 def _self_composed(trials: int, shift: int, times: int) -> PrivacyLossDistribution:
     base = _binomial_pld(trials, shift)
-    return base if times == 1 else base.self_compose(times)
+    return base if times == 1 else pld_dense.self_compose(base, times)
 
 
 def shifts_pld(trials: int, shifts: tuple[int, ...]) -> PrivacyLossDistribution:
@@ -266,7 +268,7 @@ def shifts_pld(trials: int, shifts: tuple[int, ...]) -> PrivacyLossDistribution:
     runs = _runs(tuple(sorted((int(k) for k in shifts), reverse=True)))
     out = _self_composed(t, *runs[0])
     for k, n in runs[1:]:
-        out = out.compose(_self_composed(t, k, n))
+        out = pld_dense.compose(out, _self_composed(t, k, n))
     return out
 
 
@@ -289,27 +291,62 @@ def binomial_epsilon(trials: int, delta: float, delta2: float, d: int) -> float:
     return _epsilon(t, dl, budget, min(_check_dimension(d), budget))
 
 
-@functools.lru_cache(maxsize=4096)
+_EPSILON_CACHE_SIZE = 4096
+_epsilons: dict[tuple[int, float, int, int], float] = {}
+"""``_epsilon`` by its arguments; the oldest entry goes first once full."""
+
+
+def _remember(key: tuple[int, float, int, int], epsilon: float) -> float:
+    if len(_epsilons) >= _EPSILON_CACHE_SIZE:
+        del _epsilons[next(iter(_epsilons))]
+    _epsilons[key] = epsilon
+    return epsilon
+
+
 def _epsilon(trials: int, delta: float, budget: int, parts: int) -> float:
-    if budget == 0:
-        return 0.0
+    key = (trials, delta, budget, parts)
+    if key in _epsilons:
+        return _epsilons[key]
     worst = 0.0
+    if budget != 0:
+        for epsilon in _candidate_epsilons(trials, delta, budget, parts):
+            worst = max(worst, epsilon)
+            if worst == math.inf:
+                break
+    return _remember(key, worst)
+
+
+def _candidate_epsilons(trials: int, delta: float, budget: int, parts: int) -> Iterator[float]:
+    """ε of each maximal multiset of shifts, in the order of :func:`worst_case_shifts`."""
     candidates = [_runs(shifts) for shifts in _maximal_shifts(budget, parts)]
     # Prefixes of runs shared between candidates are composed once, and dropped after their
-    # last use: the dense PLDs are large, while the resulting floats are cached above.
+    # last use: the dense PLDs are large, while the resulting floats are cached.
     last_use = {runs[:i]: n for n, runs in enumerate(candidates) for i in range(1, len(runs) + 1)}
     prefix: dict[tuple[tuple[int, int], ...], PrivacyLossDistribution] = {}
     for n, runs in enumerate(candidates):
         for i in range(1, len(runs) + 1):
             if runs[:i] not in prefix:
                 piece = _self_composed(trials, *runs[i - 1])
-                prefix[runs[:i]] = piece if i == 1 else prefix[runs[: i - 1]].compose(piece)
-        worst = max(worst, float(prefix[runs].get_epsilon_for_delta(delta)))
-        if worst == math.inf:
-            break
+                prefix[runs[:i]] = (
+                    piece if i == 1 else pld_dense.compose(prefix[runs[: i - 1]], piece)
+                )
+        yield float(pld_dense.epsilon_for_delta(prefix[runs], delta))
         for key in [key for key in prefix if last_use[key] == n]:
             del prefix[key]
-    return worst
+
+
+def _meets(trials: int, delta: float, budget: int, parts: int, epsilon: float) -> bool:
+    """``_epsilon(trials, delta, budget, parts) <= epsilon``, stopping at the first
+    candidate above ``epsilon`` (the first, ``(k, 1)`` with the largest ``k``, usually is)."""
+    key = (trials, delta, budget, parts)
+    if key in _epsilons:
+        return _epsilons[key] <= epsilon
+    worst = 0.0
+    for candidate in _candidate_epsilons(trials, delta, budget, parts):
+        if candidate > epsilon:
+            return False
+        worst = max(worst, candidate)
+    return _remember(key, worst) <= epsilon
 
 
 # --------------------------------------------------------------------------- calibration
@@ -340,7 +377,7 @@ def _calibrate(eps: float, delta: float, budget: int, parts: int) -> int:
         return 2
 
     def meets(half: int) -> bool:
-        return _epsilon(2 * half, delta, budget, parts) <= eps
+        return _meets(2 * half, delta, budget, parts, eps)
 
     # Start near the Gaussian of the same variance (RDP-calibrated, usually a little above).
     sigma = calibrate_gaussian(eps, delta, math.sqrt(budget))
@@ -372,5 +409,6 @@ def binomial_bits(trials: int, d: int) -> int:
 
 def clear_caches() -> None:
     """Forget every cached PLD, ε and calibration (to bound memory, or to time a cold run)."""
-    for cached in (_binomial_pld, _self_composed, _maximal_shifts, _epsilon, _calibrate):
+    for cached in (_binomial_pld, _self_composed, _maximal_shifts, _calibrate):
         cached.cache_clear()
+    _epsilons.clear()

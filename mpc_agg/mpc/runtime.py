@@ -17,6 +17,7 @@ receives.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import pickle
 import sys
@@ -256,7 +257,7 @@ class MpycNetwork:
                 while True:
                     try:
                         await loop.create_connection(
-                            lambda pid=peer.pid: asyncoro.MessageExchanger(rt, pid),
+                            functools.partial(asyncoro.MessageExchanger, rt, peer.pid),
                             peer.host,
                             peer.port,
                             ssl=context,
@@ -331,7 +332,8 @@ class MpycNetwork:
         if fut in done:
             result = fut.result()
             refused = [
-                r for r in (result if isinstance(result, list) else [result])
+                r
+                for r in (result if isinstance(result, list) else [result])
                 if isinstance(r, RefusedMessage)
             ]
             if refused:

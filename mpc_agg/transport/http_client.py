@@ -93,7 +93,13 @@ class AggregatorAPI:
                 )
             try:
                 async with self.session.request(
-                    method, url, data=data, json=json_body, headers=headers, timeout=timeout, **extra
+                    method,
+                    url,
+                    data=data,
+                    json=json_body,
+                    headers=headers,
+                    timeout=timeout,
+                    **extra,
                 ) as resp:
                     body = await resp.read()
                     if resp.status < 300:

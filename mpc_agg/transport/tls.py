@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mpc_agg.config.schema import AggregatorAddress
+from mpc_agg.errors import UsageError
 
 MIN_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 PARTY_TLS_VERSION = ssl.TLSVersion.TLSv1_3
@@ -97,12 +98,13 @@ def _https_client_context(pem: str) -> ssl.SSLContext:
 
 def https_client_context(address: AggregatorAddress) -> ssl.SSLContext | None:
     """A client context that trusts exactly ``address``'s ``http_cert`` (None for plain
-    HTTP). Raises ValueError for an https address without a certificate (a template)."""
+    HTTP). Raises :class:`~mpc_agg.errors.UsageError` for an https address without a
+    certificate (a template)."""
     if address.scheme == "http":
         return None
     if address.http_cert is None:
-        raise ValueError(
-            f"aggregator {address.index} has no http_cert in this topology (a template); "
-            "use the topology the launcher provisioned or the assembled one"
+        raise UsageError(
+            f"aggregator {address.index} has no http_cert in this topology (a template): load "
+            "the topology the aggregators run (the launcher prints the provisioned file)"
         )
     return _https_client_context(address.http_cert)

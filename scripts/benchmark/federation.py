@@ -1,7 +1,9 @@
 """The real local federation of the reveal and grid sections, and one mpc_agg round on it.
 
 The parties are :class:`mpc_agg.launcher.LocalFederation` processes on fresh loopback ports
-(README, "Running aggregators"); clients and the collector are the package's own, over HTTP.
+(README, "Running aggregators"), with the throw-away keys and tokens the launcher provisions
+in the run's directory; clients and the collector are the package's own, over HTTPS pinned
+to each aggregator's certificate, with their tokens (none on an ``insecure`` topology).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from typing import IO, Any
 import yaml
 
 from mpc_agg import Client, Collector, Topology
+from mpc_agg.identity import token_key
 from mpc_agg.launcher import LocalFederation
+from mpc_agg.provision import LocalDeployment
+from mpc_agg.transport.auth import client_token
 
 from .report import Progress
 from .workload import client_name, client_vector, topology_document
@@ -39,6 +44,12 @@ class Federation:
         """The running federation's topology (after :meth:`ensure`)."""
         assert self.fed is not None
         return self.fed.topology
+
+    @property
+    def deployment(self) -> LocalDeployment:
+        """The running federation's provisioned topology and tokens (after :meth:`ensure`)."""
+        assert self.fed is not None
+        return self.fed.deployment
 
     @property
     def pids(self) -> list[int]:
@@ -96,7 +107,7 @@ class Federation:
 
 
 async def mpc_round(
-    topology: Topology,
+    deployment: LocalDeployment,
     round_id: str,
     clients: int,
     dim: int,
@@ -107,9 +118,24 @@ async def mpc_round(
     label: str,
     timeout_s: float,
 ) -> dict[str, Any]:
-    """One mpc_agg round: open, upload ``clients`` vectors (``concurrency`` in flight), then
-    aggregate. Wall times in seconds; the revealed result under ``"result"``."""
-    collector = Collector(topology, timeout_s=timeout_s)
+    """One mpc_agg round on ``deployment``'s aggregators: open, upload ``clients`` vectors
+    (``concurrency`` in flight), then aggregate (the collector checks every aggregator's
+    signed statement). Wall times in seconds; the revealed result under ``"result"``.
+
+    The topology and the aggregators' token keys are read once, before the clock starts;
+    each client's tokens are derived from them as it uploads (one HMAC per aggregator)."""
+    topology = deployment.topology()
+    secure = not topology.insecure
+    collector = Collector(
+        topology, deployment.collector_tokens() if secure else None, timeout_s=timeout_s
+    )
+    keys = [token_key(d) for d in deployment.party_dirs] if secure else []
+
+    def client(i: int) -> Client:
+        cid = client_name(i)
+        tokens = [client_token(k, cid) for k in keys] if secure else None
+        return Client(topology, cid, tokens, timeout_s=timeout_s)
+
     t0 = time.perf_counter()
     await collector.open_round_async(round_id, dim)
     t_open = time.perf_counter()
@@ -121,9 +147,7 @@ async def mpc_round(
         nonlocal done, sent
         async with gate:
             x = client_vector(seed, i, dim)
-            receipt = await Client(topology, client_name(i), timeout_s=timeout_s).submit_async(
-                round_id, x
-            )
+            receipt = await client(i).submit_async(round_id, x)
             del x
         done += 1
         sent += receipt.upload_bytes

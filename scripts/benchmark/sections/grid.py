@@ -95,7 +95,7 @@ def bench_grid(
             row["aggregator_rss_before_bytes"] = [mon.current() for mon in monitors]
             res = asyncio.run(
                 mpc_round(
-                    topo,
+                    federation.deployment,
                     new_round_id("grid"),
                     clients,
                     dim,

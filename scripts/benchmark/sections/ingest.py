@@ -17,7 +17,7 @@ import numpy as np
 
 from mpc_agg import Topology
 from mpc_agg.core import codec, field, xof
-from mpc_agg.core.sharing import Share, ShareKind
+from mpc_agg.core.sharing import Share, ShareKind, full_share_index
 from mpc_agg.mpc.memory import memory_networks
 
 from ..baselines import numpy_add_seconds
@@ -35,6 +35,23 @@ from ..report import (
 )
 from ..workload import client_name, repeat_timed, topology_document
 
+MAX_UPLOADS = 300
+"""Most uploads one :func:`ingest_times` run makes."""
+
+
+def ingest_clients(m: int, full: bool, count: int = MAX_UPLOADS) -> list[str]:
+    """``count`` distinct client ids whose share at aggregator 0 is a full share (``full``)
+    or a seed share: an aggregator accepts from each client only the kind
+    :func:`~mpc_agg.core.sharing.full_share_index` designates for it."""
+    ids: list[str] = []
+    k = 0
+    while len(ids) < count:
+        cid = client_name(k)
+        k += 1
+        if (full_share_index(cid, m) == 0) == full:
+            ids.append(cid)
+    return ids
+
 
 async def ingest_times(
     topology: Topology,
@@ -44,19 +61,21 @@ async def ingest_times(
     inflight: int,
 ) -> tuple[list[float], float]:
     """Uploads accepted by a fresh aggregator 0, ``inflight`` at a time, one distinct client
-    each (the ``full_bodies`` in turn, or with None a new seed share per client), until
-    ``min_total_s`` has passed: (seconds per upload, wall seconds of them all)."""
+    each (the ``full_bodies`` in turn, or with None a new seed share per client; the clients
+    are ones whose share at aggregator 0 is of that kind), until ``min_total_s`` has passed
+    (at most :data:`MAX_UPLOADS`): (seconds per upload, wall seconds of them all)."""
     from mpc_agg.aggregator import Aggregator
 
     agg = Aggregator(topology, 0, memory_networks(topology.m)[0])  # no MPC call is made
     agg.open_round("ingest", dim)
+    clients = ingest_clients(topology.m, full=full_bodies is not None)
     latencies: list[float] = []
     started = time.perf_counter()
     issued = 0
 
     def more() -> bool:
         elapsed = time.perf_counter() - started
-        return issued < 300 and (issued < 3 * inflight or elapsed < min_total_s)
+        return issued < MAX_UPLOADS and (issued < 3 * inflight or elapsed < min_total_s)
 
     async def worker() -> None:
         nonlocal issued
@@ -69,7 +88,7 @@ async def ingest_times(
                 seed = os.urandom(xof.SEED_BYTES)
                 body = codec.encode_share(Share(0, ShareKind.SEED, dim, seed=seed))
             t = time.perf_counter()
-            accepted = await agg.receive_share_async("ingest", client_name(i), body)
+            accepted = await agg.receive_share_async("ingest", clients[i], body)
             latencies.append(time.perf_counter() - t)
             if not accepted:
                 raise RuntimeError("ingest: the upload of a new client was taken for a retry")

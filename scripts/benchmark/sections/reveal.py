@@ -29,7 +29,7 @@ def bench_reveal(
             progress.line(label)
             out = asyncio.run(
                 mpc_round(
-                    federation.topology,
+                    federation.deployment,
                     new_round_id("reveal"),
                     REVEAL_CLIENTS,
                     dim,
