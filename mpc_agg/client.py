@@ -52,7 +52,7 @@ class SubmitReceipt:
 class Client:
     """A data owner submitting vectors to the aggregators of ``topology``.
 
-    ``token``: the client's bearer token(s), required when the topology has ``auth``: one
+    ``token``: the client's bearer token(s), required unless the topology is ``insecure``: one
     token per aggregator, as a sequence or as the comma-separated line printed by
     launcher's ``LocalDeployment.client_tokens`` (a single token is sent to every aggregator).
     ``timeout_s``: per-request timeout. ``rng``: source of rounding coins (default: a

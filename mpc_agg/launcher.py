@@ -35,6 +35,7 @@ from typing import IO, TYPE_CHECKING, TextIO
 
 from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
+from mpc_agg.errors import UsageError
 from mpc_agg.provision import LocalDeployment, deployment_of, provision_local
 from mpc_agg.transport.tls import https_client_context
 
@@ -268,7 +269,7 @@ class LocalFederation:
                     f"refuses this federation's token ({exc.code})"
                 ) from None
             return False
-        except (OSError, urllib.error.URLError, ValueError) as exc:
+        except (OSError, urllib.error.URLError, ValueError, UsageError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, ssl.SSLCertVerificationError):
                 raise LaunchError(

@@ -1,4 +1,4 @@
-"""Aggregator party process: ``python -m mpc_agg.party --config CONFIG --index I``.
+"""Aggregator party process: ``python -m mpc_agg.party --config CONFIG --index I --party-dir DIR``.
 
 docs/design.md, "Processes": one asyncio event loop runs both the HTTP API (uploads are
 accepted at once, even while the MPyC links are still connecting) and the MPyC runtime

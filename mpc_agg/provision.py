@@ -25,6 +25,7 @@ A local script reaches the federation through :class:`LocalDeployment`::
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,16 @@ class LocalDeployment:
         return cls(path, tuple(directory / f"party-{i}" for i in range(topology.m)))
 
     def topology(self) -> Topology:
-        """The provisioned topology (with every aggregator's public keys)."""
+        """The provisioned topology (with every aggregator's public keys; read once)."""
+        return self._topology
+
+    @functools.cached_property
+    def _topology(self) -> Topology:
         return Topology.load(self.topology_path)
+
+    @functools.cached_property
+    def _token_keys(self) -> list[bytes]:
+        return [token_key(d) for d in self.party_dirs]
 
     def collector_tokens(self) -> list[str]:
         """The collector's token at each aggregator, in index order."""
@@ -71,7 +80,7 @@ class LocalDeployment:
 
     def client_tokens(self, client_id: str) -> list[str]:
         """Client ``client_id``'s token at each aggregator, in index order."""
-        return [client_token(token_key(d), client_id) for d in self.party_dirs]
+        return [client_token(key, client_id) for key in self._token_keys]
 
     def collector(self, **kwargs: Any) -> Collector:
         """A :class:`~mpc_agg.collector.Collector` with this deployment's tokens."""

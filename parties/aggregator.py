@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run one aggregator party: python parties/aggregator.py --config CONFIG --index I
+"""Run one aggregator party: python parties/aggregator.py --config CONFIG --index I --party-dir DIR
 
 See ``--help``; the implementation is :mod:`mpc_agg.party`.
 """

@@ -404,7 +404,7 @@ def test_bad_options_exit_with_status_2():
     assert main(["--only", "nothing"]) == 2
     assert main(["--dims", "1e8"]) == 2
     assert main(["--concurrency", "0"]) == 2
-    assert main(["--config", str(Path(ROOT / "configs" / "tls-3.yaml"))]) == 2
+    assert main(["--config", str(Path(ROOT / "configs" / "dp-gaussian-3.yaml"))]) == 2
 
 
 def test_the_package_runs_with_python_m_and_through_the_script():

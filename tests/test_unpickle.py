@@ -190,7 +190,6 @@ def test_dangerous_builtins_are_refused(name: str) -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        b"cos\nsystem\n(S'true'\ntR.",  # protocol 0 GLOBAL
         b"\x80\x04" + stack_global("numpy", "dtype.__class__") + b".",  # no traversal
         b"\x80\x04" + stack_global("builtins", "list") + b".",  # harmless, but not needed
         b"\x80\x04" + stack_global("gmpy2.gmpy2", "mpz") + b".",
@@ -199,7 +198,6 @@ def test_dangerous_builtins_are_refused(name: str) -> None:
         b"\x80\x04" + stack_global("mpyc.finfields", "ArrayGF(101)") + b".",
     ],
     ids=[
-        "protocol0_os_system",
         "dotted_name",
         "builtins_list",
         "gmpy2_mpz",
@@ -238,8 +236,54 @@ def test_custom_class_instance_is_refused() -> None:
 
 
 def test_protocol_5_numpy_arrays_are_refused() -> None:
-    # SAFE_PICKLE.dumps pins protocol 4; protocol 5 sends arrays through _frombuffer.
-    assert "_frombuffer" in refuse(pickle.dumps(np.arange(3), protocol=5))
+    # SAFE_PICKLE.dumps pins protocol 4; protocol 5 sends arrays as BYTEARRAY8 + _frombuffer.
+    assert "not protocol 4" in refuse(pickle.dumps(np.arange(3), protocol=5))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"cos\nsystem\n(S'true'\ntR.",  # protocol 0: GLOBAL, STRING
+        b"(cos\nsystem\nS'true'\no.",  # OBJ
+        b"\x80\x02cbuiltins\neval\nq\x00.",  # GLOBAL, BINPUT
+        b"\x80\x04I1\n.",  # INT
+        b"\x80\x04(l.",  # LIST
+        b"\x80\x04]2.",  # DUP
+        b"\x80\x04\x8c\x01a\x8c\x01b\x92.",  # NEWOBJ_EX
+    ],
+    ids=["global", "obj", "binput", "int", "list", "dup", "newobj_ex"],
+)
+def test_opcodes_protocol_4_never_emits_are_refused(raw: bytes) -> None:
+    assert "not protocol 4" in refuse(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"]r\xff\xff\xff\x7f.",  # LONG_BINPUT 2**31 - 1: a 16 GB memo table (gh-115952)
+        b"\x80\x04]p99999999999\n.",  # PUT
+        b"\x80\x04]q\xff.",  # BINPUT
+    ],
+    ids=["long_binput", "put", "binput"],
+)
+def test_memo_growth_opcodes_are_refused_before_unpickling(raw: bytes) -> None:
+    start = time.perf_counter()
+    assert "not protocol 4" in refuse(raw)
+    assert time.perf_counter() - start < 0.1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x80\x04\x8e" + (2**62).to_bytes(8, "little") + b"x.",  # BINBYTES8
+        b"\x80\x04\x8d" + (2**40).to_bytes(8, "little") + b"x.",  # BINUNICODE8
+        b"\x80\x04\x8b\xff\xff\xff\x7f\x00.",  # LONG4
+        b"\x80\x04\x95" + (2**50).to_bytes(8, "little") + b"N.",  # FRAME
+    ],
+    ids=["binbytes8", "binunicode8", "long4", "frame"],
+)
+def test_lengths_beyond_the_data_are_refused_before_allocating(raw: bytes) -> None:
+    assert "beyond the end" in refuse(raw)
 
 
 @pytest.mark.parametrize(
@@ -428,6 +472,29 @@ def test_overhead_on_8_mb_is_negligible(kind: str) -> None:
 
 # MPyC, in a child interpreter ----------------------------------------------------------------
 
+
+def child_env() -> dict[str, str]:
+    """The environment for a child that imports the same mpc_agg as these tests."""
+    env = dict(os.environ)
+    root = str(Path(mpc_agg.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def test_importing_the_module_leaves_mpyc_out(tmp_path: Path) -> None:
+    code = "import sys, mpc_agg.mpc.unpickle; print(any(m.startswith('mpyc') for m in sys.modules))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=child_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
 CHILD = r"""
 import json, os, pickle, sys
 target = sys.argv[1]
@@ -532,16 +599,13 @@ print(json.dumps(out))
 def child(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run CHILD once with the same mpc_agg as these tests; its JSON report."""
     tmp = tmp_path_factory.mktemp("unpickle_child")
-    env = dict(os.environ)
-    root = str(Path(mpc_agg.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp / "pwned")],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=tmp,
-        env=env,
+        env=child_env(),
     )
     assert proc.returncode == 0, proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,6 +7,9 @@ name, so one party (or anyone holding a party certificate) could run code on ano
 :func:`install` replaces the ``pickle`` that ``mpyc.runtime`` uses with :data:`SAFE_PICKLE`,
 whose ``loads`` is :func:`restricted_loads`:
 
+- Opcodes: only those protocol 4 emits, checked in one pass before the C unpickler runs, which
+  also refuses lengths beyond the data (a 10-byte pickle can otherwise make it allocate and
+  zero tens of GB, CPython gh-115952).
 - Globals: exactly the ones MPyC 0.11 and the protocol pickle, each behind a wrapper that
   checks its arguments (:data:`ALLOWLIST`); any other global is refused by name.
 - numpy arrays and scalars of bool, int, uint, float or complex dtypes, plus the object arrays
@@ -30,6 +33,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import re
 import sys
 import types
 from collections.abc import Callable, Mapping
@@ -61,6 +65,122 @@ def _short(value: object) -> str:
     """A bounded repr of peer data for an error message."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# opcodes --------------------------------------------------------------------------------------
+
+# Every opcode protocol 4 emits for the allowed kinds -> the size of its argument, or -n for an
+# n-byte length followed by that many bytes. The C unpickler of Python < 3.14 grows its memo
+# to any index PUT, BINPUT or LONG_BINPUT names (CPython gh-115952: eight bytes such as
+# b"]r\xff\xff\xff\x7f" allocate and zero 32 GB), and allocates a declared length before
+# reading it, so those opcodes (never emitted: protocol 4 memoizes with MEMOIZE) and lengths
+# beyond the data are refused before the unpickler runs. So are text and protocol-5 opcodes.
+_ARG_SIZES: dict[bytes, int] = {
+    pickle.PROTO: 1,
+    pickle.FRAME: 8,
+    pickle.STOP: 0,
+    pickle.MEMOIZE: 0,
+    pickle.BINGET: 1,
+    pickle.LONG_BINGET: 4,
+    pickle.NONE: 0,
+    pickle.NEWTRUE: 0,
+    pickle.NEWFALSE: 0,
+    pickle.BININT: 4,
+    pickle.BININT1: 1,
+    pickle.BININT2: 2,
+    pickle.LONG1: -1,
+    pickle.LONG4: -4,
+    pickle.BINFLOAT: 8,
+    pickle.SHORT_BINUNICODE: -1,
+    pickle.BINUNICODE: -4,
+    pickle.BINUNICODE8: -8,
+    pickle.SHORT_BINBYTES: -1,
+    pickle.BINBYTES: -4,
+    pickle.BINBYTES8: -8,
+    pickle.EMPTY_TUPLE: 0,
+    pickle.TUPLE1: 0,
+    pickle.TUPLE2: 0,
+    pickle.TUPLE3: 0,
+    pickle.MARK: 0,
+    pickle.TUPLE: 0,
+    pickle.POP: 0,
+    pickle.POP_MARK: 0,
+    pickle.EMPTY_LIST: 0,
+    pickle.APPEND: 0,
+    pickle.APPENDS: 0,
+    pickle.EMPTY_DICT: 0,
+    pickle.SETITEM: 0,
+    pickle.SETITEMS: 0,
+    pickle.EMPTY_SET: 0,
+    pickle.ADDITEMS: 0,
+    pickle.FROZENSET: 0,
+    pickle.STACK_GLOBAL: 0,
+    pickle.REDUCE: 0,
+    pickle.NEWOBJ: 0,
+    pickle.BUILD: 0,
+}
+_SIZES: list[int | None] = [_ARG_SIZES.get(bytes([code])) for code in range(256)]
+_STOP, _FRAME = pickle.STOP[0], pickle.FRAME[0]
+
+
+_RUN_MAX = 1024  # opcodes per regex match
+
+
+def _run_pattern() -> re.Pattern[bytes]:
+    """Runs of opcodes whose argument has a fixed size, plus LONG1 (ints) and short strings
+    and bytes, skipped in one C-speed regex match: an MPyC object array of n ints or a list
+    of n client ids is one match, not n steps of :func:`_scan`'s loop."""
+
+    def counted(op: bytes, lengths: range) -> bytes:  # op, a 1-byte length, that many bytes
+        by_length = [re.escape(bytes([n])) + b".{%d}" % n for n in lengths]
+        return re.escape(op) + b"(?:" + b"|".join(by_length) + b")"
+
+    bare = b"".join(re.escape(op) for op, n in _ARG_SIZES.items() if n == 0 and op != pickle.STOP)
+    fixed = [re.escape(op) + b".{%d}" % n for op, n in _ARG_SIZES.items() if n > 0]
+    fixed.remove(re.escape(pickle.FRAME) + b".{8}")  # _scan checks its length
+    # LONG1 first, most common length first: MPyC sends 61-bit ints (8 bytes)
+    branches = [counted(pickle.LONG1, range(8, -1, -1)), b"[" + bare + b"]", *fixed]
+    branches += [
+        counted(pickle.SHORT_BINUNICODE, range(64)),
+        counted(pickle.SHORT_BINBYTES, range(64)),
+    ]
+    # bounded: the regex engine keeps state per repetition of an unbounded run (1 GB for 8 MB)
+    return re.compile(b"(?:" + b"|".join(branches) + b"){1,%d}" % _RUN_MAX, re.DOTALL)
+
+
+_RUN = _run_pattern()
+
+
+def _scan(data: bytes) -> None:
+    """Walk the opcodes of ``data`` (O(opcodes), payloads skipped): refuse any opcode outside
+    :data:`_ARG_SIZES`, a length or frame beyond the data, a missing STOP, trailing bytes."""
+    end, i, run, sizes = len(data), 0, _RUN.match, _SIZES
+    while i < end:
+        skipped = run(data, i)
+        if skipped is not None:
+            i = skipped.end()
+            if i >= end:
+                break
+        code = data[i]
+        size = sizes[code]
+        if size is None:
+            raise ForbiddenPickle(f"pickle opcode {bytes([code])!r} refused (not protocol 4)")
+        i += 1
+        if code == _STOP:
+            if i != end:
+                raise ForbiddenPickle("trailing bytes after the pickle")
+            return
+        if size < 0:
+            count = int.from_bytes(data[i : i - size], "little")
+            i -= size
+            if count > end - i:
+                raise ForbiddenPickle("pickle declares a length beyond the end of the data")
+            i += count
+        else:
+            if code == _FRAME and int.from_bytes(data[i : i + 8], "little") > end - i - 8:
+                raise ForbiddenPickle("pickle declares a frame beyond the end of the data")
+            i += size
+    raise ForbiddenPickle("truncated pickle (no STOP)")
 
 
 # numpy ---------------------------------------------------------------------------------------
@@ -484,10 +604,11 @@ def restricted_loads(data: bytes | bytearray | memoryview) -> object:
 
     Raises :class:`ForbiddenPickle` for anything refused, malformed, truncated or followed by
     trailing bytes."""
-    with memoryview(data) as view:
-        size = view.nbytes
-    stream = io.BytesIO(data)
+    raw = data if type(data) is bytes else bytes(data)
+    size = len(raw)
+    stream = io.BytesIO(raw)
     try:
+        _scan(raw)
         loaded = _RestrictedUnpickler(stream, fix_imports=False).load()
         if stream.tell() != size:
             raise ForbiddenPickle("trailing bytes after the pickle")
