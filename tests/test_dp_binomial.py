@@ -8,14 +8,17 @@ brute-force enumeration of integer vectors for the reduction to maximal multiset
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 
 import numpy as np
 import pytest
+from dp_accounting.pld import pld_pmf
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from scipy import stats
 
+from mpc_agg.dp import pld_dense
 from mpc_agg.dp.binomial import (
     MAX_DELTA2,
     VALUE_DISCRETIZATION,
@@ -137,6 +140,28 @@ def test_pld_is_the_same_in_both_directions_and_for_negative_shifts(
     want = remove.get_delta_for_epsilon(grid)
     for other in (add, negative, ours):
         assert np.allclose(other.get_delta_for_epsilon(grid), want, rtol=1e-6, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "trials, shifts", [(200, (1, 1, 1, 1, 1)), (954, (2, 1, 1)), (954, (4, 1))]
+)
+def test_dense_steps_are_bit_for_bit_the_library(trials: int, shifts: tuple[int, ...]) -> None:
+    # mpc_agg.dp.pld_dense redoes dp-accounting's dense steps (to dense, compose, self-compose,
+    # epsilon for delta) with numpy: the PLD and its epsilons must be the library's exactly.
+    reference = None
+    for k, n in collections.Counter(shifts).items():  # shifts_pld's runs, largest shift first
+        piece = binomial_pld(trials, k) if n == 1 else binomial_pld(trials, k).self_compose(n)
+        reference = piece if reference is None else reference.compose(piece)
+    assert reference is not None
+    ours = shifts_pld(trials, shifts)
+    want, got = reference._pmf_remove, ours._pmf_remove
+    assert type(got) is type(want) is pld_pmf.DensePLDPmf  # the dense path was taken
+    assert got._lower_loss == want._lower_loss
+    assert got._infinity_mass.hex() == want._infinity_mass.hex()
+    assert got._probs.dtype == want._probs.dtype and got._probs.tobytes() == want._probs.tobytes()
+    for delta in (1e-2, 1e-5, 1e-9, 1e-14):
+        eps = pld_dense.epsilon_for_delta(ours, delta)
+        assert float(eps).hex() == float(reference.get_epsilon_for_delta(delta)).hex()
 
 
 # --------------------------------------------------------------------------- worst case

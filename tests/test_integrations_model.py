@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 from collections import OrderedDict
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -420,12 +420,38 @@ print(json.dumps({"before": before, "after_use": after_use, "flower": flower}))
 """
 
 
-def test_importing_integrations_imports_neither_flwr_nor_torch(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, cwd=tmp_path
+@pytest.fixture(scope="module", autouse=True)
+def import_child(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen | None]:
+    """The fresh interpreter of the import test below, started with the module's first test
+    so that it runs beside the property tests (``None`` when that test is not selected)."""
+    name = "test_importing_integrations_imports_neither_flwr_nor_torch"
+    if not any(
+        getattr(item, "module", None) is request.module and item.name == name
+        for item in request.session.items
+    ):
+        yield None
+        return
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path_factory.mktemp("imports"),
     )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_importing_integrations_imports_neither_flwr_nor_torch(
+    import_child: subprocess.Popen,
+) -> None:
+    stdout, stderr = import_child.communicate(timeout=120)
+    assert import_child.returncode == 0, stderr
+    out = json.loads(stdout.strip().splitlines()[-1])
     assert out["before"] == {"flwr": False, "torch": False}
     assert out["after_use"] == {"flwr": False, "torch": False}
     # The Flower names load flwr on first use (when it is installed).

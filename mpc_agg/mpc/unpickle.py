@@ -70,9 +70,9 @@ def _short(value: object) -> str:
 # opcodes --------------------------------------------------------------------------------------
 
 # Every opcode protocol 4 emits for the allowed kinds -> the size of its argument, or -n for an
-# n-byte length followed by that many bytes. The C unpickler of Python < 3.14 grows its memo
-# to any index PUT, BINPUT or LONG_BINPUT names (CPython gh-115952: eight bytes such as
-# b"]r\xff\xff\xff\x7f" allocate and zero 32 GB), and allocates a declared length before
+# n-byte length followed by that many bytes. CPython's C unpickler (3.11 here) grows its memo
+# to any index PUT, BINPUT or LONG_BINPUT names (CPython gh-115952: the 7 bytes
+# b"]r\xff\xff\xff\x7f." allocate and zero 32 GB), and allocates a declared length before
 # reading it, so those opcodes (never emitted: protocol 4 memoizes with MEMOIZE) and lengths
 # beyond the data are refused before the unpickler runs. So are text and protocol-5 opcodes.
 _ARG_SIZES: dict[bytes, int] = {
