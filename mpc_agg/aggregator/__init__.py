@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
+from mpc_agg.core.field import FieldArray
 from mpc_agg.core.rounds import Round, RoundState
 from mpc_agg.core.sharing import ShareKind
 from mpc_agg.core.statement import ResultStatement, sign_statement, total_digest
@@ -214,8 +215,9 @@ class Aggregator:
         self.driver.close_queue.put_nowait(round_id)
         log.info("round %s: close requested", round_id)
 
-    def result(self, round_id: str) -> bytes:
-        """The encoded result of a DONE round (see :func:`mpc_agg.core.codec.encode_result`)."""
+    def _done_round(self, round_id: str) -> tuple[Round, FieldArray]:
+        """The DONE round ``round_id`` and its total; raises RoundAborted (410) if it
+        failed, ResultExpired (410) if its total was dropped, ResultNotReady (409) before."""
         rnd = self.store.lookup(round_id)
         if rnd.state is RoundState.FAILED:
             raise RoundAborted(
@@ -224,6 +226,11 @@ class Aggregator:
         self.store.result_of(rnd)
         if rnd.state is not RoundState.DONE or rnd.total is None:
             raise ResultNotReady(f"round {round_id!r} is {rnd.state.value}; no result yet")
+        return rnd, rnd.total
+
+    def result(self, round_id: str) -> bytes:
+        """The encoded result of a DONE round (see :func:`mpc_agg.core.codec.encode_result`)."""
+        rnd, total = self._done_round(round_id)
         meta = {
             "round": round_id,
             "num_clients": rnd.num_clients,
@@ -234,7 +241,7 @@ class Aggregator:
             "frac_bits": self.topology.encoding.frac_bits,
             "timings": rnd.timings,
         }
-        return codec.encode_result(rnd.total, meta)
+        return codec.encode_result(total, meta)
 
     def statement(self, round_id: str) -> dict[str, Any]:
         """This aggregator's signed statement of a DONE round (README, "Security model"):
@@ -243,21 +250,14 @@ class Aggregator:
         cached = self._statements.get(round_id)
         if cached is not None:
             return cached
-        rnd = self.store.lookup(round_id)
-        if rnd.state is RoundState.FAILED:
-            raise RoundAborted(
-                rnd.failure or "unknown reason", rnd.failure_code or "aggregation_error"
-            )
-        self.store.result_of(rnd)
-        if rnd.state is not RoundState.DONE or rnd.total is None:
-            raise ResultNotReady(f"round {round_id!r} is {rnd.state.value}; no result yet")
+        rnd, total = self._done_round(round_id)
         if self.signing_key is None or rnd.clients_digest is None:
             raise ResultNotReady(f"aggregator {self.index} has no signing key; no statement")
         privacy = self.privacy.result_fields.get(round_id, {})
         content = ResultStatement(
             round_id=round_id,
             topology_fingerprint=self.fingerprint,
-            total_digest=total_digest(rnd.total),
+            total_digest=total_digest(total),
             clients_digest=rnd.clients_digest,
             num_clients=int(rnd.num_clients or 0),
             dropped_clients=len(rnd.dropped_clients),
