@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -293,20 +294,24 @@ def binomial_epsilon(trials: int, delta: float, delta2: float, d: int) -> float:
 
 _EPSILON_CACHE_SIZE = 4096
 _epsilons: dict[tuple[int, float, int, int], float] = {}
-"""``_epsilon`` by its arguments; the oldest entry goes first once full."""
+"""``_epsilon`` by its arguments (filled by :func:`_meets` too); the oldest entry goes first
+once full."""
+_epsilons_lock = threading.Lock()
 
 
 def _remember(key: tuple[int, float, int, int], epsilon: float) -> float:
-    if len(_epsilons) >= _EPSILON_CACHE_SIZE:
-        del _epsilons[next(iter(_epsilons))]
-    _epsilons[key] = epsilon
+    with _epsilons_lock:
+        if key not in _epsilons and len(_epsilons) >= _EPSILON_CACHE_SIZE:
+            del _epsilons[next(iter(_epsilons))]
+        _epsilons[key] = epsilon
     return epsilon
 
 
 def _epsilon(trials: int, delta: float, budget: int, parts: int) -> float:
     key = (trials, delta, budget, parts)
-    if key in _epsilons:
-        return _epsilons[key]
+    cached = _epsilons.get(key)
+    if cached is not None:
+        return cached
     worst = 0.0
     if budget != 0:
         for epsilon in _candidate_epsilons(trials, delta, budget, parts):
@@ -336,11 +341,14 @@ def _candidate_epsilons(trials: int, delta: float, budget: int, parts: int) -> I
 
 
 def _meets(trials: int, delta: float, budget: int, parts: int, epsilon: float) -> bool:
-    """``_epsilon(trials, delta, budget, parts) <= epsilon``, stopping at the first
-    candidate above ``epsilon`` (the first, ``(k, 1)`` with the largest ``k``, usually is)."""
+    """``_epsilon(trials, delta, budget, parts) <= epsilon``, stopping at the first candidate
+    above ``epsilon``: a bisection probe that fails usually costs one candidate (the first,
+    with the largest single shift, is usually the worst). A probe that passes computes every
+    candidate, and its ε is cached for :func:`_epsilon`."""
     key = (trials, delta, budget, parts)
-    if key in _epsilons:
-        return _epsilons[key] <= epsilon
+    cached = _epsilons.get(key)
+    if cached is not None:
+        return cached <= epsilon
     worst = 0.0
     for candidate in _candidate_epsilons(trials, delta, budget, parts):
         if candidate > epsilon:
@@ -411,4 +419,5 @@ def clear_caches() -> None:
     """Forget every cached PLD, ε and calibration (to bound memory, or to time a cold run)."""
     for cached in (_binomial_pld, _self_composed, _maximal_shifts, _calibrate):
         cached.cache_clear()
-    _epsilons.clear()
+    with _epsilons_lock:
+        _epsilons.clear()

@@ -18,7 +18,8 @@ which adds in the loops' order, so their floats match. The losses, produced by
 ``np.log`` can differ from :mod:`math` in the last place, so they only find where the
 answer is; the values that decide it are then computed with :mod:`math` (or, for
 the Chernoff bounds, with the library's own ``logsumexp``). Anything else goes to the
-library unchanged: asymmetric PLDs, sparse compositions, other PMF classes.
+library unchanged: asymmetric PLDs, sparse compositions, other PMF classes. The PMFs made
+here are plain ``DensePLDPmf`` objects, so they compose with any other PLD as before.
 ``tests/test_dp_binomial.py`` compares both paths bit for bit.
 
 Private to :mod:`mpc_agg.dp`. It relies on ``dp_accounting.pld`` internals
@@ -117,7 +118,7 @@ def _to_dense(pmf: Any) -> Any:
     loss_probs = pmf._loss_probs
     values = np.array(list(loss_probs.values()))
     if not loss_probs or values.dtype != np.float64:
-        return pmf.to_dense_pmf()  # the library's list turns out float64 only with a float
+        return pmf.to_dense_pmf()  # (all-integer values: the library's array is integer)
     keys = np.fromiter(loss_probs.keys(), dtype=np.int64, count=len(loss_probs))
     offset = int(keys.min())
     probs = np.zeros(int(keys.max()) - offset + 1)
