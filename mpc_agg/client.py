@@ -55,9 +55,13 @@ class Client:
     ``token``: the client's bearer token(s), required unless the topology is ``insecure``: one
     token per aggregator, as a sequence or as the comma-separated line printed by
     launcher's ``LocalDeployment.client_tokens`` (a single token is sent to every aggregator).
-    ``timeout_s``: per-request timeout. ``rng``: source of rounding coins (default: a
-    generator seeded from the OS); ``random_bytes``: seed source
-    (default: ``secrets.token_bytes``). Inject both only in tests.
+    ``timeout_s``: per-request timeout. ``retry_budget_s``: how long an upload keeps being
+    retried while an aggregator answers busy (503 with ``Retry-After``, 408, resets), with
+    jittered backoff (default: the topology's ``deadlines.upload_s``, the round's upload
+    deadline); ``retries``: attempts after other transient failures (connection refused,
+    timeouts, 5xx) and the least number of busy retries. ``rng``: source of rounding coins
+    (default: a generator seeded from the OS); ``random_bytes``: seed source (default:
+    ``secrets.token_bytes``). Inject both only in tests.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class Client:
         *,
         timeout_s: float = 60.0,
         retries: int = 3,
+        retry_budget_s: float | None = None,
         rng: np.random.Generator | None = None,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
@@ -77,6 +82,9 @@ class Client:
         self.fingerprint = fingerprint(topology)
         self.timeout_s = timeout_s
         self.retries = retries
+        self.retry_budget_s = (
+            topology.deadlines.upload_s if retry_budget_s is None else retry_budget_s
+        )
         self._rng = rng if rng is not None else np.random.default_rng()
         self._random_bytes = random_bytes
         self._prepared: dict[str, tuple[bytes, list[bytes | bytearray]]] = {}
@@ -146,6 +154,7 @@ class Client:
                     token=self._tokens[i],
                     fingerprint=self.fingerprint,
                     retries=self.retries,
+                    retry_budget_s=self.retry_budget_s,
                 )
                 for i in targets
             }

@@ -197,6 +197,66 @@ class Collector:
             )
         return [json.loads(body) for _, body in answers]
 
+    def rounds(self) -> list[dict[str, Any]]:
+        """Each aggregator's list of the rounds it knows (``GET /v1/rounds``), in aggregator
+        order: ``{"aggregator", "max_open", "max_open_s", "live", "ended_not_listed",
+        "rounds": [{"round", "state", "dim", "accepted", "failure_code", "opened",
+        "deadline"}, ...]}`` with every live round and the most recent ended ones
+        (``opened`` and ``deadline`` in Unix seconds)."""
+        return run_sync(self.rounds_async(), "rounds")
+
+    async def rounds_async(self) -> list[dict[str, Any]]:
+        """:meth:`rounds` for code that already runs an event loop."""
+        async with new_session(self.timeout_s, self.topology) as session:
+            answers = await asyncio.gather(
+                *(api.request("GET", "/v1/rounds") for api in self._apis(session))
+            )
+        return [json.loads(body) for _, body in answers]
+
+    # -- abort -----------------------------------------------------------------------
+
+    def abort(self, round_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Abort ``round_id`` at every aggregator: the leader broadcasts the abort, every
+        aggregator holding the round open fails it (failure code ``cancelled``) with
+        nothing revealed and deletes its journal; the id stays used. Waits until the round
+        has ended at the leader and returns the leader's status of it (``state`` is
+        ``failed``, or ``done`` if it had been revealed before). Idempotent: aborting an
+        ended round returns its status.
+
+        Raises :class:`~mpc_agg.errors.RemoteRefusal` with code ``unknown_round`` if the
+        leader never opened the round (one opened only at followers fails there at its
+        deadline) or ``round_not_open`` if its aggregation has started;
+        :class:`~mpc_agg.errors.AggregationTimeout` after ``timeout`` seconds.
+        """
+        return run_sync(self.abort_async(round_id, timeout=timeout), "abort")
+
+    async def abort_async(self, round_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """:meth:`abort` for code that already runs an event loop."""
+        codec.check_id("round", round_id)
+        deadline = time.monotonic() + timeout
+        late = f"round {round_id!r} did not end within {timeout} s of its abort"
+        path = f"/v1/rounds/{round_id}"
+        async with new_session(self.timeout_s, self.topology) as session:
+            leader = self._apis(session)[0]
+
+            async def ask(method: str) -> dict[str, Any]:
+                try:
+                    _, body = await leader.request(method, path, deadline=deadline)
+                except AggregationTimeout as exc:
+                    raise AggregationTimeout(f"{late}: {exc}") from None
+                answer: dict[str, Any] = json.loads(body)
+                return answer
+
+            status = await ask("DELETE")
+            delay = 0.02
+            while status.get("state") not in ("done", "failed"):
+                if time.monotonic() + delay > deadline:
+                    raise AggregationTimeout(late)
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.5)
+                status = await ask("GET")
+        return status
+
     # -- aggregate -------------------------------------------------------------------
 
     def aggregate(self, round_id: str, timeout: float = 120.0) -> AggregateResult:

@@ -123,9 +123,17 @@ class Forbidden(PeerError):
 
 
 class Busy(PeerError):
-    """Too many uploads are in flight at this aggregator; retry later (HTTP 503)."""
+    """Too many uploads are in flight at this aggregator, or at it from this client, or its
+    upload buffer is full; retry later (HTTP 503). The answer carries ``Retry-After``:
+    ``retry_after_s`` seconds (a whole number, at least 1)."""
 
     code = "busy"
+    retry_after_s = 1
+
+    def __init__(self, detail: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(detail)
+        if retry_after_s is not None:
+            self.retry_after_s = max(1, int(retry_after_s))
 
 
 class UploadInProgress(Busy):
@@ -133,6 +141,32 @@ class UploadInProgress(Busy):
     a retry a moment later is answered as identical or conflicting."""
 
     code = "upload_in_progress"
+
+
+class ClientDisconnected(PeerError):
+    """The client closed its connection before its request body arrived whole (a 400-class
+    event: nobody reads the answer; logged at INFO, never as an internal error)."""
+
+    code = "client_disconnected"
+
+
+class BadHttpRequest(PeerError):
+    """The request is not valid HTTP/1.1 (refused by the HTTP parser before any handler
+    runs: bad request line, invalid header, bad chunked encoding, ...) (HTTP 400)."""
+
+    code = "bad_http_request"
+
+
+class RequestLineTooLong(BadHttpRequest):
+    """The request line (method, path, version) is longer than the server reads (HTTP 414)."""
+
+    code = "request_line_too_long"
+
+
+class HeadersTooLarge(BadHttpRequest):
+    """A request header is longer than the server reads, or there are too many (HTTP 431)."""
+
+    code = "headers_too_large"
 
 
 class InvalidRequest(PeerError):
@@ -236,6 +270,14 @@ class PartyNetworkDown(PeerError):
     code = "party_network_down"
 
 
+class TooManyRounds(PeerError):
+    """This aggregator already holds ``rounds.max_open`` live rounds: a new one is refused
+    until one of them ends (closed, aborted with ``DELETE /v1/rounds/{round}``, or past
+    its deadline ``rounds.max_open_s``). HTTP 429: final, not retried blindly."""
+
+    code = "too_many_rounds"
+
+
 class IllegalTransition(MpcAggError):
     """A round state machine received an event that is illegal in its state.
 
@@ -268,6 +310,8 @@ FAILURE_CODES: dict[str, str] = {
     "ended_elsewhere": "the round had ended at another aggregator",
     "protocol_violation": "an aggregator sent a malformed party message",
     "aggregation_error": "an unexpected error at an aggregator (see its log)",
+    "expired": "the round was not closed within rounds.max_open_s of its opening",
+    "cancelled": "the collector aborted the round (DELETE /v1/rounds/{round})",
 }
 """Every code a failed round can carry (``Round.failure_code``, the 410 body's ``failure``,
 :attr:`RoundFailed.code`), with its meaning. Match codes, never messages."""

@@ -21,8 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from aiohttp import web
-
 from mpc_agg.config.schema import Topology
 from mpc_agg.errors import ConfigError, StartupError
 from mpc_agg.mpc.network import PartyNetwork
@@ -71,10 +69,16 @@ async def serve(
 
     Recovers rounds from the journals, serves HTTP at once, then keeps the party network up:
     whenever a link is lost (or a step misses its deadline), the aggregation in progress
-    fails, and the party reconnects to the others and resumes.
+    fails, and the party reconnects to the others and resumes. Round deadlines are checked
+    every second meanwhile, links up or not.
     """
+    import resource
+
     from mpc_agg.aggregator import Aggregator
+    from mpc_agg.transport.connections import connection_budget
     from mpc_agg.transport.http_server import build_app
+    from mpc_agg.transport.http_server import serve as serve_http
+    from mpc_agg.transport.upload_limits import ServerLimits
 
     aggregator = Aggregator(
         topology, index, network, signing_key=None if secrets is None else secrets.signing_key
@@ -83,21 +87,27 @@ async def serve(
     if recovered:
         log.info("aggregator %d: recovered %d open round(s) from journals", index, recovered)
     address = topology.aggregators[index]
-    # shutdown_timeout: a stalled upload must not hold up SIGTERM for aiohttp's default 60 s.
-    runner = web.AppRunner(
-        build_app(aggregator, credentials), access_log=None, shutdown_timeout=2.0
+    # HTTP connections stay a few hundred descriptors below the limit, so journals, the
+    # ledger and the party links always get theirs (README, "HTTP API": limits).
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limits = ServerLimits.for_topology(topology, max_connections=connection_budget(soft))
+    log.info(
+        "aggregator %d: at most %d HTTP connections (descriptor limit %d)",
+        index,
+        limits.max_connections,
+        soft,
     )
-    await runner.setup()
+    app = build_app(aggregator, credentials, limits=limits)
     ssl_context = None
     if not topology.insecure and secrets is not None:
         from mpc_agg.transport.tls import https_server_context
 
         ssl_context = https_server_context(secrets.https)
-    site = web.TCPSite(runner, address.host, address.http_port, ssl_context=ssl_context)
     try:
-        await site.start()
+        # Its own listening socket, behind the connection gate; shutdown_timeout 2 s, so a
+        # stalled upload does not hold up SIGTERM for aiohttp's default 60 s.
+        runner, _ = await serve_http(app, address.host, address.http_port, ssl_context)
     except OSError as exc:
-        await runner.cleanup()
         aggregator.close_journals()
         raise StartupError(
             f"cannot listen for the HTTP API on {address.host}:{address.http_port}: "
@@ -149,6 +159,7 @@ async def serve(
             )
 
     network_task = asyncio.ensure_future(keep_network())
+    deadlines_task = asyncio.ensure_future(aggregator.watch_deadlines())  # links up or not
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({network_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
     failure = network_task.exception() if network_task in done else None
@@ -156,8 +167,9 @@ async def serve(
         log.error("aggregator %d: party network failed: %s", index, failure)
     log.info("aggregator %d: stopping", index)
     network_task.cancel()
+    deadlines_task.cancel()
     stopped.cancel()
-    await asyncio.wait({network_task}, timeout=5.0)  # let the command loop wind down
+    await asyncio.wait({network_task, deadlines_task}, timeout=5.0)  # let the loops wind down
     await runner.cleanup()
     aggregator.close_journals()
     await network.stop()
@@ -219,6 +231,16 @@ def main(
     from mpc_agg.mpc.runtime import LinkSecurity, MpycNetwork
 
     topology = topology.with_absolute_paths()
+    from mpc_agg.transport.connections import raise_descriptor_limit
+
+    old_soft, soft, hard = raise_descriptor_limit()
+    log.info(
+        "aggregator %d: descriptor limit (RLIMIT_NOFILE) soft %d -> %d, hard %s",
+        args.index,
+        old_soft,
+        soft,
+        "unlimited" if hard < 0 else hard,
+    )
     try:
         secrets = load_party_dir(Path(args.party_dir), topology.aggregators[args.index])
     except ConfigError as exc:

@@ -64,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         federation.start()
         federation.wait_ready(args.ready_timeout)
+        # One write for the whole line (newline included): the parties' log lines, written
+        # by other threads, cannot land inside it (print writes the newline separately).
         print(
             f"ready: {describe(federation.topology)}; pids {federation.pids}; "
-            f"topology {federation.config_path}",
+            f"topology {federation.config_path}\n",
+            end="",
             flush=True,
         )
         print(

@@ -55,6 +55,7 @@ from mpc_agg.transport.http_server import (
     status_for,
 )
 from mpc_agg.transport.tls import https_server_context
+from mpc_agg.transport.upload_limits import GRANULE, ServerLimits
 
 from .conftest import topology_doc, write_topology
 
@@ -131,16 +132,19 @@ async def serving(
     auth_on: bool = False,
     commands: bool = False,
     signing_keys: Sequence[Ed25519PrivateKey | None] = (None, None, None),
+    server_limits: dict[str, Any] | None = None,
     **doc_changes: Any,
 ) -> AsyncIterator[tuple[list[Aggregator], list[TestClient]]]:
     """Three aggregators, each behind its own test server; with ``commands``, their party
-    command loops run too (needed to close rounds)."""
+    command loops run too (needed to close rounds); ``server_limits`` changes the servers'
+    :class:`~mpc_agg.transport.upload_limits.ServerLimits`."""
     aggs = make_federation(tmp_path, signing_keys, **doc_changes)
     clients: list[TestClient] = []
     loops: list[asyncio.Task[None]] = []
     try:
         for a in aggs:
-            app = build_app(a, credentials_for(a.index) if auth_on else None)
+            limits = ServerLimits.for_topology(a.topology, **(server_limits or {}))
+            app = build_app(a, credentials_for(a.index) if auth_on else None, limits=limits)
             client = TestClient(TestServer(app))
             await client.start_server()
             clients.append(client)
@@ -411,11 +415,19 @@ def test_healthz_and_metrics(tmp_path: Path) -> None:
                 text = await response.text()
             assert text == metrics_text(aggs[2])
             assert "# TYPE mpc_agg_uploads_accepted_total counter\n" in text
-            assert 'mpc_agg_uploads_accepted_total{aggregator="2"} 1\n' in text
-            assert 'mpc_agg_rounds_opened_total{aggregator="2"} 1\n' in text
-            assert text.endswith(
-                '# TYPE mpc_agg_rounds gauge\nmpc_agg_rounds{aggregator="2",state="open"} 1\n'
+            assert 'mpc_agg_uploads_accepted_total{aggregator="2"} 1.0\n' in text
+            assert 'mpc_agg_rounds_opened_total{aggregator="2"} 1.0\n' in text
+            assert (
+                '# TYPE mpc_agg_rounds gauge\nmpc_agg_rounds{aggregator="2",state="open"} 1.0\n'
+                in (text.replace("# HELP mpc_agg_rounds Rounds known here by state\n", ""))
             )
+            assert 'mpc_agg_open_rounds{aggregator="2"} 1.0\n' in text
+            assert 'mpc_agg_upload_seconds_count{aggregator="2"} 1.0\n' in text
+            assert 'mpc_agg_party_link_up{aggregator="2",peer="0"} 1.0\n' in text
+            assert 'mpc_agg_party_link_up{aggregator="2",peer="1"} 1.0\n' in text
+            network.up = False
+            assert 'mpc_agg_party_link_up{aggregator="2",peer="0"} 0.0\n' in metrics_text(aggs[2])
+            assert 'mpc_agg_connections_open{aggregator="2"}' in text
 
     run(main())
 
@@ -424,17 +436,25 @@ def test_render_metrics_text_format() -> None:
     text = render_metrics(
         1, {"uploads_accepted": 3, "bytes_accepted": 96}, ["open", "done", "open", "failed"]
     )
-    assert text == (
-        "# TYPE mpc_agg_bytes_accepted_total counter\n"
-        'mpc_agg_bytes_accepted_total{aggregator="1"} 96\n'
-        "# TYPE mpc_agg_uploads_accepted_total counter\n"
-        'mpc_agg_uploads_accepted_total{aggregator="1"} 3\n'
-        "# TYPE mpc_agg_rounds gauge\n"
-        'mpc_agg_rounds{aggregator="1",state="done"} 1\n'
-        'mpc_agg_rounds{aggregator="1",state="failed"} 1\n'
-        'mpc_agg_rounds{aggregator="1",state="open"} 2\n'
-    )
-    assert render_metrics(0, {}, []) == "# TYPE mpc_agg_rounds gauge\n"
+    samples = [line for line in text.splitlines() if not line.startswith("# HELP")]
+    assert samples == [
+        "# TYPE mpc_agg_bytes_accepted_total counter",
+        'mpc_agg_bytes_accepted_total{aggregator="1"} 96.0',
+        "# TYPE mpc_agg_uploads_accepted_total counter",
+        'mpc_agg_uploads_accepted_total{aggregator="1"} 3.0',
+        "# TYPE mpc_agg_rounds gauge",
+        'mpc_agg_rounds{aggregator="1",state="done"} 1.0',
+        'mpc_agg_rounds{aggregator="1",state="failed"} 1.0',
+        'mpc_agg_rounds{aggregator="1",state="open"} 2.0',
+        "# TYPE mpc_agg_open_rounds gauge",
+        'mpc_agg_open_rounds{aggregator="1"} 2.0',
+    ]
+    empty = [line for line in render_metrics(0, {}, []).splitlines() if line[:6] != "# HELP"]
+    assert empty == [
+        "# TYPE mpc_agg_rounds gauge",
+        "# TYPE mpc_agg_open_rounds gauge",
+        'mpc_agg_open_rounds{aggregator="0"} 0.0',
+    ]
 
 
 # --------------------------------------------------------------------------- middleware
@@ -448,7 +468,7 @@ def test_middleware_answers_json_for_routing_errors_and_unexpected_exceptions(
             leader = clients[0]
             status, answer = await call(leader, "GET", "/v1/nothing-here")
             assert (status, answer["error"]) == (404, "not_found") and answer["detail"]
-            status, answer = await call(leader, "DELETE", "/v1/rounds/r")
+            status, answer = await call(leader, "PATCH", "/v1/rounds/r")
             assert (status, answer["error"]) == (405, "method_not_allowed")
 
             def broken(round_id: str) -> dict[str, Any]:
@@ -594,8 +614,10 @@ def test_uploads_beyond_max_concurrent_uploads_are_503_busy(tmp_path: Path) -> N
             first = asyncio.ensure_future(call(clients[0], "PUT", "/v1/rounds/r/shares/c0", b0))
             await asyncio.wait_for(entered.wait(), 5)
             assert app_limits(clients[0]).inflight == 1
-            status, answer = await call(clients[0], "PUT", "/v1/rounds/r/shares/c1", b1)
-            assert (status, answer["error"]) == (503, "busy")
+            async with clients[0].put("/v1/rounds/r/shares/c1", data=bytes(b1)) as response:
+                assert response.status == 503 and response.headers["Retry-After"] == "1"
+                answer = await response.json()
+            assert answer["error"] == "busy"
             assert "1 uploads are in flight" in answer["detail"]
             release.set()
             assert (await first)[0] == 201
@@ -607,7 +629,8 @@ def test_uploads_beyond_max_concurrent_uploads_are_503_busy(tmp_path: Path) -> N
 
 
 def test_upload_that_finds_the_buffer_full_is_503_busy(tmp_path: Path) -> None:
-    # 1 MiB holds one FULL share of d = 70,000 (560 kB), not two.
+    # 1 MiB holds one FULL share of d = 70,000 (560 kB), not two: the second waits for room
+    # (its client held back by TCP) and gets 503 if none comes within upload_s.
     d = 70_000
     rounds = {"min_clients": 2, "max_clients": 100, "max_dim": 100_000, "upload_buffer_mb": 1}
 
@@ -622,14 +645,19 @@ def test_upload_that_finds_the_buffer_full_is_503_busy(tmp_path: Path) -> None:
             first = asyncio.ensure_future(call(clients[0], "PUT", path + ids[0], bodies[0]))
             await asyncio.wait_for(entered.wait(), 5)
             limits = app_limits(clients[0])
-            assert limits.buffer.used == len(bodies[0])
-            status, answer = await call(clients[0], "PUT", path + ids[1], bodies[1])
-            assert (status, answer["error"]) == (503, "busy")
+            assert len(bodies[0]) <= limits.buffer.used < len(bodies[0]) + GRANULE
+            async with clients[0].put(path + ids[1], data=bytes(bodies[1])) as response:
+                assert response.status == 503
+                assert response.headers["Retry-After"] == "1"
+                answer = await response.json()
+            assert answer["error"] == "busy"
             assert "upload buffer (1 MiB) stayed full for 0.3 s" in answer["detail"]
-            assert limits.buffer.used == len(bodies[0]) and limits.inflight == 1
+            assert limits.inflight == 1 and limits.buffer.used < len(bodies[0]) + GRANULE
             release.set()
             assert (await first)[0] == 201
             assert (limits.inflight, limits.buffer.used) == (0, 0)
+            status, _ = await call(clients[0], "PUT", path + ids[1], bodies[1])
+            assert status == 201  # the retry, once there is room
 
     run(main())
 

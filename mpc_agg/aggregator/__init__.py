@@ -10,7 +10,8 @@ process, wired from four parts, each in its own module:
   which moves the messages of :mod:`mpc_agg.core.protocol` and applies their verdicts.
 
 HTTP handlers call the synchronous methods (:meth:`Aggregator.open_round`, ...);
-:meth:`Aggregator.serve_commands` runs for the life of the party network.
+:meth:`Aggregator.serve_commands` runs for the life of the party network and
+:meth:`Aggregator.watch_deadlines` for the life of the party process.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry
 
 from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
 from mpc_agg.core.field import FieldArray
-from mpc_agg.core.rounds import Round, RoundState
+from mpc_agg.core.rounds import TERMINAL, Round, RoundState
 from mpc_agg.core.sharing import ShareKind
 from mpc_agg.core.statement import ResultStatement, sign_statement, total_digest
 from mpc_agg.dp.accountant import PrivacyLedger
@@ -37,13 +39,15 @@ from mpc_agg.errors import (
     PartyNetworkDown,
     ResultNotReady,
     RoundAborted,
+    RoundNotOpen,
+    UnknownRound,
 )
 from mpc_agg.mpc.network import PartyNetwork
 from mpc_agg.storage.round_index import RoundIndex
 
-from .commands import LEADER, Driver
+from .commands import DEADLINE_TICK_S, LEADER, Driver
 from .ingest import INGEST_THREADS, Ingest, expected_kind
-from .metrics import metrics_text
+from .metrics import AggregatorCollector, metrics_text
 from .privacy import Privacy, plan_summary
 from .store import RoundStore
 
@@ -51,12 +55,18 @@ __all__ = ["INGEST_THREADS", "LEADER", "Aggregator", "plan_summary"]
 
 log = logging.getLogger("mpc_agg.aggregator")
 
+LIST_ENDED = 100
+"""``GET /v1/rounds`` lists every live round (at most ``rounds.max_open``) and only the
+last this many ended ones, so its answer stays bounded."""
+
 
 class Aggregator:
     """Aggregator ``index`` of ``topology``; ``network`` links it to the other parties.
 
-    ``clock`` (seconds, monotonic) is injected so tests can control timings;
-    ``noise_stream`` makes the keystream that DP noise is drawn from (default: a fresh
+    ``clock`` (seconds, monotonic) is injected so tests can control timings and round
+    deadlines; ``wall_clock`` (Unix seconds) dates each round's opening in its journal, so
+    that deadlines hold across a restart; ``noise_stream`` makes the keystream that DP
+    noise is drawn from (default: a fresh
     :class:`~mpc_agg.dp.discrete_gaussian.NoiseStream` keyed from the OS per round);
     ``signing_key`` signs result statements (without one, :meth:`statement` refuses).
     Raises :class:`~mpc_agg.errors.StateError` if its durable state is inconsistent.
@@ -69,12 +79,14 @@ class Aggregator:
         network: PartyNetwork,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         noise_stream: Callable[[], NoiseStream] | None = None,
         signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.topology = topology
         self.index = index
         self.network = network
+        self.clock = clock
         self.signing_key = signing_key
         self.fingerprint = fingerprint(topology)
         self._statements: dict[str, dict[str, Any]] = {}
@@ -87,10 +99,14 @@ class Aggregator:
             "rounds_done": 0,
             "rounds_failed": 0,
         }
-        self.store = RoundStore(topology, index, clock)
+        self.store = RoundStore(topology, index, clock, wall_clock)
         self.privacy = Privacy(topology, index, self.store.round_index, noise_stream)
         self.ingest = Ingest(self.store, self.metrics)
         self.driver = Driver(self.store, self.ingest, self.privacy, network, self.metrics, clock)
+        self.registry = CollectorRegistry(auto_describe=False)
+        """This aggregator's Prometheus metrics (``GET /metrics``; the HTTP server adds its
+        own here): one registry per aggregator, never the library's global one."""
+        self.registry.register(AggregatorCollector(self))
 
     def __repr__(self) -> str:
         return f"Aggregator({self.topology.name!r}, index={self.index})"
@@ -123,7 +139,9 @@ class Aggregator:
 
         Raises :class:`~mpc_agg.errors.RoundIdUsed` for an id used before (also before a
         restart), InvalidRequest for bad parameters or noise that cannot be drawn exactly,
-        :class:`~mpc_agg.errors.StorageFailure` if it cannot be made durable (nothing kept).
+        :class:`~mpc_agg.errors.TooManyRounds` when ``rounds.max_open`` rounds are live
+        here, :class:`~mpc_agg.errors.StorageFailure` if it cannot be made durable (nothing
+        kept).
         """
         codec.check_id("round", round_id)
         policy = self.topology.rounds
@@ -142,6 +160,7 @@ class Aggregator:
             )
         if not self.store.check_new(round_id, dim, min_clients):
             return False
+        self.store.check_capacity()
         plan = self.privacy.plan(round_id, dim)
         try:
             self.store.create(
@@ -172,6 +191,11 @@ class Aggregator:
         codec.check_id("client", client_id)
         kind = expected_kind(client_id, self.index, self.topology.m)
         return codec.share_body_length(kind, self.store.lookup(round_id).dim)
+
+    def full_share_bytes(self, round_id: str) -> int:
+        """Length of a full share of ``round_id``: what one client may have in flight here
+        at most (its fair share of the upload buffer)."""
+        return codec.share_body_length(ShareKind.FULL, self.store.lookup(round_id).dim)
 
     def receive_share(self, round_id: str, client_id: str, body: bytes | bytearray) -> bool:
         """Validate, journal and accumulate one upload in the calling thread: True when
@@ -204,16 +228,91 @@ class Aggregator:
                 f"aggregator 0 at {self.topology.leader.url}"
             )
         rnd = self.store.lookup(round_id)
-        if rnd.state is not RoundState.OPEN or rnd.close_requested:
+        if (
+            rnd.state is not RoundState.OPEN
+            or rnd.close_requested
+            or round_id in self.driver.aborting
+        ):
             return
         if not self.network.connected:
             raise PartyNetworkDown(
                 f"the party network is down (waiting for aggregator(s) "
                 f"{self.network.missing()}); the round stays open, retry the close later"
             )
+        if rnd.overdue(self.clock()):  # too late: it fails everywhere as expired instead
+            self.driver.queue_abort(round_id, "expired")
+            return
         rnd.request_close()
-        self.driver.close_queue.put_nowait(round_id)
+        self.driver.queue_close(round_id)
         log.info("round %s: close requested", round_id)
+
+    def abort_round(self, round_id: str) -> tuple[bool, dict[str, Any]]:
+        """Collector asks the leader to abort ``round_id`` everywhere (``DELETE``): it fails
+        at every party with failure code ``cancelled``, nothing revealed, its journals go
+        and its id stays used. Returns ``(under_way, status)``: True while the leader's
+        abort command is queued (202), False when the round has ended here, already or just
+        now (200; idempotent). With the party links down, the leader fails the round at
+        once and reconciliation fails it at the others when the links come up.
+
+        Raises NotLeader at a follower, :class:`~mpc_agg.errors.UnknownRound` for a round
+        never opened here, :class:`~mpc_agg.errors.RoundNotOpen` for a round whose
+        aggregation has started (it ends on its own shortly).
+        """
+        codec.check_id("round", round_id)
+        if not self.is_leader:
+            raise NotLeader(
+                f"aggregator {self.index} is not the leader; send aborts to aggregator 0 "
+                f"at {self.topology.leader.url}"
+            )
+        rnd = self.store.rounds.get(round_id)
+        if rnd is None:
+            used = self.store.round_index.state(round_id)
+            if used is None:
+                raise UnknownRound(f"round {round_id!r} is unknown at aggregator {self.index}")
+            return False, {"round": round_id, "state": used, "aggregator": self.index}
+        if rnd.state in TERMINAL:
+            return False, self.round_status(round_id)
+        if rnd.state is not RoundState.OPEN:
+            raise RoundNotOpen(
+                f"round {round_id!r} is {rnd.state.value}: its aggregation has started and "
+                "cannot be aborted; it ends shortly"
+            )
+        if not self.network.connected:
+            self.driver.abort_here(rnd, "cancelled")
+            return False, self.round_status(round_id)
+        self.driver.queue_abort(round_id, "cancelled")
+        return True, self.round_status(round_id)
+
+    def list_rounds(self) -> dict[str, Any]:
+        """JSON-ready list of the rounds this aggregator knows (``GET /v1/rounds``): every
+        live one and the last :data:`LIST_ENDED` ended ones, in the order they were opened,
+        each with its state, dimension, accepted count, failure code and the wall times
+        (Unix seconds) of its opening and its deadline; ``live`` counts the live rounds
+        against ``max_open``, ``ended_not_listed`` the ended rounds left out."""
+        live = self.store.live_rounds()
+        ended = [r for r in self.store.rounds.values() if r.state in TERMINAL]
+        shown = {id(r) for r in live} | {id(r) for r in ended[-LIST_ENDED:]}
+        policy = self.topology.rounds
+        return {
+            "aggregator": self.index,
+            "max_open": policy.max_open,
+            "max_open_s": policy.max_open_s,
+            "live": len(live),
+            "ended_not_listed": max(0, len(ended) - LIST_ENDED),
+            "rounds": [
+                {
+                    "round": r.round_id,
+                    "state": r.state.value,
+                    "dim": r.dim,
+                    "accepted": len(r.accepted),
+                    "failure_code": r.failure_code,
+                    "opened": r.opened_unix,
+                    "deadline": r.deadline_unix,
+                }
+                for r in self.store.rounds.values()
+                if id(r) in shown
+            ],
+        }
 
     def _done_round(self, round_id: str) -> tuple[Round, FieldArray]:
         """The DONE round ``round_id`` and its total; raises RoundAborted (410) if it
@@ -274,7 +373,8 @@ class Aggregator:
         return signed
 
     def metrics_text(self) -> str:
-        """The Prometheus text of ``GET /metrics`` (:mod:`mpc_agg.aggregator.metrics`)."""
+        """The Prometheus text of ``GET /metrics``: everything in :attr:`registry`
+        (:mod:`mpc_agg.aggregator.metrics`)."""
         return metrics_text(self)
 
     # -- the party protocol -------------------------------------------------------------
@@ -283,6 +383,15 @@ class Aggregator:
         """For the life of the party network: reconcile, then execute the leader's commands
         with all parties (:meth:`mpc_agg.aggregator.commands.Driver.serve`)."""
         await self.driver.serve()
+
+    def check_deadlines(self) -> int:
+        """Act on the open rounds past their deadline now (see
+        :meth:`mpc_agg.aggregator.commands.Driver.check_deadlines`); returns how many."""
+        return self.driver.check_deadlines()
+
+    async def watch_deadlines(self, tick_s: float = DEADLINE_TICK_S) -> None:
+        """For the life of the party process: :meth:`check_deadlines` every ``tick_s``."""
+        await self.driver.watch_deadlines(tick_s)
 
     async def aggregate(self, round_id: str) -> None:
         """Close, agree on and reveal ``round_id`` with every party."""

@@ -13,6 +13,14 @@ there; local steps (durable marks, the sum share, noise) come from the store and
 Everything between "the sums are fixed" and the reveal happens in :meth:`Driver.sum_share`,
 whose *return value* is the only array the reveal ever sends: a share with its noise added,
 or an exception, after which the party votes "not ready".
+
+The leader also broadcasts :class:`~mpc_agg.core.protocol.AbortCommand`: a round past its
+deadline (``expired``) or aborted by the collector (``cancelled``) fails at every party that
+holds it open, nothing revealed (docs/design.md, "Round deadlines"). Deadlines are checked
+by :meth:`Driver.check_deadlines`, every second in a party process: the leader queues the
+abort; a follower fails on its own a round still open ``grace_s`` after its deadline (the
+leader never knew it, or never aborted it), and so does a leader whose links are down;
+reconciliation at the next link-up tells the others.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ from typing import TypeVar
 from mpc_agg.core import codec
 from mpc_agg.core.field import FieldArray
 from mpc_agg.core.protocol import (
+    AbortCommand,
     CloseCommand,
+    Command,
     EndedRounds,
     OpenRounds,
     PartyView,
@@ -33,6 +43,7 @@ from mpc_agg.core.protocol import (
     Refusal,
     decide_views,
     decide_votes,
+    decode,
     decode_as,
     encode,
     ended_elsewhere,
@@ -51,6 +62,14 @@ from .store import RoundStore
 log = logging.getLogger("mpc_agg.aggregator")
 
 LEADER = 0
+
+DEADLINE_TICK_S = 1.0
+"""How often a party process checks round deadlines (:meth:`Driver.watch_deadlines`)."""
+
+FOLLOWER_GRACE_S = 60.0
+"""A follower fails an overdue round on its own only this long (plus two step deadlines)
+after the deadline, so that the leader's abort, which gives every party the same verdict,
+normally comes first: it may wait behind an aggregation in the leader's command loop."""
 
 
 class Driver:
@@ -72,13 +91,31 @@ class Driver:
         self.counters = counters
         self.clock = clock
         self.index = store.index
-        self.close_queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queue: asyncio.Queue[Command] = asyncio.Queue()
+        """Leader: the commands to broadcast, in order (closes and aborts)."""
+        self.aborting: dict[str, str] = {}
+        """Leader: round id -> code of each abort queued and not yet applied."""
+        self.grace_s = FOLLOWER_GRACE_S + 2 * store.topology.deadlines.step_s
 
     @property
     def is_leader(self) -> bool:
         return self.index == LEADER
 
     # -- the command loop ---------------------------------------------------------------
+
+    def queue_close(self, round_id: str) -> None:
+        """Leader: broadcast a close of ``round_id`` when the command loop gets to it."""
+        self.queue.put_nowait(CloseCommand(round_id))
+
+    def queue_abort(self, round_id: str, code: str) -> None:
+        """Leader: broadcast an abort of ``round_id`` (idempotent while one is queued). A
+        close queued before it is skipped: the abort wins."""
+        if round_id in self.aborting:
+            return
+        command = AbortCommand(round_id, code)
+        self.aborting[round_id] = code
+        self.queue.put_nowait(command)
+        log.info("round %s: abort (%s) queued", round_id, code)
 
     async def serve(self) -> None:
         """Forever: reconcile once, then receive the leader's next command and execute it
@@ -88,18 +125,31 @@ class Driver:
             log.warning("%d round(s) failed here because they had ended elsewhere", failed)
         while True:
             if self.is_leader:
-                round_id = await self.close_queue.get()
+                command = await self.queue.get()
+                if isinstance(command, CloseCommand) and command.round_id in self.aborting:
+                    rnd = self.store.rounds.get(command.round_id)
+                    if rnd is not None and rnd.state is RoundState.OPEN and rnd.close_requested:
+                        rnd.withdraw_close()
+                    continue  # an abort was requested since: it follows in the queue
                 try:
-                    raw = await self.network.broadcast(encode(CloseCommand(round_id)), LEADER)
+                    raw = await self.network.broadcast(encode(command), LEADER)
                 except PartyLinkLost as exc:
-                    rnd = self.store.rounds.get(round_id)
+                    rnd = self.store.rounds.get(command.round_id)
+                    if isinstance(command, AbortCommand):
+                        self.aborting.pop(command.round_id, None)
+                        self.abort_here(rnd, command.code)  # reconcile tells the others
+                        continue
                     self.fail(rnd, f"cannot close: {exc}", "party_lost")
                     if rnd is not None and rnd.state in TERMINAL:
                         self.wind_up(rnd)  # ended for good; reconcile tells the others
                     continue
                 except BaseException:
-                    rnd = self.store.rounds.get(round_id)
-                    if rnd is not None and rnd.state is RoundState.OPEN:
+                    rnd = self.store.rounds.get(command.round_id)
+                    if isinstance(command, AbortCommand):
+                        # Still wanted after the links come back (applying it twice is
+                        # harmless: a round no longer open is left alone).
+                        self.queue.put_nowait(command)
+                    elif rnd is not None and rnd.state is RoundState.OPEN:
                         rnd.withdraw_close()  # a later close may try again
                     raise
             else:
@@ -110,11 +160,84 @@ class Driver:
                     await asyncio.sleep(1.0)
                     continue
             try:
-                command = decode_as(raw, CloseCommand)
+                received = decode(raw)
+                if not isinstance(received, (CloseCommand, AbortCommand)):
+                    raise ProtocolViolation(
+                        f"malformed party message: expected a command, got "
+                        f"{type(received).__name__}"
+                    )
             except ProtocolViolation as exc:
                 log.error("ignoring a command from the leader: %s", exc)
                 continue
-            await self.aggregate(command.round_id)
+            if isinstance(received, AbortCommand):
+                self.apply_abort(received)
+            else:
+                await self.aggregate(received.round_id)
+
+    # -- deadlines and aborts -----------------------------------------------------------
+
+    def apply_abort(self, command: AbortCommand) -> None:
+        """Every party, on the leader's abort: fail the round if it is open here."""
+        if self.is_leader:
+            self.aborting.pop(command.round_id, None)
+        rnd = self.store.rounds.get(command.round_id)
+        if rnd is None or rnd.state is not RoundState.OPEN:
+            log.info("round %s: abort (%s) has nothing to do here", command.round_id, command.code)
+            return
+        self.abort_here(rnd, command.code)
+
+    def abort_here(self, rnd: Round | None, code: str) -> None:
+        """Fail ``rnd`` here with ``code`` (``expired`` or ``cancelled``) if it is still
+        open, and end its journal; nothing of it is revealed and its id stays used."""
+        if rnd is None or rnd.state is not RoundState.OPEN:
+            return
+        if code == "expired":
+            max_open_s = self.store.topology.rounds.max_open_s
+            reason = (
+                f"round {rnd.round_id!r} was not closed within rounds.max_open_s = "
+                f"{max_open_s:g} s of its opening; nothing is revealed"
+            )
+        else:
+            reason = f"round {rnd.round_id!r} was aborted by the collector; nothing is revealed"
+        self.fail(rnd, reason, code)
+        self.wind_up(rnd)
+
+    def check_deadlines(self) -> int:
+        """Act on every open round past its deadline (``rounds.max_open_s``); returns how
+        many rounds this call aborted or failed.
+
+        The leader queues an abort (code ``expired``) for the command loop to broadcast,
+        unless a close is already queued (its outcome decides); a leader whose links are
+        down fails its overdue rounds, and those whose abort is queued, itself. A follower
+        fails a round that is still open :attr:`grace_s` after its deadline. A round failed
+        by one party alone is failed at the others by reconciliation when the links come up
+        (or by their own deadline).
+        """
+        now = self.clock()
+        acted = 0
+        connected = self.network.connected
+        for rnd in self.store.live_rounds():
+            if self.is_leader and connected:
+                if rnd.overdue(now) and not rnd.close_requested:
+                    if rnd.round_id not in self.aborting:
+                        self.queue_abort(rnd.round_id, "expired")
+                        acted += 1
+            elif self.is_leader and rnd.round_id in self.aborting:
+                self.abort_here(rnd, self.aborting[rnd.round_id])
+                acted += 1
+            elif rnd.overdue(now, 0.0 if self.is_leader else self.grace_s):
+                self.abort_here(rnd, "expired")
+                acted += 1
+        return acted
+
+    async def watch_deadlines(self, tick_s: float = DEADLINE_TICK_S) -> None:
+        """Forever: :meth:`check_deadlines` every ``tick_s`` seconds."""
+        while True:
+            try:
+                self.check_deadlines()
+            except Exception:  # noqa: BLE001 - logged; the next tick tries again
+                log.exception("checking round deadlines failed")
+            await asyncio.sleep(tick_s)
 
     async def reconcile(self) -> int:
         """Every party, each time the party links come up: a round that has ended at any

@@ -10,6 +10,7 @@ awaits an event set when a round has none left, it does not poll.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from mpc_agg.core import codec
 from mpc_agg.core.field import FieldArray
 from mpc_agg.core.rounds import Round, RoundState, upload_digest
 from mpc_agg.core.sharing import Share, ShareKind, full_share_index
-from mpc_agg.errors import MalformedUpload, RoundEnded, RoundFull
+from mpc_agg.errors import MalformedUpload, RoundEnded, RoundFull, StorageFailure
 from mpc_agg.storage.journal import RoundJournal
 
 from .store import RoundStore
@@ -146,7 +147,14 @@ class Ingest:
         expand a seed, journal the body durably. Touches no round state."""
         codec.check_share_values(share)
         vector = share.expand(rnd.round_id, client_id)
-        ref = journal.append_share(client_id, body)
+        try:
+            ref = journal.append_share(client_id, body)
+        except OSError as exc:  # disk full, I/O error: the append left nothing behind
+            reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            raise StorageFailure(
+                f"this aggregator could not journal the upload durably ({reason}); nothing "
+                "was accepted, retry later"
+            ) from exc
         return vector, ref
 
     def _refuse(self, rnd: Round, client_id: str) -> None:

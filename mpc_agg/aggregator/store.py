@@ -1,10 +1,12 @@
 """An aggregator's rounds and what keeps them: journals, the round index, recovery, retention.
 
-docs/design.md, "Durable state". :class:`RoundStore` holds the rounds this aggregator knows,
-creates a round's journal and index entry together (or neither), rebuilds open rounds from
-their journals after a restart (a round whose journal says it was closing or revealing
-comes back failed, never open), ends a round's journal when it ends, and keeps the totals of
-the last ``rounds.keep_results`` ended rounds only.
+docs/design.md, "Durable state" and "Round deadlines". :class:`RoundStore` holds the rounds
+this aggregator knows, creates a round's journal and index entry together (or neither),
+refuses a round beyond ``rounds.max_open`` live ones, rebuilds open rounds from their
+journals after a restart (a round whose journal says it was closing or revealing comes back
+failed, never open; so does one past its deadline, and any beyond ``rounds.max_open``),
+ends a round's journal when it ends, and keeps the totals of the last
+``rounds.keep_results`` ended rounds only.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from mpc_agg.errors import (
     RoundEnded,
     RoundIdUsed,
     StorageFailure,
+    TooManyRounds,
     UnknownRound,
 )
-from mpc_agg.storage.journal import RoundJournal
+from mpc_agg.storage.durable import fsync_directory
+from mpc_agg.storage.journal import JournalContents, RoundJournal
 from mpc_agg.storage.round_index import RoundIndex
 
 log = logging.getLogger("mpc_agg.aggregator")
@@ -35,17 +39,31 @@ PlanCheck = Callable[[str, int, Any], "str | None"]
 
 
 class RoundStore:
-    """The rounds of aggregator ``index`` and their files under its data directory."""
+    """The rounds of aggregator ``index`` and their files under its data directory.
 
-    def __init__(self, topology: Topology, index: int, clock: Callable[[], float]) -> None:
+    ``clock`` (monotonic seconds) times rounds and their deadlines while the process runs;
+    ``wall_clock`` (Unix seconds) is what a journal records as the round's opening time, so
+    that a restarted aggregator knows how much of each round's ``rounds.max_open_s`` is
+    left.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        index: int,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+    ) -> None:
         self.topology = topology
         self.index = index
         self.clock = clock
+        self.wall_clock = wall_clock
         self.directory = topology.aggregator_dir(index)
         self.round_index = RoundIndex(self.directory / "rounds.index", fsync=topology.fsync)
         self.rounds: dict[str, Round] = {}
         self.journals: dict[str, RoundJournal] = {}
         self._results: list[str] = []  # rounds holding a total, in the order they ended
+        self._live: dict[str, Round] = {}  # rounds not known to have ended, in opening order
 
     def journal_path(self, round_id: str) -> Path:
         """Where ``round_id``'s journal lives."""
@@ -100,12 +118,39 @@ class RoundStore:
             )
         return True
 
+    def live_rounds(self) -> list[Round]:
+        """The rounds open, closing or aggregating here, in the order they were opened."""
+        for round_id in [r for r, rnd in self._live.items() if rnd.state in TERMINAL]:
+            del self._live[round_id]
+        return list(self._live.values())
+
+    def check_capacity(self) -> None:
+        """Raise :class:`TooManyRounds` if ``rounds.max_open`` rounds are live here."""
+        policy = self.topology.rounds
+        live = len(self.live_rounds())
+        if live >= policy.max_open:
+            raise TooManyRounds(
+                f"aggregator {self.index} already holds {live} live rounds (rounds.max_open "
+                f"= {policy.max_open}); close or abort one (DELETE /v1/rounds/{{round}}) or "
+                f"wait until one passes its deadline (rounds.max_open_s = "
+                f"{policy.max_open_s:g} s)"
+            )
+
     # -- life -----------------------------------------------------------------------------
 
     def create(self, round_id: str, dim: int, min_clients: int, plan: Any, dp: bool) -> Round:
         """Create the round's journal, then its index entry, durably; on any failure neither
-        remains and :class:`StorageFailure` is raised (the id stays usable)."""
-        header = {"round": round_id, "dim": dim, "min_clients": min_clients, "plan": plan}
+        remains and :class:`StorageFailure` is raised (the id stays usable). The journal
+        records the wall-clock time of the opening, from which the round's deadline
+        (``rounds.max_open_s``) is counted, also after a restart."""
+        opened_unix = self.wall_clock()
+        header = {
+            "round": round_id,
+            "dim": dim,
+            "min_clients": min_clients,
+            "plan": plan,
+            "opened_unix": opened_unix,
+        }
         path = self.journal_path(round_id)
         try:
             journal = RoundJournal.create(path, header, fsync=self.topology.fsync)
@@ -120,10 +165,24 @@ class RoundStore:
                 f"aggregator {self.index} could not record round {round_id!r} durably "
                 f"({exc.strerror or exc}); nothing was created, retry later"
             ) from None
-        self.journals[round_id] = journal
-        rnd = Round(round_id, dim, min_clients, opened_at=self.clock())
-        self.rounds[round_id] = rnd
+        max_open_s = self.topology.rounds.max_open_s
+        now = self.clock()
+        rnd = Round(
+            round_id,
+            dim,
+            min_clients,
+            opened_at=now,
+            deadline_at=now + max_open_s,
+            opened_unix=opened_unix,
+            deadline_unix=opened_unix + max_open_s,
+        )
+        self._register(rnd, journal)
         return rnd
+
+    def _register(self, rnd: Round, journal: RoundJournal) -> None:
+        self.journals[rnd.round_id] = journal
+        self.rounds[rnd.round_id] = rnd
+        self._live[rnd.round_id] = rnd
 
     def record_end(self, round_id: str, state: str) -> None:
         """Note in the round index how ``round_id`` ended (best effort: the index already
@@ -177,8 +236,19 @@ class RoundStore:
         Running sums, accepted-client sets (so duplicate detection survives) and round
         parameters come back; a torn or corrupt tail is truncated and logged; journals of
         rounds that had ended, or were mid-aggregation, end (those rounds are failed).
+        Deadlines and the cap hold across the restart: a round past its deadline
+        (``rounds.max_open_s`` after the opening its journal records) fails at once, and of
+        the rest at most ``rounds.max_open`` come back open, those opened earliest (ties by
+        id); the others fail (docs/design.md, "Round deadlines"). Every round failed here
+        is recorded in the round index with one write, and its journal deleted after it,
+        so a restart after thousands of junk rounds costs one fsync, not thousands. Only
+        the rounds that come back open are replayed; none of them holds a descriptor.
         """
-        recovered: list[Round] = []
+        policy = self.topology.rounds
+        now_wall, now = self.wall_clock(), self.clock()
+        ended: list[tuple[str, str]] = []  # (round id, state) for the round index
+        doomed: list[RoundJournal] = []  # journals to delete once the index says so
+        candidates: list[tuple[float, str, RoundJournal, JournalContents]] = []
         seen: set[str] = set()
         for path in sorted(self.directory.glob("round-*.journal")):
             try:
@@ -210,36 +280,96 @@ class RoundStore:
                         round_id,
                         contents.mark,
                     )
-                self.forget_journal(round_id, journal, contents.end_state or "failed")
+                ended.append((round_id, contents.end_state or "failed"))
+                doomed.append(journal)
                 continue
             if self.round_index.state(round_id) not in (None, "open"):
                 log.warning("round %s ended before this restart; journal discarded", round_id)
-                journal.discard()
+                doomed.append(journal)
                 continue
             mismatch = plan_mismatch(round_id, int(h["dim"]), h.get("plan"))
             if mismatch is not None:
                 log.error("round %s cannot be recovered: %s; it is failed", round_id, mismatch)
-                self.forget_journal(round_id, journal, "failed")
+                ended.append((round_id, "failed"))
+                doomed.append(journal)
                 continue
+            opened = h.get("opened_unix")
+            if isinstance(opened, (int, float)) and not isinstance(opened, bool):
+                opened_unix = float(opened)
+            else:  # a journal from before deadlines: its deadline counts from now
+                opened_unix = now_wall
+            if now_wall >= opened_unix + policy.max_open_s:
+                log.warning(
+                    "round %s passed its deadline (rounds.max_open_s = %g s) while this "
+                    "aggregator was down: it is failed (expired), nothing of it is revealed",
+                    round_id,
+                    policy.max_open_s,
+                )
+                ended.append((round_id, "failed"))
+                doomed.append(journal)
+                continue
+            candidates.append((opened_unix, round_id, journal, contents))
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        excess = candidates[policy.max_open :]
+        if excess:
+            log.warning(
+                "%d open rounds found, more than rounds.max_open = %d: the %d opened last "
+                "are failed, nothing of them is revealed (the first of them: %s)",
+                len(candidates),
+                policy.max_open,
+                len(excess),
+                excess[0][1],
+            )
+        for _, round_id, journal, _ in excess:
+            ended.append((round_id, "failed"))
+            doomed.append(journal)
+        for round_id in self.round_index.open_ids():
+            if round_id not in seen:  # its journal was removed when it ended
+                ended.append((round_id, "failed"))
+        self._end_many(ended, doomed)
+        recovered: list[Round] = []
+        for opened_unix, round_id, journal, contents in candidates[: policy.max_open]:
+            h = contents.header
             if round_id not in self.round_index:  # a journal from before the index
                 try:
                     self.round_index.record(round_id, "open")
                 except OSError as exc:  # the journal itself still keeps the id from reuse
                     log.error("round %s: cannot add it to the round index (%s)", round_id, exc)
             rnd = self._replay(round_id, int(h["dim"]), int(h["min_clients"]), journal, contents)
-            self.rounds[round_id] = rnd
-            self.journals[round_id] = journal
+            rnd.opened_unix = opened_unix
+            rnd.deadline_unix = opened_unix + policy.max_open_s
+            rnd.deadline_at = now + (rnd.deadline_unix - now_wall)
+            self._register(rnd, journal)
             recovered.append(rnd)
             log.info(
-                "round %s recovered from its journal: %d clients, dim=%d",
+                "round %s recovered from its journal: %d clients, dim=%d, %.0f s to its deadline",
                 round_id,
                 len(rnd.accepted),
                 rnd.dim,
+                rnd.deadline_at - now,
             )
-        for round_id in self.round_index.open_ids():
-            if round_id not in seen:  # its journal was removed when it ended
-                self.record_end(round_id, "failed")
         return recovered
+
+    def _end_many(self, ended: list[tuple[str, str]], doomed: list[RoundJournal]) -> None:
+        """Recovery: record every ended round in the round index (one write, one fsync),
+        then delete the journals (one directory fsync). In this order a crash in between
+        leaves journals whose index entry says they ended, which the next recovery
+        discards; if the index cannot be written, the journals go all the same (their ids
+        are in the index as opened, so they stay used)."""
+        try:
+            self.round_index.record_many(ended)
+        except OSError as exc:
+            log.error("cannot record %d ended round(s) in the round index (%s)", len(ended), exc)
+        for journal in doomed:
+            try:
+                journal.discard(sync_directory=False)
+            except OSError as exc:
+                log.error("cannot delete %s (%s)", journal.path, exc)
+        if doomed and self.topology.fsync:
+            try:
+                fsync_directory(self.directory)
+            except OSError as exc:
+                log.error("cannot fsync %s (%s)", self.directory, exc)
 
     def _replay(
         self, round_id: str, dim: int, min_clients: int, journal: RoundJournal, contents: Any

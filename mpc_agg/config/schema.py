@@ -36,6 +36,7 @@ MAX_AGGREGATORS = 16
 _LOOPBACK = "127.0.0.1"
 _LOOPBACK_NAMES = {"127.0.0.1", "localhost", "localhost.localdomain", "::1", "ip6-localhost"}
 _MAX_DEADLINE_S = 86400
+_MAX_OPEN_S = 30 * 86400
 
 
 def _positive(value: object, path: str, upper: float = math.inf) -> float:
@@ -142,6 +143,17 @@ class RoundPolicy:
     upload that does not fit waits for room (up to ``deadlines.upload_s``, then 503). It
     bounds an aggregator's memory whatever the number of clients; it must hold at least one
     FULL share of ``max_dim`` (``8 * max_dim`` bytes plus the header).
+    ``max_open``: live rounds (open, closing or aggregating) one aggregator holds at once;
+    opening one more is refused (429 ``too_many_rounds``). Each round that has received an
+    upload holds its running sum (``8 * dim`` bytes), so this also bounds that memory
+    (``max_open * 8 * max_dim`` at most). A restart that finds more open rounds than this
+    keeps the ``max_open`` opened earliest and fails the others, nothing revealed.
+    ``max_open_s``: seconds a round may stay open (default one day, at most 30 days): past
+    it, the round fails at every aggregator with nothing revealed (failure ``expired``)
+    and its journal is deleted; the id stays used. A deadline to be *closed*: an
+    aggregation that has started is bounded by ``deadlines.step_s`` instead. It is a
+    garbage collector for rounds nobody closes, not a latency target, so the default
+    leaves room for collection windows of hours; ``max_open`` is what bounds resources.
     """
 
     min_clients: int = 2
@@ -150,10 +162,25 @@ class RoundPolicy:
     max_concurrent_uploads: int = 256
     upload_buffer_mb: int = 128
     keep_results: int = 4
+    max_open: int = 64
+    max_open_s: float = 86_400.0
 
     def __post_init__(self) -> None:
         for key in yaml_keys(RoundPolicy):
-            expect(getattr(self, key), int, f"rounds.{key}")
+            if key != "max_open_s":
+                expect(getattr(self, key), int, f"rounds.{key}")
+        value = self.max_open_s
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value <= _MAX_OPEN_S
+        ):
+            raise ConfigError(
+                "rounds.max_open_s", f"expected seconds in (0, {_MAX_OPEN_S}], got {value!r}"
+            )
+        object.__setattr__(self, "max_open_s", float(value))
+        if self.max_open < 1:
+            raise ConfigError("rounds.max_open", f"must be >= 1, got {self.max_open}")
         if self.min_clients < 2:
             raise ConfigError(
                 "rounds.min_clients",

@@ -11,6 +11,9 @@ kind, arity or field type raises :class:`ProtocolViolation` and nothing else is 
 
 =================  ========================================================================
 ``close``          leader -> all: close and aggregate ``round_id``
+``abort``          leader -> all: fail ``round_id`` if it is still open, nothing revealed,
+                   with the failure code ``expired`` (past ``rounds.max_open_s``) or
+                   ``cancelled`` (``DELETE /v1/rounds/{round}``)
 ``view``           exchange 1: this party's round (dim, min_clients, client ids), its
                    refusal ``(code, detail)`` or None, and its noise plan summary
 ``vote``           exchange 2: whether this party holds its (noised) share of the total
@@ -39,6 +42,29 @@ class CloseCommand:
     """The leader tells every party to close and aggregate ``round_id``."""
 
     round_id: str
+
+
+ABORT_CODES = ("expired", "cancelled")
+"""The failure codes an :class:`AbortCommand` may carry (each in
+:data:`mpc_agg.errors.FAILURE_CODES`)."""
+
+
+@dataclass(frozen=True)
+class AbortCommand:
+    """The leader tells every party to fail ``round_id`` with ``code`` (one of
+    :data:`ABORT_CODES`) if it is still open there; nothing of it is revealed. A party
+    that does not hold the round open does nothing."""
+
+    round_id: str
+    code: str
+
+    def __post_init__(self) -> None:
+        if self.code not in ABORT_CODES:
+            raise ValueError(f"abort code must be one of {ABORT_CODES}, got {self.code!r}")
+
+
+Command = CloseCommand | AbortCommand
+"""What the leader broadcasts in its command loop."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +112,7 @@ class EndedRounds:
     round_ids: tuple[str, ...]
 
 
-Message = CloseCommand | PartyView | ReadyVote | OpenRounds | EndedRounds
+Message = CloseCommand | AbortCommand | PartyView | ReadyVote | OpenRounds | EndedRounds
 
 
 # --------------------------------------------------------------------------- codec
@@ -101,6 +127,8 @@ def encode(message: Message) -> tuple[Any, ...]:
     head: tuple[Any, ...] = (TAG, VERSION)
     if isinstance(message, CloseCommand):
         return (*head, "close", message.round_id)
+    if isinstance(message, AbortCommand):
+        return (*head, "abort", message.round_id, message.code)
     if isinstance(message, PartyView):
         refusal = (
             None if message.refusal is None else [message.refusal.code, message.refusal.detail]
@@ -147,6 +175,15 @@ def decode(raw: object) -> Message:
     if kind == "close":
         _need(len(fields) == 1 and isinstance(fields[0], str), "close")
         return CloseCommand(fields[0])
+    if kind == "abort":
+        _need(
+            len(fields) == 2
+            and isinstance(fields[0], str)
+            and isinstance(fields[1], str)
+            and fields[1] in ABORT_CODES,
+            "abort",
+        )
+        return AbortCommand(fields[0], fields[1])
     if kind == "view":
         _need(len(fields) == 6, "view arity")
         round_id, dim, min_clients, clients, refusal, plan = fields

@@ -28,6 +28,7 @@ I/O (journal, network) and feeds decisions back in; nothing here blocks or reads
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -136,12 +137,19 @@ class Round:
     """One aggregation round at one aggregator.
 
     ``dim``: vector length, ``min_clients``: fewest clients whose total may be revealed.
+    ``opened_at`` and ``deadline_at`` are times of the aggregator's (monotonic) clock: the
+    round must be closed before ``deadline_at`` (see :meth:`overdue`); ``opened_unix`` and
+    ``deadline_unix`` are the same instants in wall-clock seconds, for people and for
+    recovery after a restart (None when unknown).
     """
 
     round_id: str
     dim: int
     min_clients: int
     opened_at: float
+    deadline_at: float = math.inf
+    opened_unix: float | None = None
+    deadline_unix: float | None = None
     state: RoundState = RoundState.OPEN
     accepted: dict[str, AcceptedShare] = dc_field(default_factory=dict)
     pending: set[str] = dc_field(default_factory=set)
@@ -316,6 +324,12 @@ class Round:
         self.total = None
         self.expired = True
 
+    def overdue(self, now: float, grace: float = 0.0) -> bool:
+        """True if the round is still OPEN at ``now`` (same clock as ``deadline_at``) and
+        its deadline, plus ``grace`` seconds, has passed: it must be failed (``expired``).
+        A round already closing is not overdue: its aggregation has its own deadlines."""
+        return self.state is RoundState.OPEN and now >= self.deadline_at + grace
+
     def local_sum(self) -> FieldArray:
         """This aggregator's share of the total (canonical)."""
         if self.sum is None:
@@ -329,7 +343,8 @@ class Round:
         self.sum = None  # type: ignore[assignment]
 
     def status(self) -> dict[str, object]:
-        """A JSON-ready summary: state, counts, dimension, timings, failure."""
+        """A JSON-ready summary: state, counts, dimension, timings, failure, and the wall
+        times (Unix seconds) of its opening and of its deadline to be closed."""
         return {
             "round": self.round_id,
             "state": self.state.value,
@@ -340,6 +355,8 @@ class Round:
             "dropped_clients": len(self.dropped_clients),
             "failure": self.failure,
             "failure_code": self.failure_code,
+            "opened": self.opened_unix,
+            "deadline": self.deadline_unix,
             "timings": dict(self.timings),
         }
 

@@ -9,7 +9,9 @@ client must be dropped at agreement time, so memory stays O(d). Record layout
 
     u32 length of (type .. payload)   u8 type   payload   u64 XXH3-64 of (type .. payload)
 
-* type 1, OPEN  (first record): JSON ``{"round", "dim", "min_clients"}``
+* type 1, OPEN  (first record): JSON ``{"round", "dim", "min_clients", "plan",
+  "opened_unix"}`` (the wall-clock time of the opening, from which the round's deadline
+  counts; absent in journals written before deadlines)
 * type 2, SHARE: ``u16 len(client_id) || client_id || upload body``
 * type 3, END: JSON ``{"state"}``; the round ended and the file is about to be deleted.
 * type 4, MARK: JSON ``{"state"}``, ``closing`` (written when the round closes) or
@@ -156,16 +158,21 @@ def _write_all(fd: int, parts: list[bytes | bytearray], total: int) -> int:
 class RoundJournal:
     """The journal file of one round at one aggregator.
 
+    It holds no file descriptor between calls: each append (and each read) opens the file,
+    does its work and closes it again, so open rounds cost no descriptors (an aggregator
+    may hold ``rounds.max_open`` of them, and recover as many after a restart). An append
+    never creates the file: once the round has ended and its journal is deleted, a late
+    append fails instead of leaving a stray journal behind.
+
     Appends may come from several ingest threads: each record is written whole under a
-    lock; the fsync that follows runs outside it (an fsync makes every earlier write durable,
-    so concurrent uploads share the disk's flushes).
+    lock; the fsync that follows runs outside it (an fsync makes every earlier write of the
+    file durable, whichever descriptor wrote it, so concurrent uploads share the disk's
+    flushes). The 201 of an upload still comes only after its own record's fsync.
     """
 
     def __init__(self, path: Path, *, fsync: bool = True) -> None:
         self.path = path
         self.fsync = fsync
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -174,6 +181,8 @@ class RoundJournal:
     @classmethod
     def create(cls, path: Path, header: dict[str, Any], *, fsync: bool = True) -> RoundJournal:
         """A new journal whose first record is OPEN with ``header``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         journal = cls(path, fsync=fsync)
         try:
             journal._append(RECORD_OPEN, [json.dumps(header, sort_keys=True).encode()])
@@ -200,21 +209,25 @@ class RoundJournal:
         """Append one record; return the file offset of its payload."""
         parts = _frame(rtype, payload_parts)
         total = sum(len(x) for x in parts)
-        with self._lock:
-            start = os.lseek(self._fd, 0, os.SEEK_END)
-            try:
-                written = _write_all(self._fd, parts, total)
-            except OSError:
-                written = -1
-            if written != total:
-                # Cut the partial record off, so records acknowledged later are not stranded
-                # behind a torn one (a reader stops at the first bad record); refuse.
-                os.ftruncate(self._fd, start)
-                raise OSError(
-                    f"failed write to journal {self.path}: {max(written, 0)} of {total} bytes"
-                )
-        if self.fsync:
-            os.fsync(self._fd)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # never O_CREAT: see the class
+        try:
+            with self._lock:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    written = _write_all(fd, parts, total)
+                except OSError:
+                    written = -1
+                if written != total:
+                    # Cut the partial record off, so records acknowledged later are not
+                    # stranded behind a torn one (a reader stops at the first bad record).
+                    os.ftruncate(fd, start)
+                    raise OSError(
+                        f"failed write to journal {self.path}: {max(written, 0)} of {total} bytes"
+                    )
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         return start + _LEN.size + 1
 
     def append_share(self, client_id: str, body: bytes | bytearray) -> tuple[int, int]:
@@ -237,23 +250,25 @@ class RoundJournal:
     def read(self, ref: tuple[int, int]) -> bytes:
         """The body stored at ``ref`` (as returned by :meth:`append_share`)."""
         offset, length = ref
-        data = os.pread(self._fd, length, offset)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
         if len(data) != length:
             raise OSError(f"journal {self.path} is truncated at offset {offset}")
         return data
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Nothing to close: the journal holds no descriptor between calls (kept so that
+        callers written for a journal that did need not change)."""
 
-    def discard(self) -> None:
-        """Close and delete the file, once its round has ended."""
-        self.close()
+    def discard(self, *, sync_directory: bool = True) -> None:
+        """Delete the file, once its round has ended. ``sync_directory=False`` leaves the
+        directory fsync to the caller (one for many deletions, at recovery)."""
         try:
             self.path.unlink()
         except FileNotFoundError:
             return
-        if self.fsync:
+        if self.fsync and sync_directory:
             fsync_directory(self.path.parent)

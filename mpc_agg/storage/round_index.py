@@ -93,3 +93,20 @@ class RoundIndex:
         self._states[round_id] = state
         if dp:
             self._dp.add(round_id)
+
+    def record_many(self, events: list[tuple[str, str]]) -> None:
+        """Append every ``(round_id, state)`` of ``events`` (ended rounds, no ``dp`` flag)
+        in one write and one fsync; raises OSError and records nothing in memory if it
+        fails. Recovery ends many rounds at once with it."""
+        if not events:
+            return
+        for _, state in events:
+            if state not in STATES:
+                raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        lines = b"".join(
+            (json.dumps({"round": r, "state": s}, sort_keys=True) + "\n").encode()
+            for r, s in events
+        )
+        append_line(self.path, lines, fsync=self.fsync)
+        for round_id, state in events:
+            self._states[round_id] = state

@@ -1,14 +1,28 @@
 """HTTP calls to one aggregator, with safe retries (aiohttp client side).
 
-Retries happen only on connection failures, timeouts and 5xx answers, and always resend the
-same bytes, so a retry of an upload is idempotent (the aggregator answers 200 to an
-identical share it already holds). 4xx answers are final and raise :class:`RemoteRefusal`.
+Retries always resend the same bytes, so a retry of an upload is idempotent (the aggregator
+answers 200 to an identical share it already holds). Two kinds (README, "HTTP API"):
+
+* **busy**: 503, 408, a 429 that carries ``Retry-After``, and a connection the aggregator
+  reset or closed (its connection gate makes room that way). Retried with jittered
+  exponential backoff, never sooner than the answer's ``Retry-After``, for as long as the
+  ``retry_budget_s`` allows (a :class:`~mpc_agg.client.Client` gives it the round's upload
+  deadline, ``deadlines.upload_s``), and at least ``retries`` times; then the last answer is
+  raised as :class:`RemoteRefusal` (a reset as :class:`AggregatorUnavailable`).
+* **failures**: a refused connection (nobody listening), a name that does not resolve, a
+  certificate that is not the pinned one, a timeout, another 5xx but 507: retried
+  ``retries`` times, then :class:`AggregatorUnavailable`.
+
+Every other answer (4xx, 507 ``storage_failure``) is final and raises
+:class:`RemoteRefusal`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import random
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -29,6 +43,41 @@ from mpc_agg.transport.tls import https_client_context
 
 T = TypeVar("T")
 
+BUSY_STATUSES = (408, 429, 503)
+"""Answers retried within the retry budget (a 429 only with ``Retry-After``)."""
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """The seconds of a ``Retry-After`` header (delta-seconds; None for a date or junk)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= 3600 else None
+
+
+_RESETS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
+def _reset_by_peer(exc: BaseException) -> bool:
+    """True when the aggregator reset or closed the connection (its connection gate makes
+    room that way, see :mod:`mpc_agg.transport.connections`): retried like a busy answer.
+    A refused connection (nobody listening), a name that does not resolve, a certificate
+    that is not the pinned one or a timeout is not."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return False
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, *_RESETS)):
+        return True
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return isinstance(exc.os_error, _RESETS)
+    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in (
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+    )
+
 
 class AggregatorAPI:
     """Requests to the aggregator at ``address`` through a shared ``session``."""
@@ -42,6 +91,9 @@ class AggregatorAPI:
         fingerprint: str | None = None,
         retries: int = 3,
         backoff_s: float = 0.2,
+        retry_budget_s: float = 0.0,
+        max_backoff_s: float = 5.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.session = session
         self.address = address
@@ -49,6 +101,9 @@ class AggregatorAPI:
         self.fingerprint = fingerprint
         self.retries = retries
         self.backoff_s = backoff_s
+        self.retry_budget_s = retry_budget_s
+        self.max_backoff_s = max_backoff_s
+        self._rng = rng if rng is not None else random.Random()
         self._ssl = https_client_context(address)
 
     def __repr__(self) -> str:
@@ -63,7 +118,8 @@ class AggregatorAPI:
         json_body: Any = None,
         deadline: float | None = None,
     ) -> tuple[int, bytes]:
-        """Send a request; return ``(status, body)`` for 2xx, raise otherwise.
+        """Send a request; return ``(status, body)`` for 2xx, raise otherwise (see the
+        module docstring for what is retried).
 
         ``deadline`` (``time.monotonic()`` seconds) bounds all attempts together; past it,
         :class:`AggregationTimeout` is raised.
@@ -75,10 +131,15 @@ class AggregatorAPI:
         extra: dict[str, Any] = {} if self._ssl is None else {"ssl": self._ssl}
         if data is not None:
             headers["Content-Type"] = "application/octet-stream"
+        started = time.monotonic()
+        budget_end = started + self.retry_budget_s
         last = "no attempt made"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+        failures = busy = attempts = 0
+        delay = 0.0
+        while True:
+            if delay:
+                await asyncio.sleep(delay)
+            attempts += 1
             # The session's own timeout applies unless the deadline is nearer (passing None
             # to aiohttp would mean "no timeout at all").
             timeout = self.session.timeout
@@ -104,8 +165,28 @@ class AggregatorAPI:
                     body = await resp.read()
                     if resp.status < 300:
                         return resp.status, body
-                    if resp.status >= 500:
+                    wait = retry_after_s(resp.headers.get("Retry-After"))
+                    if resp.status in BUSY_STATUSES and (resp.status != 429 or wait is not None):
+                        busy += 1
+                        delay = self._busy_delay(busy, wait)
+                        if self._may_retry_busy(busy, delay, budget_end, deadline):
+                            last = f"HTTP {resp.status}"
+                            continue
+                        code, detail, failure = parse_error(resp.status, body)
+                        raise RemoteRefusal(
+                            self.address.index,
+                            resp.status,
+                            code,
+                            f"{detail} (after {attempts} attempts in "
+                            f"{time.monotonic() - started:.1f} s)",
+                            failure=failure,
+                        )
+                    if resp.status >= 500 and resp.status != 507:
                         last = f"HTTP {resp.status}"
+                        failures += 1
+                        if failures > self.retries:
+                            break
+                        delay = self.backoff_s * 2 ** (failures - 1)
                         continue
                     code, detail, failure = parse_error(resp.status, body)
                     if code == TopologyMismatch.code:
@@ -115,9 +196,35 @@ class AggregatorAPI:
                     )
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise AggregatorUnavailable(
-            self.address.index, url, f"{last} (after {self.retries + 1} attempts)"
-        )
+                if _reset_by_peer(exc):
+                    busy += 1  # reset or closed by the aggregator: it is making room
+                    delay = self._busy_delay(busy, None)
+                    if self._may_retry_busy(busy, delay, budget_end, deadline):
+                        continue
+                    break
+                failures += 1
+                if failures > self.retries:
+                    break
+                delay = self.backoff_s * 2 ** (failures - 1)
+        raise AggregatorUnavailable(self.address.index, url, f"{last} (after {attempts} attempts)")
+
+    def _busy_delay(self, busy: int, retry_after: float | None) -> float:
+        """Seconds before the next attempt after ``busy`` busy answers: exponential backoff
+        (capped at ``max_backoff_s``), at least ``retry_after``, times a jitter in [1, 2)."""
+        base = min(self.max_backoff_s, self.backoff_s * 2 ** min(busy - 1, 30))
+        if retry_after is not None:
+            base = max(base, retry_after)
+        return float(base * (1.0 + self._rng.random()))
+
+    def _may_retry_busy(
+        self, busy: int, delay: float, budget_end: float, deadline: float | None
+    ) -> bool:
+        """A busy answer is retried while the retry budget lasts past the next attempt, and
+        at least ``retries`` times; never past ``deadline``."""
+        now = time.monotonic()
+        if deadline is not None and now + delay >= deadline:
+            return False
+        return now + delay <= budget_end or busy <= self.retries
 
 
 def parse_error(status: int, body: bytes) -> tuple[str, str, str | None]:

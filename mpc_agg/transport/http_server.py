@@ -6,6 +6,8 @@
 | ``GET  /v1/rounds/{round}`` | 200 JSON status |
 | ``PUT  /v1/rounds/{round}/shares/{client}`` binary | 201 accepted, 200 identical retry |
 | ``POST /v1/rounds/{round}/close`` (leader only) | 202 |
+| ``DELETE /v1/rounds/{round}`` (leader only) | 202 abort under way, 200 ended |
+| ``GET  /v1/rounds`` | 200 JSON list of rounds (bounded) |
 | ``GET  /v1/rounds/{round}/result`` | 200 binary result (``mpc_agg.core.codec``) |
 | ``GET  /v1/rounds/{round}/statement`` | 200 JSON signed result statement |
 | ``GET  /v1/topology`` (no token) | 200 JSON fingerprint, section digests, index |
@@ -23,6 +25,17 @@ beyond the request: decisions come from the aggregator, seen through
 :class:`~mpc_agg.transport.service.AggregatorService` (docs/design.md, "Layout and
 layering"); admission limits are :class:`~mpc_agg.transport.upload_limits.UploadLimits`,
 tokens :mod:`mpc_agg.transport.auth`.
+
+Abuse resistance (README, "HTTP API" limits and "Security model"; docs/design.md, "Abuse
+resistance"): :func:`serve` runs the application on a listening socket of its own behind a
+:class:`~mpc_agg.transport.connections.ConnectionGate` (connections bounded below the
+descriptor limit, idle ones and slow request heads cut after ``idle_timeout_s``), with a
+request handler (:class:`_Handler`) that answers aiohttp's parser errors with the JSON error
+body too. Bodies are read as they arrive (:func:`_receive`): within
+``deadlines.upload_s``, at a minimum rate after a grace period, taking upload-buffer bytes
+as they come. Every refusal is counted in ``/metrics`` (``mpc_agg_refusals_total``) and
+logged at a bounded rate with at most ~100 characters of the peer's text
+(:mod:`mpc_agg.transport.quiet_log`).
 """
 
 from __future__ import annotations
@@ -31,17 +44,25 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from mpc_agg.core import codec
 from mpc_agg.errors import (
+    BadHttpRequest,
     Busy,
+    ClientDisconnected,
     ConflictingShare,
     DimensionMismatch,
     Forbidden,
+    HeadersTooLarge,
     InvalidRequest,
     LengthRequired,
     MalformedUpload,
@@ -49,6 +70,7 @@ from mpc_agg.errors import (
     PartyNetworkDown,
     PayloadTooLarge,
     PeerError,
+    RequestLineTooLong,
     RequestTimeout,
     ResultExpired,
     ResultNotReady,
@@ -59,23 +81,30 @@ from mpc_agg.errors import (
     RoundIdUsed,
     RoundNotOpen,
     StorageFailure,
+    TooManyRounds,
     TopologyMismatch,
     Unauthenticated,
     UnknownRound,
 )
 from mpc_agg.transport import auth
 from mpc_agg.transport.auth import Credentials
+from mpc_agg.transport.connections import Connection, ConnectionGate
+from mpc_agg.transport.http_metrics import HttpMetrics
+from mpc_agg.transport.quiet_log import RateLimitedLog, clip
 from mpc_agg.transport.service import AggregatorService
-from mpc_agg.transport.upload_limits import UploadLimits
+from mpc_agg.transport.upload_limits import GRANULE, BufferTicket, ServerLimits, UploadLimits
 
 __all__ = [
+    "CONNECTIONS",
     "HTTP_STATUS",
+    "SERVER_LIMITS",
     "UPLOAD_LIMITS",
     "Credentials",  # re-exported for one release; import it from mpc_agg.transport.auth
     "MethodNotAllowed",
     "RouteNotFound",
     "build_app",
     "error_response",
+    "serve",
     "status_for",
 ]
 
@@ -107,9 +136,14 @@ HTTP_STATUS: dict[type[PeerError], int] = {
     LengthRequired: 411,
     Busy: 503,
     RequestTimeout: 408,
+    ClientDisconnected: 400,
+    BadHttpRequest: 400,
+    RequestLineTooLong: 414,
+    HeadersTooLarge: 431,
     UnknownRound: 404,
     RoundConflict: 409,
     RoundIdUsed: 409,
+    TooManyRounds: 429,
     StorageFailure: 507,
     ConflictingShare: 409,
     RoundNotOpen: 409,
@@ -132,7 +166,63 @@ _AIOHTTP_REFUSALS: tuple[type[PeerError], ...] = (RouteNotFound, MethodNotAllowe
 UPLOAD_LIMITS = web.AppKey("upload_limits", UploadLimits)
 """The application's :class:`UploadLimits` (``app[UPLOAD_LIMITS]``)."""
 
+SERVER_LIMITS = web.AppKey("server_limits", ServerLimits)
+"""The application's :class:`~mpc_agg.transport.upload_limits.ServerLimits`."""
+
+CONNECTIONS = web.AppKey("connections", ConnectionGate)
+"""The application's :class:`~mpc_agg.transport.connections.ConnectionGate` (used when it is
+served by :func:`serve`)."""
+
 MAX_JSON_BYTES = 4096
+
+MAX_REQUEST_LINE = 4096
+"""Longest request line read (414 beyond): the API's longest path is ~300 characters."""
+
+MAX_HEADER_FIELD = 8190
+"""Longest header line read (431 beyond)."""
+
+
+class Refusals:
+    """Every error answer of one application: counted in ``/metrics`` and logged at a
+    bounded rate (per error code), with at most ~100 characters of the peer's text."""
+
+    def __init__(self, metrics: HttpMetrics | None, per_minute: int = 10) -> None:
+        self.metrics = metrics
+        self.log = RateLimitedLog(log, per_minute)
+
+    def record(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        level: int = logging.INFO,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        if self.metrics is not None:
+            self.metrics.refused(code, status)
+        self.log.log(
+            code,
+            level,
+            "%s %s -> %d %s: %s",
+            clip(method, 10),
+            clip(path, 60),
+            status,
+            code,
+            clip(detail, 100),
+            exc_info=exc_info,
+        )
+
+
+REFUSALS = web.AppKey("refusals", Refusals)
+_UNREGISTERED = Refusals(None)
+"""For applications made without :func:`build_app` (tests of the middleware alone)."""
+
+
+def _refusals(request: web.Request) -> Refusals:
+    return request.app.get(REFUSALS, _UNREGISTERED)
 
 
 def status_for(exc: PeerError) -> int:
@@ -140,10 +230,15 @@ def status_for(exc: PeerError) -> int:
     return next(HTTP_STATUS[cls] for cls in type(exc).__mro__ if cls in HTTP_STATUS)
 
 
-def error_response(status: int, body: dict[str, str]) -> web.Response:
-    """A JSON error answer; a 401 carries the bearer challenge, as HTTP requires."""
-    headers = {"WWW-Authenticate": auth.BEARER_CHALLENGE} if status == 401 else None
-    return web.json_response(body, status=status, headers=headers)
+def error_response(
+    status: int, body: dict[str, str], *, retry_after_s: int | None = None
+) -> web.Response:
+    """A JSON error answer; a 401 carries the bearer challenge, as HTTP requires, and a
+    busy answer ``Retry-After`` (whole seconds)."""
+    headers = {"WWW-Authenticate": auth.BEARER_CHALLENGE} if status == 401 else {}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, int(retry_after_s)))
+    return web.json_response(body, status=status, headers=headers or None)
 
 
 def _as_peer_error(exc: web.HTTPException) -> PeerError | None:
@@ -155,6 +250,21 @@ def _as_peer_error(exc: web.HTTPException) -> PeerError | None:
 
 
 @web.middleware
+async def _track_connection(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Mark the request's connection busy until its answer is written (the connection
+    gate's watchdog and eviction leave busy connections alone)."""
+    gate = request.app.get(CONNECTIONS)
+    conn: Connection | None = getattr(request.protocol, "gate_conn", None)
+    task = asyncio.current_task()
+    if gate is None or conn is None or task is None:
+        return await handler(request)
+    gate.begin(conn)
+    # The task is aiohttp's per-request task: it ends once the answer is written.
+    task.add_done_callback(lambda _: gate.end(conn))
+    return await handler(request)
+
+
+@web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
@@ -163,87 +273,109 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         peer = _as_peer_error(exc)
         if peer is None:
+            _refusals(request).record(
+                request.method, request.path, exc.status, "http_error", exc.reason
+            )
             return error_response(exc.status, {"error": "http_error", "detail": exc.reason})
         return _refuse(request, peer)
     except PeerError as exc:
         return _refuse(request, exc)
-    except Exception:
-        log.exception("%s %s: internal error", request.method, request.path)
+    except ConnectionError:  # the peer went away while its request was being read
+        return _refuse(request, ClientDisconnected(_DISCONNECTED))
+    except Exception as exc:
+        _refusals(request).record(
+            request.method,
+            request.path,
+            500,
+            "internal",
+            f"internal error ({type(exc).__name__})",
+            level=logging.ERROR,
+            exc_info=exc,
+        )
         return error_response(
             500, {"error": "internal", "detail": "internal error; see the aggregator's log"}
         )
 
 
+_DISCONNECTED = "the client closed its connection before its request body arrived whole"
+
+
 def _refuse(request: web.Request, exc: PeerError) -> web.Response:
     status = status_for(exc)
-    log.info("%s %s -> %d %s: %s", request.method, request.path, status, exc.code, exc.detail)
-    return error_response(status, exc.body())
+    _refusals(request).record(request.method, request.path, status, exc.code, exc.detail)
+    retry_after = exc.retry_after_s if isinstance(exc, Busy) else None
+    return error_response(status, exc.body(), retry_after_s=retry_after)
 
 
-async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
-    """Read at most ``limit`` bytes within ``timeout_s``; refuse larger bodies before
-    reading them."""
-    try:
-        return await asyncio.wait_for(_read_at_most(request, limit), timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestTimeout(f"body not received within {timeout_s:g} s") from None
+async def _receive(
+    request: web.Request,
+    limits: ServerLimits,
+    *,
+    length: int | None,
+    max_bytes: int,
+    ticket: BufferTicket | None = None,
+) -> bytearray:
+    """The request body, read as it arrives.
 
-
-async def _read_at_most(request: web.Request, limit: int) -> bytes:
-    """The body, refused (:class:`PayloadTooLarge`) once it exceeds ``limit`` bytes; not
-    bounded in time (:func:`_read_body` is)."""
-    length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
-        if length == 0:
-            return b""
-        try:
-            return await request.content.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
-            raise MalformedUpload(
-                f"body ended after {len(exc.partial)} of {length} announced bytes"
-            ) from None
-    chunks, size = [], 0
-    while chunk := await request.content.read(1 << 20):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _read_into(request: web.Request, length: int, timeout_s: float) -> bytearray:
-    """Read a body of exactly ``length`` announced bytes into one preallocated buffer.
-
-    Chunks are copied in as they arrive, so the body costs ``length`` bytes of memory, not
-    twice that (aiohttp's ``read()`` joins its chunks at the end).
+    ``length``: the announced length (the body must be exactly that long); None reads until
+    the end of the body, :class:`PayloadTooLarge` past ``max_bytes``. Raises
+    :class:`RequestTimeout` if the body does not arrive within ``limits.upload_s`` or, after
+    ``limits.grace_s``, arrives slower than ``limits.min_rate_bps`` on average;
+    :class:`ClientDisconnected` if the peer goes away; :class:`MalformedUpload` if it ends
+    early. With a ``ticket``, the bytes are taken on the upload buffer as they arrive (in
+    :data:`~mpc_agg.transport.upload_limits.GRANULE` steps); time spent waiting for room
+    there does not count against the sender.
     """
-    buf = bytearray(length)
-    view = memoryview(buf)
-
-    async def fill() -> None:
-        pos = 0
-        while pos < length:
-            chunk = await request.content.read(min(length - pos, 1 << 20))
-            if not chunk:
-                raise MalformedUpload(f"body ended after {pos} of {length} announced bytes")
-            view[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-        if await request.content.read(1):
-            raise MalformedUpload(f"body is longer than the {length} announced bytes")
-
-    try:
-        await asyncio.wait_for(fill(), timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestTimeout(f"body not received within {timeout_s:g} s") from None
-    finally:
-        view.release()
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    start = loop.time()
+    paused = 0.0
+    want = max_bytes + 1 if length is None else length
+    while len(buf) < want:
+        now = loop.time()
+        since = start + paused
+        rate_due = since + max(limits.grace_s, len(buf) / limits.min_rate_bps)
+        total_due = since + limits.upload_s
+        due = min(rate_due, total_due)
+        try:
+            if due <= now:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(
+                request.content.read(min(want - len(buf), 1 << 20)), due - now
+            )
+        except asyncio.TimeoutError:
+            elapsed = loop.time() - since
+            if rate_due < total_due:
+                raise RequestTimeout(
+                    f"body arrived at {len(buf) / max(elapsed, 1e-9):.0f} bytes/s "
+                    f"({len(buf)} bytes in {elapsed:.1f} s), below the minimum of "
+                    f"{limits.min_rate_bps:.0f} bytes/s after the first {limits.grace_s:g} s"
+                ) from None
+            raise RequestTimeout(f"body not received within {limits.upload_s:g} s") from None
+        except ConnectionError:
+            raise ClientDisconnected(_DISCONNECTED) from None
+        except (RequestPayloadError, HttpProcessingError) as exc:
+            raise MalformedUpload(f"the request body could not be read: {clip(exc)}") from None
+        if not chunk:
+            if length is None:
+                return buf
+            raise MalformedUpload(f"body ended after {len(buf)} of {length} announced bytes")
+        if length is None and len(buf) + len(chunk) > max_bytes:
+            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+        if ticket is not None:
+            held = min(want, -(-(len(buf) + len(chunk)) // GRANULE) * GRANULE)
+            paused += await ticket.need(held, limits.upload_s)
+        buf += chunk
+    if length is not None and await request.content.read(1):
+        raise MalformedUpload(f"body is longer than the {length} announced bytes")
     return buf
 
 
-async def _read_json(request: web.Request, timeout_s: float) -> dict[str, Any]:
-    body = await _read_body(request, MAX_JSON_BYTES, timeout_s)
+async def _read_json(request: web.Request, limits: ServerLimits) -> dict[str, Any]:
+    length = request.content_length
+    if length is not None and length > MAX_JSON_BYTES:
+        raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {MAX_JSON_BYTES}")
+    body = await _receive(request, limits, length=length, max_bytes=MAX_JSON_BYTES)
     try:
         data = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -253,11 +385,156 @@ async def _read_json(request: web.Request, timeout_s: float) -> dict[str, Any]:
     return data
 
 
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, answering what its HTTP parser refuses (bad request
+    line, header too long, bad chunked encoding, ...) with the JSON error body instead of
+    ``text/plain``, counted and logged at a bounded rate without a traceback."""
+
+    refusals: Refusals = _UNREGISTERED
+    gate: ConnectionGate | None = None
+    gate_conn: Connection | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self.gate is not None and self.gate_conn is not None:
+            self.gate.closed(self.gate_conn)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp: an answer is already on its way
+            raise ConnectionError("the answer was sent already; closing the connection")
+        if status >= 500:
+            code, detail = "internal", "internal error; see the aggregator's log"
+            self.refusals.record(
+                "-",
+                "-",
+                status,
+                code,
+                f"internal error ({type(exc).__name__})",
+                level=logging.ERROR,
+                exc_info=exc,
+            )
+            body = {"error": code, "detail": detail}
+        else:
+            peer = _parser_error(exc, message, self.max_line_size)
+            status = status_for(peer)
+            self.refusals.record("-", "-", status, peer.code, peer.detail)
+            body = peer.body()
+        response = error_response(status, body)
+        response.force_close()
+        return response
+
+
+def _parser_error(exc: BaseException | None, message: str | None, max_line: int) -> PeerError:
+    """The peer error an aiohttp parser error stands for."""
+    text = clip(message or (str(exc) if exc is not None else "malformed request"), 100)
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        if str(limit) == str(max_line):
+            return RequestLineTooLong(f"the request line is longer than {max_line} bytes")
+        return HeadersTooLarge(f"a request header is longer than {limit} bytes")
+    if isinstance(exc, BadHttpMessage) and "too many headers" in str(exc).lower():
+        return HeadersTooLarge("the request has too many headers")
+    return BadHttpRequest(f"not a valid HTTP/1.1 request: {text}")
+
+
+class _GatedSite(web.BaseSite):
+    """Serves a runner's application on ``host``:``port``: each connection passes the
+    application's :class:`~mpc_agg.transport.connections.ConnectionGate`, then TLS, then
+    goes to a :class:`_Handler`."""
+
+    __slots__ = ("_host", "_port")
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        backlog: int = 1024,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._host, self._port = host, port
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        sockets = getattr(self._server, "sockets", None)
+        port = sockets[0].getsockname()[1] if sockets else self._port
+        return f"{scheme}://{self._host}:{port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        runner = self._runner
+        assert isinstance(runner, web.AppRunner) and runner.server is not None
+        server = runner.server
+        app = runner.app
+        limits = app[SERVER_LIMITS]
+        refusals = app[REFUSALS]
+        gate = app[CONNECTIONS]
+        options: dict[str, Any] = {
+            # aiohttp's own keep-alive timer: a backstop; the gate's watchdog decides.
+            "keepalive_timeout": limits.calm_idle_timeout_s,
+            "lingering_time": min(2.0, limits.idle_timeout_s),
+            "max_line_size": MAX_REQUEST_LINE,
+            "max_field_size": MAX_HEADER_FIELD,
+            "access_log": None,
+        }
+
+        def handler() -> _Handler:
+            connection = _Handler(server, loop=loop, **options)
+            connection.refusals = refusals
+            connection.gate = gate
+            return connection
+
+        # TLS is done by the gate's protocol after admission, not by the listening server.
+        self._server = await loop.create_server(
+            gate.protocol_factory(handler, self._ssl_context),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` (from :func:`build_app`) on ``host``:``port`` (0: any free port)
+    behind its connection gate; returns the runner (``await runner.cleanup()`` to stop) and
+    the URL served. Raises OSError if the address cannot be listened on (nothing left
+    running)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    site = _GatedSite(runner, host, port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, site.name
+
+
 def build_app(
-    aggregator: AggregatorService, credentials: Credentials | None = None
+    aggregator: AggregatorService,
+    credentials: Credentials | None = None,
+    *,
+    limits: ServerLimits | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``aggregator``; with ``credentials``, clients and the
-    collector must present bearer tokens (401 without, 403 with a wrong one)."""
+    collector must present bearer tokens (401 without, 403 with a wrong one). ``limits``:
+    the server's limits (default: :meth:`ServerLimits.for_topology` of the aggregator's
+    topology, connections unbounded); :func:`serve` serves it behind its connection gate."""
     from mpc_agg.config.fingerprint import TOPOLOGY_HEADER, fingerprint_of, section_digests
 
     digests = section_digests(aggregator.topology)
@@ -275,12 +552,32 @@ def build_app(
         return await handler(request)
 
     app = web.Application(
-        middlewares=[_errors, same_topology], client_max_size=aggregator.max_body_bytes() + 1
+        middlewares=[_track_connection, _errors, same_topology],
+        client_max_size=aggregator.max_body_bytes() + 1,
     )
-    upload_s = aggregator.topology.deadlines.upload_s
-    policy = aggregator.topology.rounds
-    limits = UploadLimits(policy.max_concurrent_uploads, policy.upload_buffer_bytes)
-    app[UPLOAD_LIMITS] = limits
+    server_limits = limits or ServerLimits.for_topology(aggregator.topology)
+    uploads = UploadLimits(
+        server_limits.max_uploads,
+        server_limits.buffer_bytes,
+        client_uploads=server_limits.client_uploads,
+        retry_after_s=server_limits.retry_after_s,
+    )
+    gate = ConnectionGate(
+        server_limits.max_connections,
+        server_limits.idle_timeout_s,
+        server_limits.calm_idle_timeout_s,
+    )
+    http_metrics = HttpMetrics.for_registry(aggregator.registry, aggregator.index)
+    http_metrics.limits, http_metrics.gate = uploads, gate
+    app[UPLOAD_LIMITS] = uploads
+    app[SERVER_LIMITS] = server_limits
+    app[CONNECTIONS] = gate
+
+    async def abort_connections(app: web.Application) -> None:
+        gate.abort_all()  # TLS handshakes and idle connections aiohttp does not know of
+
+    app.on_shutdown.append(abort_connections)
+    app[REFUSALS] = Refusals(http_metrics, server_limits.log_lines_per_minute)
 
     def check_collector(request: web.Request) -> None:
         if credentials is not None:
@@ -295,7 +592,7 @@ def build_app(
 
     async def open_round(request: web.Request) -> web.Response:
         check_collector(request)
-        data = await _read_json(request, upload_s)
+        data = await _read_json(request, server_limits)
         unknown = set(data) - {"dim", "min_clients"}
         if unknown:
             raise InvalidRequest(f"unknown field(s) {sorted(unknown)}; expected dim, min_clients")
@@ -310,6 +607,7 @@ def build_app(
         return web.json_response(aggregator.round_status(request.match_info["round"]))
 
     async def put_share(request: web.Request) -> web.Response:
+        started = asyncio.get_running_loop().time()
         round_id, client_id = request.match_info["round"], request.match_info["client"]
         check_client(request, client_id)  # before a single body byte is read
         limit = aggregator.upload_limit(round_id, client_id)
@@ -318,9 +616,13 @@ def build_app(
             raise LengthRequired("an upload must announce its Content-Length")
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
-        async with limits.admit(length, upload_s):
-            body = await _read_into(request, length, upload_s)
+        fair_share = max(limit, aggregator.full_share_bytes(round_id))
+        async with uploads.admit(client_id, length, fair_share) as ticket:
+            body = await _receive(
+                request, server_limits, length=length, max_bytes=length, ticket=ticket
+            )
             created = await aggregator.receive_share_async(round_id, client_id, body)
+        http_metrics.upload_seconds.observe(asyncio.get_running_loop().time() - started)
         return web.json_response(
             {"accepted": True, "retry": not created}, status=201 if created else 200
         )
@@ -368,7 +670,9 @@ def build_app(
 
     async def metrics(request: web.Request) -> web.Response:
         check_collector(request)
-        return web.Response(text=aggregator.metrics_text(), content_type="text/plain")
+        return web.Response(
+            body=aggregator.metrics_text().encode(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     app.router.add_put("/v1/rounds/{round}", open_round)
     app.router.add_get("/v1/rounds/{round}", round_status)
@@ -379,4 +683,16 @@ def build_app(
     app.router.add_get("/v1/topology", topology)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+
+    async def list_rounds(request: web.Request) -> web.Response:
+        check_collector(request)
+        return web.json_response(aggregator.list_rounds())
+
+    async def abort_round(request: web.Request) -> web.Response:
+        check_collector(request)
+        under_way, status = aggregator.abort_round(request.match_info["round"])
+        return web.json_response(status, status=202 if under_way else 200)
+
+    app.router.add_get("/v1/rounds", list_rounds)
+    app.router.add_delete("/v1/rounds/{round}", abort_round)
     return app

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry
+
 from mpc_agg.config.schema import Topology
 
 __all__ = ["AggregatorService", "PartyLinks"]
@@ -33,10 +35,11 @@ class AggregatorService(Protocol):
 
     Requests (each raises a :class:`~mpc_agg.errors.PeerError` that the server answers with
     its status from :data:`mpc_agg.transport.http_server.HTTP_STATUS`):
-    :meth:`open_round`, :meth:`round_status`, :meth:`upload_limit` then
-    :meth:`receive_share_async`, :meth:`request_close`, :meth:`result`. Limits and
-    deadlines come from :attr:`topology` and :meth:`max_body_bytes`; ``/healthz`` reads
-    :attr:`index` and :attr:`network`; ``/metrics`` is :meth:`metrics_text`.
+    :meth:`open_round`, :meth:`round_status`, :meth:`upload_limit` and
+    :meth:`full_share_bytes` then :meth:`receive_share_async`, :meth:`request_close`,
+    :meth:`abort_round`, :meth:`list_rounds`, :meth:`result`. Limits and deadlines come
+    from :attr:`topology` and :meth:`max_body_bytes`; ``/healthz`` reads :attr:`index` and
+    :attr:`network`; ``/metrics`` is :meth:`metrics_text` (of :attr:`registry`).
     """
 
     @property
@@ -54,8 +57,13 @@ class AggregatorService(Protocol):
         """The links to the other aggregators."""
         ...
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The aggregator's own Prometheus registry; the HTTP server adds its metrics."""
+        ...
+
     def metrics_text(self) -> str:
-        """The Prometheus text of ``/metrics``."""
+        """The Prometheus text of ``/metrics`` (everything in :attr:`registry`)."""
         ...
 
     def open_round(self, round_id: str, dim: int, min_clients: int | None = None) -> bool:
@@ -74,6 +82,11 @@ class AggregatorService(Protocol):
         """The checks that need no body; the largest body worth reading for this upload."""
         ...
 
+    def full_share_bytes(self, round_id: str) -> int:
+        """Length of a full share of the round: one client's fair share of the upload
+        buffer."""
+        ...
+
     async def receive_share_async(
         self, round_id: str, client_id: str, body: bytes | bytearray
     ) -> bool:
@@ -83,6 +96,14 @@ class AggregatorService(Protocol):
 
     def request_close(self, round_id: str) -> None:
         """Ask the leader to close and aggregate a round (idempotent)."""
+        ...
+
+    def abort_round(self, round_id: str) -> tuple[bool, dict[str, Any]]:
+        """Ask the leader to abort a round everywhere: ``(under way, JSON-ready status)``."""
+        ...
+
+    def list_rounds(self) -> dict[str, Any]:
+        """JSON-ready list of the rounds this aggregator knows (bounded)."""
         ...
 
     def result(self, round_id: str) -> bytes:
