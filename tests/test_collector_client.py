@@ -35,8 +35,8 @@ def test_aggregate_respects_its_timeout_against_a_silent_leader(silent: int) -> 
     doc["aggregators"][0]["http_port"] = silent
     collector = Collector(Topology.from_dict(doc), timeout_s=30.0)
     started = time.monotonic()
-    with pytest.raises(AggregationTimeout, match="within 1.0 s"):
-        collector.aggregate("r", timeout=1.0)
+    with pytest.raises(AggregationTimeout, match="within 0.3 s"):
+        collector.aggregate("r", timeout=0.3)
     assert time.monotonic() - started < 5.0
 
 
@@ -50,8 +50,8 @@ def test_aggregate_respects_its_timeout_over_https_against_a_silent_leader(
     collector = deployment.collector(timeout_s=30.0)
     assert collector.topology.aggregators[0].url == f"https://127.0.0.1:{silent}"
     started = time.monotonic()
-    with pytest.raises(AggregationTimeout, match="within 1.0 s"):
-        collector.aggregate("r", timeout=1.0)
+    with pytest.raises(AggregationTimeout, match="within 0.3 s"):
+        collector.aggregate("r", timeout=0.3)
     assert time.monotonic() - started < 5.0
 
 
