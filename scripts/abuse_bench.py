@@ -18,21 +18,24 @@ Scenarios (README, "Security model"; issue "Abuse resistance"):
 
 ==============  ====================================================================
 ``baseline``    no attack
-``slow_bodies`` one token holder starts 256 uploads that send headers and 4 body bytes,
-                then nothing
-``idle``        1,100 idle TCP connections to the attacked aggregator
+``slow_bodies`` one token holder keeps 256 uploads going that send headers and 4 body
+                bytes, then nothing
+``idle``        1,100 idle TCP connections to the attacked aggregator, reopened when
+                closed
 ``slow_headers``200 TLS connections that send a request line, then a byte every second
 ``junk_rounds`` the collector's token opens rounds until refused (counts them)
 ``crowd``       ``--crowd`` honest clients (d = 8) submitting at the same moment
 ==============  ====================================================================
 
-Progress goes to stderr, the table to stdout. Nothing is asserted: this measures.
+The attackers are those of ``tests/test_abuse.py`` (``scripts/abuse_attacks.py``). Progress
+goes to stderr, the table to stdout. Nothing is asserted: this measures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import resource
@@ -47,9 +50,14 @@ from typing import Any
 import numpy as np
 import yaml
 
+from mpc_agg.core.codec import share_body_length
+from mpc_agg.core.sharing import ShareKind, full_share_index
 from mpc_agg.errors import MpcAggError
-from mpc_agg.launcher import PARTY_COMMAND, LocalFederation, free_loopback_ports
-from mpc_agg.transport.tls import https_client_context
+from mpc_agg.launcher import LocalFederation, free_loopback_ports
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts import abuse_attacks as attacks  # noqa: E402
 
 ATTACKED = 1
 SCENARIOS = ("baseline", "slow_bodies", "idle", "slow_headers", "junk_rounds", "crowd")
@@ -65,18 +73,6 @@ def raise_own_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def limited_party_command(fd_limit: int) -> list[str]:
-    """The party program, with aggregator ``ATTACKED`` under ``fd_limit`` descriptors."""
-    code = (
-        "import resource, runpy, sys\n"
-        f"if '--index' in sys.argv and sys.argv[sys.argv.index('--index') + 1] == '{ATTACKED}':\n"
-        f"    resource.setrlimit(resource.RLIMIT_NOFILE, ({fd_limit}, {fd_limit}))\n"
-        "sys.argv = ['mpc_agg.party'] + sys.argv[1:]\n"
-        "runpy.run_module('mpc_agg.party', run_name='__main__')\n"
-    )
-    return [PARTY_COMMAND[0], "-u", "-c", code]
 
 
 def topology_doc(name: str) -> dict[str, Any]:
@@ -99,73 +95,33 @@ def topology_doc(name: str) -> dict[str, Any]:
 
 
 async def slow_bodies(fed: LocalFederation, round_id: str, stop: asyncio.Event) -> str:
-    """One token holder: 256 uploads of a full share's announced length, 4 bytes sent."""
-    address = fed.topology.aggregators[ATTACKED]
-    client_id = "mallory"
-    token = fed.deployment.client_tokens(client_id)[ATTACKED]
-    length = 32 + 8 * 1000  # a full share of d = 1000, as announced
-    writers = []
-    for _ in range(256):
-        try:
-            _, writer = await asyncio.open_connection(
-                address.host, address.http_port, ssl=https_client_context(address)
-            )
-        except OSError:
-            continue
-        writer.write(
-            f"PUT /v1/rounds/{round_id}/shares/{client_id} HTTP/1.1\r\nHost: {address.host}\r\n"
-            f"Authorization: Bearer {token}\r\nContent-Length: {length}\r\n\r\n".encode()
-            + b"MPCA"
-        )
-        writers.append(writer)
-    await stop.wait()
-    for w in writers:
-        w.close()
-    return f"{len(writers)} slow uploads held"
+    """One token holder whose full share goes to the attacked aggregator: 256 uploads of a
+    full share's announced length, 4 bytes sent, each started again 2 s after it is
+    answered or cut."""
+    seen: collections.Counter[str] = collections.Counter()
+    m = fed.topology.m
+    mallory = next(
+        c for c in (f"mallory{k}" for k in range(100)) if full_share_index(c, m) == ATTACKED
+    )
+    statuses = await fed.collector().status_async(round_id)
+    length = share_body_length(ShareKind.FULL, int(statuses[ATTACKED]["dim"]))
+    await attacks.slow_uploads(fed, ATTACKED, mallory, round_id, length, 256, stop, seen)
+    return f"slow uploads {dict(seen)}"
 
 
 async def idle(fed: LocalFederation, round_id: str, stop: asyncio.Event) -> str:
-    """1,100 TCP connections that send nothing."""
+    """1,100 TCP connections that send nothing, reopened when closed."""
+    seen: collections.Counter[str] = collections.Counter()
     address = fed.topology.aggregators[ATTACKED]
-    writers = []
-    for _ in range(1100):
-        try:
-            _, writer = await asyncio.open_connection(address.host, address.http_port)
-            writers.append(writer)
-        except OSError:
-            break
-    await stop.wait()
-    for w in writers:
-        w.close()
-    return f"{len(writers)} idle connections opened"
+    await attacks.idle_connections(address.host, address.http_port, 1100, stop, seen)
+    return f"idle connections {dict(seen)}"
 
 
 async def slow_headers(fed: LocalFederation, round_id: str, stop: asyncio.Event) -> str:
     """200 TLS connections dribbling a request's headers, one byte a second."""
-    address = fed.topology.aggregators[ATTACKED]
-    writers = []
-    for _ in range(200):
-        try:
-            _, writer = await asyncio.open_connection(
-                address.host, address.http_port, ssl=https_client_context(address)
-            )
-            writer.write(b"GET /healthz HTTP/1.1\r\n")
-            writers.append(writer)
-        except OSError:
-            break
-    while not stop.is_set():
-        for w in writers:
-            try:
-                w.write(b"X")
-            except (OSError, RuntimeError):
-                pass
-        try:
-            await asyncio.wait_for(stop.wait(), 1.0)
-        except asyncio.TimeoutError:
-            pass
-    for w in writers:
-        w.close()
-    return f"{len(writers)} slow-header connections"
+    seen: collections.Counter[str] = collections.Counter()
+    await attacks.slow_headers(fed, ATTACKED, 200, stop, seen)
+    return f"slow headers {dict(seen)}"
 
 
 async def junk_rounds(fed: LocalFederation, round_id: str, stop: asyncio.Event) -> str:
@@ -298,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 cwd=tmp,
                 output=sink,
                 log_level="warning",
-                party_command=limited_party_command(args.fd_limit),
+                party_command=attacks.limited_party_command(args.fd_limit, ATTACKED),
             ) as fed,
         ):
             for name in names:

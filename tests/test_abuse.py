@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,21 +28,14 @@ import pytest
 from mpc_agg.core.sharing import full_share_index
 from mpc_agg.launcher import LocalFederation
 from mpc_agg.transport.tls import https_client_context
+from scripts.abuse_attacks import idle_connections, limited_party_command, slow_uploads
 
 from .conftest import topology_doc, write_topology
 
 pytestmark = pytest.mark.processes
 
 DESCRIPTORS = 1024
-LIMITED_PARTY = [
-    sys.executable,
-    "-u",
-    "-c",
-    "import resource, runpy, sys; "
-    f"resource.setrlimit(resource.RLIMIT_NOFILE, ({DESCRIPTORS}, {DESCRIPTORS})); "
-    "sys.argv = ['aggregator', *sys.argv[1:]]; "
-    "runpy.run_module('mpc_agg.party', run_name='__main__', alter_sys=True)",
-]
+LIMITED_PARTY = limited_party_command(DESCRIPTORS)
 """The party program under a 1,024-descriptor limit (soft and hard)."""
 
 
@@ -95,86 +87,6 @@ async def get(
         except aiohttp.ClientConnectionError:
             await asyncio.sleep(0.2)
     raise AssertionError(f"GET {path} at aggregator {index}: reset 50 times")
-
-
-async def pause(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
-        pass
-
-
-async def slow_uploads(
-    fed: LocalFederation, index: int, client_id: str, round_id: str, length: int, n: int,
-    stop: asyncio.Event, seen: collections.Counter[str],
-) -> None:  # fmt: skip
-    """``n`` uploads by one token holder that send their head and 4 body bytes, then
-    nothing; each starts again 2 s after its answer (or reset) until ``stop``."""
-    a = fed.topology.aggregators[index]
-    context = https_client_context(a)
-    token = fed.deployment.client_tokens(client_id)[index]
-    head = (
-        f"PUT /v1/rounds/{round_id}/shares/{client_id} HTTP/1.1\r\nHost: {a.host}\r\n"
-        f"Authorization: Bearer {token}\r\nContent-Length: {length}\r\n\r\nMPA\x01"
-    ).encode()
-
-    async def one() -> None:
-        while not stop.is_set():
-            writer = None
-            try:
-                reader, writer = await asyncio.open_connection(
-                    a.host, a.http_port, ssl=context, server_hostname=a.host
-                )
-                writer.write(head)
-                await writer.drain()
-                seen["sent"] += 1
-                done, _ = await asyncio.wait(
-                    {asyncio.ensure_future(reader.read(12)), asyncio.ensure_future(stop.wait())},
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                answer = next(iter(done)).result()
-                if isinstance(answer, bytes):
-                    seen[answer[9:12].decode() or "closed"] += 1
-            except (OSError, asyncio.IncompleteReadError):
-                seen["reset"] += 1
-            finally:
-                if writer is not None:
-                    writer.close()
-            await pause(stop, 2.0)
-
-    await asyncio.gather(*(one() for _ in range(n)))
-
-
-async def idle_connections(
-    host: str, port: int, n: int, stop: asyncio.Event, seen: collections.Counter[str]
-) -> None:
-    """``n`` TCP connections that send nothing; each is opened again 0.2 s after the server
-    closes it, until ``stop``."""
-
-    async def one() -> None:
-        while not stop.is_set():
-            try:
-                reader, writer = await asyncio.open_connection(host, port)
-            except OSError:
-                seen["refused"] += 1
-                await pause(stop, 0.5)
-                continue
-            seen["opened"] += 1
-            try:
-                read = asyncio.ensure_future(reader.read(1))
-                halt = asyncio.ensure_future(stop.wait())
-                done, pending = await asyncio.wait({read, halt}, return_when="FIRST_COMPLETED")
-                for task in pending:
-                    task.cancel()
-                if read in done:
-                    seen["closed by the server"] += 1
-            except OSError:
-                seen["reset"] += 1
-            finally:
-                writer.close()
-            await pause(stop, 0.2)
-
-    await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
 
 
 async def until(predicate: Any, timeout_s: float, what: str) -> None:
