@@ -146,7 +146,7 @@ class Client:
         """Upload prepared ``bodies`` concurrently to ``aggregators`` (default: all)."""
         targets = list(range(self.topology.m)) if aggregators is None else aggregators
         path = f"/v1/rounds/{round_id}/shares/{self.client_id}"
-        async with new_session(self.timeout_s, self.topology) as session:
+        async with new_session(self.timeout_s) as session:
             apis = {
                 i: AggregatorAPI(
                     session,

@@ -176,7 +176,7 @@ class Collector:
         body: dict[str, Any] = {"dim": dim}
         if min_clients is not None:
             body["min_clients"] = min_clients
-        async with new_session(self.timeout_s, self.topology) as session:
+        async with new_session(self.timeout_s) as session:
             await asyncio.gather(
                 *(
                     api.request("PUT", f"/v1/rounds/{round_id}", json_body=body)
@@ -191,7 +191,7 @@ class Collector:
         return run_sync(self.status_async(round_id), "status")
 
     async def status_async(self, round_id: str) -> list[dict[str, Any]]:
-        async with new_session(self.timeout_s, self.topology) as session:
+        async with new_session(self.timeout_s) as session:
             answers = await asyncio.gather(
                 *(api.request("GET", f"/v1/rounds/{round_id}") for api in self._apis(session))
             )
@@ -207,7 +207,7 @@ class Collector:
 
     async def rounds_async(self) -> list[dict[str, Any]]:
         """:meth:`rounds` for code that already runs an event loop."""
-        async with new_session(self.timeout_s, self.topology) as session:
+        async with new_session(self.timeout_s) as session:
             answers = await asyncio.gather(
                 *(api.request("GET", "/v1/rounds") for api in self._apis(session))
             )
@@ -236,7 +236,7 @@ class Collector:
         deadline = time.monotonic() + timeout
         late = f"round {round_id!r} did not end within {timeout} s of its abort"
         path = f"/v1/rounds/{round_id}"
-        async with new_session(self.timeout_s, self.topology) as session:
+        async with new_session(self.timeout_s) as session:
             leader = self._apis(session)[0]
 
             async def ask(method: str) -> dict[str, Any]:
@@ -272,7 +272,7 @@ class Collector:
         codec.check_id("round", round_id)
         deadline = time.monotonic() + timeout
         late = f"round {round_id!r} did not finish within {timeout} s"
-        async with new_session(self.timeout_s, self.topology) as session:
+        async with new_session(self.timeout_s) as session:
             leader = self._apis(session)[0]
             while True:  # the leader refuses to close while the party network is down
                 try:

@@ -21,7 +21,6 @@ import functools
 import logging
 import pickle
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,16 +66,13 @@ def _install_unpickler() -> None:
     a refused message becomes a :class:`RefusedMessage`."""
     from mpc_agg.mpc import unpickle
 
-    unpickle.install()
-    runtime = sys.modules["mpyc.runtime"]
-
     def loads(data: bytes) -> object:
         try:
             return unpickle.restricted_loads(data)
         except pickle.UnpicklingError as exc:
             return RefusedMessage(str(exc))
 
-    runtime.pickle = types.SimpleNamespace(**{**vars(unpickle.SAFE_PICKLE), "loads": loads})  # type: ignore[attr-defined]
+    unpickle.install(loads)
 
 
 @dataclass(frozen=True)

@@ -635,8 +635,9 @@ SAFE_PICKLE = types.SimpleNamespace(
 ``loads`` only; no other MPyC module unpickles)."""
 
 
-def install() -> None:
-    """Make MPyC unpickle peer messages with :func:`restricted_loads`. Idempotent.
+def install(loads: Callable[[bytes], object] = restricted_loads) -> None:
+    """Make MPyC unpickle peer messages with ``loads`` (default :func:`restricted_loads`;
+    the party passes a wrapper of it that turns a refusal into a value). Idempotent.
 
     Call it right after :func:`mpc_agg.mpc.runtime.load_runtime` has imported
     ``mpyc.runtime`` and before any party link is up; it never imports MPyC itself and raises
@@ -644,4 +645,9 @@ def install() -> None:
     runtime = sys.modules.get("mpyc.runtime")
     if runtime is None:
         raise RuntimeError("import mpyc.runtime (load_runtime) before installing the unpickler")
-    runtime.pickle = SAFE_PICKLE  # type: ignore[attr-defined]
+    shim = (
+        SAFE_PICKLE
+        if loads is restricted_loads
+        else types.SimpleNamespace(**{**vars(SAFE_PICKLE), "loads": loads})
+    )
+    runtime.pickle = shim  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from mpc_agg.config.fingerprint import TOPOLOGY_HEADER
-from mpc_agg.config.schema import AggregatorAddress, Topology
+from mpc_agg.config.schema import AggregatorAddress
 from mpc_agg.errors import (
     AggregationTimeout,
     AggregatorUnavailable,
@@ -243,11 +243,10 @@ def parse_error(status: int, body: bytes) -> tuple[str, str, str | None]:
         return f"http_{status}", text or f"HTTP {status}", None
 
 
-def new_session(timeout_s: float, topology: Topology | None = None) -> aiohttp.ClientSession:
+def new_session(timeout_s: float) -> aiohttp.ClientSession:
     """A client session with a total per-request timeout of ``timeout_s`` seconds. HTTPS
     is verified per request against the one certificate the topology pins for that
-    aggregator (:class:`AggregatorAPI`); ``topology`` is accepted for symmetry."""
-    del topology
+    aggregator (:class:`AggregatorAPI`)."""
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
 
 
