@@ -50,6 +50,7 @@ SIGNING_KEY = "signing.key"
 TOKEN_KEY = "token.key"
 COLLECTOR_TOKEN = "collector.token"
 CARD = "card.yaml"
+CARD_FORMAT = "mpc_agg/party-card/v1"
 PRIVATE_FILES = (PARTY_LINK_KEY, HTTPS_KEY, SIGNING_KEY, TOKEN_KEY, COLLECTOR_TOKEN)
 CERT_DAYS = 3650
 _YAML_PATH = "party directory"
@@ -124,14 +125,79 @@ class PartyCard:
             "signing_key": self.signing_key,
         }
 
+    def to_yaml(self) -> str:
+        """The card file's text (``card.yaml``): what a party sends to the assembler."""
+        import yaml
+
+        doc = {"format": CARD_FORMAT, "index": self.index, "card": self.entry()}
+        return f"# mpc_agg party card of aggregator {self.index}: public, share it.\n" + (
+            yaml.safe_dump(doc, sort_keys=False)
+        )
+
+    def differences(self, address: AggregatorAddress) -> list[str]:
+        """The keys in which topology entry ``address`` differs from this card (empty if it
+        holds the card unchanged); addresses compare case-insensitively, keys by digest."""
+        out = []
+        if address.index != self.index:
+            out.append("index")
+        if address.host.lower() != self.host.lower():
+            out.append("host")
+        out += [k for k in ("mpc_port", "http_port") if getattr(address, k) != getattr(self, k)]
+        for key in ("party_cert", "http_cert"):
+            theirs = getattr(address, key)
+            if theirs is None or cert_digest(theirs) != cert_digest(getattr(self, key)):
+                out.append(key)
+        if address.signing_key != self.signing_key:
+            out.append("signing_key")
+        return out
+
+
+def read_card(path: str | Path) -> PartyCard:
+    """The card in ``path``: a ``card.yaml`` file or a party directory holding one.
+    Raises :class:`ConfigError` naming the file and the key on anything malformed."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CARD
+    source = str(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read party card: {exc.strerror}", source) from None
+    except yaml.YAMLError:
+        raise ConfigError("<yaml>", "not valid YAML", source) from None
+    if not isinstance(doc, dict) or doc.get("format", CARD_FORMAT) != CARD_FORMAT:
+        raise ConfigError("format", f"not a party card (expected format: {CARD_FORMAT})", source)
+    entry, index = doc.get("card"), doc.get("index")
+    if not isinstance(entry, dict):
+        raise ConfigError("card", "expected the card's mapping", source)
+    try:
+        address = AggregatorAddress(index=index, **entry)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise ConfigError("card", f"unexpected keys: {exc}", source) from None
+    except ConfigError as exc:
+        key = exc.path.replace(f"aggregators[{index}]", "card")
+        raise ConfigError(key, exc.detail, source) from None
+    if not address.has_keys:
+        raise ConfigError("card", "a card names party_cert, http_cert and signing_key", source)
+    assert address.party_cert and address.http_cert and address.signing_key
+    return PartyCard(
+        index=address.index,
+        host=address.host,
+        mpc_port=address.mpc_port,
+        http_port=address.http_port,
+        party_cert=address.party_cert,
+        http_cert=address.http_cert,
+        signing_key=address.signing_key,
+    )
+
 
 def generate_party_dir(
     directory: Path, index: int, host: str, mpc_port: int, http_port: int
 ) -> PartyCard:
     """Create party ``index``'s keys in ``directory`` (made mode 0700) and return its card
     (also written to ``card.yaml``). Refuses to overwrite an existing key."""
-    import yaml
-
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     existing = [name for name in (*PRIVATE_FILES, CARD) if (directory / name).exists()]
@@ -163,7 +229,7 @@ def generate_party_dir(
     )
     (directory / PARTY_LINK_CERT).write_text(card.party_cert)
     (directory / HTTPS_CERT).write_text(card.http_cert)
-    (directory / CARD).write_text(yaml.safe_dump({"card": card.entry(), "index": index}))
+    (directory / CARD).write_text(card.to_yaml())
     return card
 
 
@@ -249,6 +315,15 @@ def load_party_dir(directory: Path, address: AggregatorAddress) -> PartySecrets:
             f"the signing key in {str(directory)!r} does not match the topology's "
             f"signing_key for aggregator {address.index}",
         )
+    if (directory / CARD).exists():
+        differ = read_card(directory).differences(address)
+        if differ:
+            raise ConfigError(
+                where,
+                f"the topology's entry differs from this party's own card "
+                f"({str(directory / CARD)!r}) in {', '.join(differ)}: it was changed after "
+                "the card was sent, or this is another party's directory",
+            )
     for name in (PARTY_LINK_KEY, HTTPS_KEY):
         _read_private(directory / name)  # existence and mode; ssl loads and matches them
     credentials = Credentials(

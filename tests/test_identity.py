@@ -27,6 +27,7 @@ from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.errors import UsageError
 from mpc_agg.identity import (
     CARD,
+    CARD_FORMAT,
     COLLECTOR_TOKEN,
     HTTPS_CERT,
     HTTPS_KEY,
@@ -39,6 +40,7 @@ from mpc_agg.identity import (
     collector_token,
     generate_party_dir,
     load_party_dir,
+    read_card,
     token_key,
 )
 from mpc_agg.provision import LOCAL_KEYS, TOPOLOGY_FILE, LocalDeployment, provision_local
@@ -127,7 +129,12 @@ def test_generate_party_dir_writes_the_documented_files(tmp_path: Path) -> None:
     }
     assert (party / PARTY_LINK_CERT).read_text() == card.party_cert
     assert (party / HTTPS_CERT).read_text() == card.http_cert
-    assert yaml.safe_load((party / CARD).read_text()) == {"card": card.entry(), "index": 1}
+    assert yaml.safe_load((party / CARD).read_text()) == {
+        "format": CARD_FORMAT,
+        "index": 1,
+        "card": card.entry(),
+    }
+    assert read_card(party) == card
     assert (card.index, card.host, card.mpc_port, card.http_port) == (1, "127.0.0.1", 11001, 12001)
 
     # Each private key is of the documented kind and matches the public card.
