@@ -3,15 +3,19 @@
 docs/design.md, "Processes". ``Client(topology, client_id).submit(round_id, vector)``
 clips and encodes the vector, splits it into one additive share per aggregator (one full
 share, the others 16-byte seeds) and uploads all of them concurrently. Retries resend the
-same bytes, so they are idempotent.
+same bytes, so they are idempotent. With a ``secret`` (:func:`load_client_secret`), every
+random choice is derived from it, so a *restarted* client resends the same bytes too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -21,11 +25,14 @@ from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
 from mpc_agg.core.sharing import full_share_index, shard_in_place
+from mpc_agg.core.xof import CLIENT_SECRET_MIN_BYTES, ClientSecret, vector_digest
 from mpc_agg.errors import (
+    ConfigError,
     EncodingError,
     RemoteRefusal,
     TopologyMismatchError,
     UploadRefused,
+    UsageError,
 )
 from mpc_agg.transport.http_client import (
     AggregatorAPI,
@@ -59,9 +66,17 @@ class Client:
     retried while an aggregator answers busy (503 with ``Retry-After``, 408, resets), with
     jittered backoff (default: the topology's ``deadlines.upload_s``, the round's upload
     deadline); ``retries``: attempts after other transient failures (connection refused,
-    timeouts, 5xx) and the least number of busy retries. ``rng``: source of rounding coins
-    (default: a generator seeded from the OS); ``random_bytes``: seed source (default:
-    ``secrets.token_bytes``). Inject both only in tests.
+    timeouts, 5xx) and the least number of busy retries.
+
+    ``secret`` (at least 16 bytes, e.g. from :func:`load_client_secret`): derive the seeds
+    and rounding coins from it (:class:`~mpc_agg.core.xof.ClientSecret`), so that a new
+    ``Client`` with the same secret, id and topology, after a crash, resubmits the same vector
+    to the same round byte for byte and every aggregator answers "identical retry" (200). The
+    secret is as sensitive as the vectors (with it and one aggregator's full share, a vector
+    follows): keep it on the client. Without it, seeds and coins come from the OS and only
+    this object's retries are identical. ``rng``: source of rounding coins (default: a
+    generator seeded from the OS); ``random_bytes``: seed source (default:
+    ``secrets.token_bytes``). Inject those two only in tests, and not with ``secret``.
     """
 
     def __init__(
@@ -75,6 +90,7 @@ class Client:
         retry_budget_s: float | None = None,
         rng: np.random.Generator | None = None,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        secret: bytes | None = None,
     ) -> None:
         self.topology = topology
         self.client_id = codec.check_id("client", client_id)
@@ -85,6 +101,9 @@ class Client:
         self.retry_budget_s = (
             topology.deadlines.upload_s if retry_budget_s is None else retry_budget_s
         )
+        if secret is not None and (rng is not None or random_bytes is not secrets.token_bytes):
+            raise UsageError("pass secret, or rng/random_bytes (tests), not both")
+        self._secret = None if secret is None else ClientSecret(secret)
         self._rng = rng if rng is not None else np.random.default_rng()
         self._random_bytes = random_bytes
         self._prepared: dict[str, tuple[bytes, list[bytes | bytearray]]] = {}
@@ -93,7 +112,12 @@ class Client:
         return f"Client({self.client_id!r}, topology={self.topology.name!r})"
 
     def prepare(self, round_id: str, vector: npt.ArrayLike) -> list[bytes | bytearray]:
-        """Encode and shard ``vector``: the upload body for each aggregator, in index order."""
+        """Encode and shard ``vector``: the upload body for each aggregator, in index order.
+
+        With a secret, a deterministic function of (secret, topology, round, client,
+        vector): the coins are drawn from the secret's stream for (round, client), the seeds
+        derived for each aggregator and the SHA-256 of the encoded vector.
+        """
         codec.check_id("round", round_id)
         m = self.topology.m
         full = full_share_index(self.client_id, m)
@@ -103,9 +127,27 @@ class Client:
         # The vector is encoded straight into the full share's upload body, and the seeds'
         # expansions are subtracted there: one vector-sized buffer, no copies.
         body, vec = codec.full_share_body(full, d)
-        self.topology.encoding.encode(vector, self._rng, out=vec)
+        if self._secret is None:
+            self.topology.encoding.encode(vector, self._rng, out=vec)
+            seed_for = None
+        else:
+            coins = self._secret.coins(self.fingerprint, round_id, self.client_id)
+            self.topology.encoding.encode(vector, coins, out=vec)
+            seed_for = functools.partial(
+                self._secret.seed,
+                self.fingerprint,
+                round_id,
+                self.client_id,
+                vector_digest=vector_digest(vec),
+            )
         shares = shard_in_place(
-            vec, round_id, self.client_id, m, full_index=full, random_bytes=self._random_bytes
+            vec,
+            round_id,
+            self.client_id,
+            m,
+            full_index=full,
+            random_bytes=self._random_bytes,
+            seed_for=seed_for,
         )
         return [body if s.aggregator == full else codec.encode_share(s) for s in shares]
 
@@ -123,7 +165,8 @@ class Client:
 
         Submitting the same vector to the same round again (say, after an aggregator was
         unreachable) resends the very same shares, so aggregators that already hold them
-        answer "identical retry" and the others accept them: retries are idempotent.
+        answer "identical retry" and the others accept them: retries are idempotent. With a
+        ``secret``, so does a new ``Client`` (after a crash, in another process).
         """
         # A fingerprint of the vector, not a copy of it: XXH3 at memory speed.
         key = xxhash.xxh3_128_digest(np.ascontiguousarray(vector, dtype=np.float64).data)
@@ -180,3 +223,70 @@ class Client:
         return SubmitReceipt(
             round_id, self.client_id, retries, sum(len(bodies[i]) for i in targets)
         )
+
+
+_SECRET_PATH = "client secret"
+
+
+def load_client_secret(path: str | Path, create: bool = True) -> bytes:
+    """The client secret kept in ``path`` (hex), made first if absent and ``create``.
+
+    A new file holds 32 bytes from the OS CSPRNG as hex, created exclusively (an existing
+    file is never overwritten) with mode 0600 and fsync'd, as is its directory. Raises
+    :class:`~mpc_agg.errors.ConfigError` naming the file: missing (without ``create``),
+    unreadable, accessible to group or others (``chmod 600`` it), or not hex of at least
+    16 bytes.
+
+    Keep the file as private as the vectors it protects (see :class:`Client`, ``secret``);
+    losing it only costs the ability to resubmit rounds started before the loss.
+    """
+    from mpc_agg.identity import _write_private  # lazy: identity loads x509 on import
+
+    path = Path(path)
+    if create:
+        try:
+            _write_private(path, (secrets.token_bytes(32).hex() + "\n").encode("ascii"))
+        except FileExistsError:
+            pass  # the usual case: read it below
+        except OSError as exc:
+            raise ConfigError(
+                _SECRET_PATH, f"cannot create {str(path)!r}: {exc.strerror}"
+            ) from None
+        else:
+            _fsync_directory(path.parent)
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read(4096)
+    except FileNotFoundError:
+        raise ConfigError(_SECRET_PATH, f"{str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(_SECRET_PATH, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    if os.name == "posix" and mode & 0o077:
+        raise ConfigError(
+            _SECRET_PATH,
+            f"{str(path)!r} is accessible to group or others (mode {mode & 0o777:04o}); "
+            f"run `chmod 600 {path}`",
+        )
+    try:
+        secret = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        secret = b""
+    if len(secret) < CLIENT_SECRET_MIN_BYTES:
+        raise ConfigError(
+            _SECRET_PATH,
+            f"{str(path)!r} must hold at least {CLIENT_SECRET_MIN_BYTES} bytes as hex "
+            "(an empty file is left by a crash during its creation: delete it)",
+        )
+    return secret
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a new directory entry durable (POSIX; elsewhere a no-op)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

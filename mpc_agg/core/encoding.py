@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,15 @@ from mpc_agg.core.field import HALF, FieldArray
 from mpc_agg.errors import ConfigError, EncodingError
 
 MAX_FRAC_BITS = 40
+
+
+class UniformSource(Protocol):
+    """Where rounding coins come from: ``np.random.Generator`` or
+    :class:`~mpc_agg.core.xof.CoinStream` (uniform doubles in [0, 1))."""
+
+    def random(self, size: int) -> npt.NDArray[np.float64]: ...
+
+
 _FLOAT_EXACT = 2**52  # integers up to 2**53 are exact in float64; keep a bit of margin
 
 
@@ -119,12 +129,13 @@ class FixedPointEncoding:
         return x
 
     def encode(
-        self, x: npt.ArrayLike, rng: np.random.Generator, out: FieldArray | None = None
+        self, x: npt.ArrayLike, rng: UniformSource, out: FieldArray | None = None
     ) -> FieldArray:
         """Clip, scale and round ``x`` at random (unbiased); canonical field vector.
 
         ``rng`` supplies the rounding coins; pass a generator seeded from the OS CSPRNG
-        (``np.random.default_rng()``) outside tests. ``out`` (uint64, length ``len(x)``)
+        (``np.random.default_rng()``) or a client secret's
+        :class:`~mpc_agg.core.xof.CoinStream` outside tests. ``out`` (uint64, length ``len(x)``)
         receives the result, e.g. the payload of an upload body. Works in blocks of
         :data:`~mpc_agg.core.field.BLOCK` elements, in cache, with the same floating-point
         operations and coins as :meth:`clip` followed by rounding of the whole vector.

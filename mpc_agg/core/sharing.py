@@ -6,7 +6,9 @@ draft-irtf-cfrg-vdaf section 7.2, without proofs). For ``m`` aggregators a clien
 ``m - 1`` fresh seeds; aggregator ``j``'s share is ``expand(seed_j, context(round, client, j))``
 except for one aggregator, which gets the *full* share ``x - sum of the others``. Only that
 one receives ``8 d`` bytes; the others receive 16. Which aggregator gets the full share
-rotates by client (:func:`full_share_index`), balancing load.
+rotates by client (:func:`full_share_index`), balancing load. The seeds come from the OS
+CSPRNG, or, for a client with a secret, from ``seed_for`` (derived, so reproducible after a
+restart; see :class:`~mpc_agg.core.xof.ClientSecret`).
 
 Any ``m - 1`` shares are jointly uniform and independent of ``x``; all ``m`` sum to ``x``.
 """
@@ -87,15 +89,25 @@ def shard(
     *,
     full_index: int | None = None,
     random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    seed_for: Callable[[int, int], bytes] | None = None,
 ) -> list[Share]:
     """Split canonical ``x`` into ``m`` additive shares, one per aggregator (index order).
 
     ``random_bytes`` is the seed source (the OS CSPRNG unless a test injects one).
+    ``seed_for(aggregator, attempt)``, if given, replaces it: the seed of ``aggregator``'s
+    share at ``attempt`` 0, 1, ... (a further attempt only after a rejected stream); it must
+    be a PRF of its arguments, e.g. :meth:`~mpc_agg.core.xof.ClientSecret.seed`.
     ``full_index`` overrides the rotation of :func:`full_share_index`. ``x`` is unchanged;
     see :func:`shard_in_place` to build the full share in ``x``'s own memory.
     """
     return shard_in_place(  # which checks x (a copy keeps its dtype and shape)
-        x.copy(), round_id, client_id, m, full_index=full_index, random_bytes=random_bytes
+        x.copy(),
+        round_id,
+        client_id,
+        m,
+        full_index=full_index,
+        random_bytes=random_bytes,
+        seed_for=seed_for,
     )
 
 
@@ -107,6 +119,7 @@ def shard_in_place(
     *,
     full_index: int | None = None,
     random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    seed_for: Callable[[int, int], bytes] | None = None,
 ) -> list[Share]:
     """:func:`shard`, turning canonical ``acc`` itself into the full share (no copy).
 
@@ -114,7 +127,8 @@ def shard_in_place(
     vector-sized temporary is made. If a seed's stream holds the rejected word (probability
     about ``d * 2**-61``), its subtraction is undone and another seed is drawn: seeds are
     uniform among those whose first ``d`` words are all below p, which makes the expansion
-    exactly uniform on GF(p)^d, as rejection sampling would.
+    exactly uniform on GF(p)^d, as rejection sampling would. With ``seed_for``, the next
+    seed is ``seed_for(j, attempt + 1)``: the same argument, over the PRF's outputs.
     """
     if m < 2:
         raise ValueError(f"sharing needs m >= 2 aggregators, got {m}")
@@ -134,8 +148,10 @@ def shard_in_place(
         if j == full:
             continue
         context = share_context(round_id, client_id, j)
+        attempt = 0
         while True:
-            seed = random_bytes(SEED_BYTES)
+            seed = random_bytes(SEED_BYTES) if seed_for is None else seed_for(j, attempt)
+            attempt += 1
             # The last pass leaves each block canonical while it is in cache.
             if _subtract_expansion(acc, derive_key(seed, context), finish=j == last):
                 break

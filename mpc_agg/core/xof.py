@@ -15,6 +15,11 @@ draft-irtf-cfrg-vdaf section 6.2). Construction:
 
 16-byte (128-bit) seeds suffice for privacy-only additive shares; Prio3 moved to 32-byte
 seeds for the soundness of its proofs, which mpc_agg does not rely on.
+
+A client may instead derive its seeds and rounding coins from a long-term secret
+(:class:`ClientSecret`; docs/design.md, "Cryptographic core", resubmission across restarts):
+HKDF-SHA256 (RFC 5869) with the secret as input keying material and an ``info`` string that
+binds every use, so that a restarted client resends byte-identical shares.
 """
 
 from __future__ import annotations
@@ -25,9 +30,13 @@ import sys
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mpc_agg.core.field import FieldArray, P
+from mpc_agg.errors import UsageError
 
 SEED_BYTES = 16
 """Length of a seed share, in bytes."""
@@ -160,4 +169,153 @@ class BlockStream:
         np.bitwise_and(out, _MASK, out=out)
         if n and out.max() == _MASK:
             return None
+        return out
+
+
+# --------------------------------------------------------------------------- client secret
+
+CLIENT_SECRET_MIN_BYTES = 16
+"""The shortest client secret accepted (128 bits); :func:`~mpc_agg.client.load_client_secret`
+makes 32-byte ones."""
+
+_DERIVE_LABEL = b"mpc_agg/client-derive/v1"
+_SEED = b"seed"
+_COINS = b"coins"
+_DIGEST_BYTES = 32  # SHA-256
+
+
+def _lp(data: bytes) -> bytes:
+    """``data`` with a u16 little-endian length prefix."""
+    if len(data) > 0xFFFF:
+        raise ValueError(f"a derivation field is limited to 65535 bytes, got {len(data)}")
+    return struct.pack("<H", len(data)) + data
+
+
+def derivation_info(
+    purpose: bytes, fingerprint: str, round_id: str, client_id: str, tail: bytes = b""
+) -> bytes:
+    """The HKDF ``info`` of one derived value (the layout is part of the wire behaviour).
+
+    ``label || lp(purpose) || lp(fingerprint) || lp(round_id) || lp(client_id) || tail``,
+    ``lp`` a u16 little-endian length prefix; ``tail`` is fixed-length for each purpose
+    (``u16 aggregator || u32 attempt || SHA-256 of the encoded vector`` for a seed, empty for
+    the coins), so distinct inputs never give the same bytes.
+    """
+    return (
+        _DERIVE_LABEL
+        + _lp(purpose)
+        + _lp(fingerprint.encode("ascii"))
+        + _lp(round_id.encode("utf-8"))
+        + _lp(client_id.encode("utf-8"))
+        + tail
+    )
+
+
+class ClientSecret:
+    """A client's long-term secret, from which each submission's randomness is derived.
+
+    With it, the ``m - 1`` seeds and the rounding coins of ``prepare(round, vector)`` are a
+    function of (secret, topology fingerprint, round, client, vector): a restarted client
+    resubmitting the same vector sends the same bytes, which aggregators accept as a retry.
+    Every value is ``HKDF-SHA256(ikm=secret, no salt, info=derivation_info(...))``, 16 bytes.
+
+    Security (docs/design.md, "Cryptographic core"):
+
+    * The secret is as sensitive as the vectors: with it and the full share held by one
+      aggregator, the vector follows. It stays on the client, and never appears in a repr.
+    * Seeds never repeat across rounds, topologies, clients or aggregators (each is bound in
+      ``info``), and a *different* vector to the same round gets unrelated seeds (the SHA-256
+      of the encoded vector is bound too): otherwise the full-share aggregator, which sees the
+      refused second upload, would learn the difference of the two vectors.
+    * The coins were private randomness already; deriving them from the secret (an AES-128-CTR
+      stream, :class:`CoinStream`) keeps the rounding unbiased and hides nothing less.
+    """
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: bytes) -> None:
+        if not isinstance(secret, (bytes, bytearray)):
+            raise UsageError(f"secret must be bytes, got {type(secret).__name__}")
+        if len(secret) < CLIENT_SECRET_MIN_BYTES:
+            raise UsageError(
+                f"secret must be at least {CLIENT_SECRET_MIN_BYTES} bytes, got {len(secret)}"
+            )
+        self._secret = bytes(secret)
+
+    def __repr__(self) -> str:
+        return "ClientSecret(<hidden>)"
+
+    def _derive(self, info: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=16, salt=None, info=info).derive(self._secret)
+
+    def seed(
+        self,
+        fingerprint: str,
+        round_id: str,
+        client_id: str,
+        aggregator: int,
+        attempt: int,
+        vector_digest: bytes,
+    ) -> bytes:
+        """Seed number ``attempt`` (0 first; another only after a rejected stream) of
+        ``aggregator``'s share of the encoded vector whose SHA-256 is ``vector_digest``."""
+        if len(vector_digest) != _DIGEST_BYTES:
+            raise ValueError(
+                f"vector_digest must be {_DIGEST_BYTES} bytes, got {len(vector_digest)}"
+            )
+        tail = struct.pack("<HI", aggregator, attempt) + vector_digest
+        return self._derive(derivation_info(_SEED, fingerprint, round_id, client_id, tail))
+
+    def coins(self, fingerprint: str, round_id: str, client_id: str) -> CoinStream:
+        """The rounding coins of this client's submissions to ``round_id``."""
+        return CoinStream(self._derive(derivation_info(_COINS, fingerprint, round_id, client_id)))
+
+
+def vector_digest(x: FieldArray) -> bytes:
+    """SHA-256 of the encoded vector ``x`` as little-endian 8-byte words (what
+    :meth:`ClientSecret.seed` binds)."""
+    data = x if sys.byteorder == "little" else x.astype("<u8")
+    return hashlib.sha256(np.ascontiguousarray(data).data).digest()
+
+
+_COIN_SCALE = 2.0**-53
+
+
+class CoinStream:
+    """Uniform doubles in [0, 1) from AES-128-CTR under ``key`` (from a zero counter).
+
+    Each little-endian 8-byte word ``w`` gives ``(w >> 11) * 2**-53``: each of the ``2**53``
+    multiples of ``2**-53`` with probability exactly ``2**-53`` (numpy's ``Generator.random``
+    makes its doubles from 64-bit words the same way), so ``P(u < f) = ceil(f * 2**53) /
+    2**53`` for any double ``f`` in [0, 1): within ``2**-53`` of ``f``. Defined by AES and
+    IEEE 754 alone: the same on every machine and numpy version. Successive calls continue
+    the stream. Only :meth:`random` is offered: what
+    :meth:`~mpc_agg.core.encoding.FixedPointEncoding.encode` draws its coins with.
+    """
+
+    __slots__ = ("_enc", "_words")
+
+    def __init__(self, key: bytes) -> None:
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor()
+        self._words = np.empty(0, dtype=np.uint64)
+
+    def __repr__(self) -> str:
+        return "CoinStream(<hidden>)"
+
+    def random(self, size: int) -> npt.NDArray[np.float64]:
+        """The next ``size`` doubles of the stream (a new array)."""
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        if self._words.size < size + 2:  # 16 spare bytes for OpenSSL, see _fill_keystream
+            self._words = np.empty(size + 2, dtype=np.uint64)
+        raw = memoryview(self._words.data).cast("B")
+        for start in range(0, 8 * size, _CHUNK_BYTES):
+            stop = min(start + _CHUNK_BYTES, 8 * size)
+            self._enc.update_into(_ZEROS[: stop - start], raw[start : stop + 15])
+        words = self._words[:size]
+        if sys.byteorder == "big":  # pragma: no cover - the stream's words are little-endian
+            words.byteswap(inplace=True)
+        np.right_shift(words, np.uint64(11), out=words)
+        out = np.empty(size, dtype=np.float64)
+        np.multiply(words, _COIN_SCALE, out=out)  # exact: words < 2**53
         return out
