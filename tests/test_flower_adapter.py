@@ -3,8 +3,9 @@ secure_train_mod on the clients, Flower's ServerApp and ClientApps run in proces
 
 Checks that a multi-round run gives FedAvg's model (exactly the weighted mean, up to the
 encoding's resolution), that no reply reaching the Flower server carries arrays, that a
-client refuses to train for a plain FedAvg server, and that the FL example's accuracy through
-mpc_agg matches plaintext FedAvg's.
+client refuses to train for a plain FedAvg server, that topology, grants (hence client id)
+and secret can come from Flower's node and run config, and that the FL example's accuracy
+through mpc_agg matches plaintext FedAvg's. Config resolution alone: test_flower_config.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 from mpc_agg import Topology  # noqa: E402
+from mpc_agg.credentials import issue_client_grant, issue_collector_grant  # noqa: E402
 from mpc_agg.errors import UsageError  # noqa: E402
 from mpc_agg.integrations import FedAvgScheme, flatten  # noqa: E402
 from mpc_agg.integrations.flower import (  # noqa: E402
@@ -223,7 +225,7 @@ def test_same_run_with_plain_fedavg_matches(federation3, round_id: str) -> None:
 
 def test_client_with_mod_refuses_a_plain_fedavg_server() -> None:
     """A train message that opened no mpc_agg round gets an error reply, never the arrays."""
-    topology = Topology.from_dict(topology_doc(3, 1))  # never contacted
+    topology = Topology.from_dict(topology_doc(3, 1, insecure=True))  # never contacted
     _, grid = run(
         FedAvg(min_available_nodes=NUM_NODES, fraction_evaluate=0.0),
         stepping_client_app([secure_train_mod(topology)]),
@@ -291,28 +293,97 @@ def test_server_ignores_arrays_from_clients_without_the_mod(
     assert len(out["result"].arrays) == 0  # Flower's Result: no aggregated arrays
 
 
-def test_nodes_without_their_tokens_are_refused_by_the_aggregators(
+def test_nodes_without_their_tokens_fail_before_uploading_or_are_refused(
     federation3, round_id: str
 ) -> None:
-    """A node whose mod has no tokens (or another client's) cannot upload: its train reply
-    is an error, and the server, which still holds the collector's tokens, leaves the
-    model unchanged."""
+    """A node whose mod has no tokens fails at once, naming the node-config key; one with
+    another client's tokens is refused by the aggregators. Either way its train reply is an
+    error, and the server, which still holds the collector's tokens, leaves the model
+    unchanged."""
     alice = federation3.deployment.client_tokens("alice")
-    for token, status in ((None, "401"), (alice, "403")):
+    for token, reason in ((None, "mpc-agg-tokens: no tokens for this node"), (alice, "403")):
         strategy = strategy_for(
             federation3,
-            round_prefix=f"{round_id}-{status}",
+            round_prefix=f"{round_id}-{reason[:3]}",
             min_available_nodes=NUM_NODES,
             fraction_evaluate=0.0,
         )
         mod = secure_train_mod(federation3.topology, client_id=node_client_id, token=token)
         out, grid = run(strategy, stepping_client_app([mod]), rounds=1)
         assert len(grid.seen) == NUM_NODES
-        assert all(m.has_error() and status in m.error.reason for m in grid.seen), [
+        assert all(m.has_error() and reason in m.error.reason for m in grid.seen), [
             m.error.reason for m in grid.seen
         ]
         assert strategy.history == {}
         assert len(out["result"].arrays) == 0
+
+
+def test_settings_from_flower_config_with_pre_issued_grants(
+    federation3, round_id: str, tmp_path: Path
+) -> None:
+    """The deployment way: each node's topology, grant files (so its client id) and secret
+    come from its node config, the server's topology and collector grants from the run
+    config, and the app code is ``MpcFedAvg.from_context(context)`` and
+    ``secure_train_mod()``. The grants are issued ahead of time for ids that have nothing
+    to do with Flower's node ids, as ``mpc-agg token`` does at each aggregator."""
+    party_dirs = federation3.deployment.party_dirs
+    topology = str(federation3.deployment.topology_path)
+    collector_dir = tmp_path / "collector"
+    collector_dir.mkdir()
+    for d in party_dirs:
+        grant = issue_collector_grant(d)
+        grant.save(collector_dir / grant.default_name)
+    run_config = {"mpc-agg-topology": topology, "mpc-agg-collector-tokens": str(collector_dir)}
+
+    def node_config(partition_id: int) -> dict:
+        node_dir = tmp_path / f"node-{partition_id}"
+        (node_dir / "grants").mkdir(parents=True, exist_ok=True)
+        for d in party_dirs:
+            grant = issue_client_grant(d, f"site-{partition_id}")
+            grant.save(node_dir / "grants" / grant.default_name, overwrite=True)
+        return {
+            "mpc-agg-topology": topology,
+            "mpc-agg-tokens": str(node_dir / "grants"),
+            "mpc-agg-secret": str(node_dir / "secret"),
+        }
+
+    def run_from_config(node_config, prefix: str) -> tuple[dict, RecordingGrid]:
+        out: dict = {}
+        server = ServerApp()
+
+        @server.main()
+        def main(grid, context: Context) -> None:
+            out["strategy"] = strategy = MpcFedAvg.from_context(
+                context, round_prefix=prefix, min_available_nodes=NUM_NODES, fraction_evaluate=0
+            )
+            out["result"] = strategy.start(
+                grid=grid, initial_arrays=to_record(INITIAL), num_rounds=1
+            )
+
+        app = stepping_client_app([secure_train_mod()])
+        grid = RecordingGrid(app, NUM_NODES, run_config=run_config, node_config=node_config)
+        run_server_app(server, grid)
+        return out, grid
+
+    out, grid = run_from_config(node_config, round_id)
+    assert all(not m.has_error() for m in grid.seen), [m.error.reason for m in grid.seen]
+    assert out["strategy"].history[1].num_clients == NUM_NODES
+    want = expected_after(1)
+    for k in INITIAL:
+        np.testing.assert_allclose(out["result"].arrays[k].numpy(), want[k], atol=1e-5)
+    # Each node made its secret file (private) on first use.
+    for p in range(NUM_NODES):
+        assert (tmp_path / f"node-{p}" / "secret").stat().st_mode & 0o077 == 0
+
+    # A node configured with an id other than its grants' fails before uploading.
+    def mismatched(partition_id: int) -> dict:
+        return {**node_config(partition_id), "mpc-agg-client-id": "someone-else"}
+
+    out, grid = run_from_config(mismatched, round_id + "-b")
+    assert len(grid.seen) == NUM_NODES and all(m.has_error() for m in grid.seen)
+    reason = grid.seen[0].error.reason
+    assert "mpc-agg-client-id" in reason and "issued for 'site-" in reason
+    assert out["strategy"].history == {}
 
 
 def two_round_budget(dim: int) -> float:

@@ -5,7 +5,8 @@
 * :mod:`mpc_agg.integrations.fedavg`: weighted federated averaging over mpc_agg rounds
   (:class:`FedAvgScheme`, :func:`submit_update`, :func:`aggregate_updates`).
 * :mod:`mpc_agg.integrations.flower`: the Flower adapter (:class:`MpcFedAvg` on the server,
-  :func:`secure_train_mod` on the clients); needs the ``flower`` extra.
+  :func:`secure_train_mod` on the clients), configured from Flower's run and node config
+  (``mpc-agg-*`` keys) or from arguments; needs the ``flower`` extra.
 
 Importing this package imports neither ``flwr`` nor ``torch``: the Flower names below are
 loaded on first use, and tensors are recognised only if the caller has imported torch.

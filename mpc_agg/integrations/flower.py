@@ -4,10 +4,15 @@ For ``flwr >= 1.41`` (the Message API: ``ServerApp``, ``ClientApp``,
 ``flwr.serverapp.strategy.FedAvg``); install the ``flower`` extra. This module imports
 ``flwr``; :mod:`mpc_agg.integrations` loads it only when one of its names is used.
 
-Server: replace ``FedAvg(...)`` with ``MpcFedAvg(topology, ...)`` (same keyword arguments).
-Client: build the ``ClientApp`` with ``mods=[secure_train_mod(topology)]``; the train
-function stays as it is (it returns its trained arrays and a metric record with
-``"num-examples"``, as for FedAvg).
+Server: replace ``FedAvg(...)`` with ``MpcFedAvg.from_context(context, ...)`` (same keyword
+arguments; the topology and the collector's grants come from the run config) or
+``MpcFedAvg(topology, collector_token=..., ...)``. Client: build the ``ClientApp`` with
+``mods=[secure_train_mod()]``; the train function stays as it is (it returns its trained
+arrays and a metric record with ``"num-examples"``, as for FedAvg). Each node reads its
+topology, grant files (hence its client id) and secret from its node config when a train
+message arrives (:func:`node_settings`; keys :data:`NODE_KEYS` and :data:`RUN_KEYS`).
+mpc_agg must be installed where the ServerApp and every ClientApp run (README, "Federated
+learning (Flower)").
 
 One Flower round then goes as follows (weighting and clipping: :mod:`~.fedavg`):
 
@@ -36,6 +41,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,11 +62,19 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
-from mpc_agg.client import Client
+from mpc_agg.client import Client, load_client_secret
 from mpc_agg.collector import Collector
 from mpc_agg.config.schema import Topology
 from mpc_agg.core.codec import check_id
-from mpc_agg.errors import AggregationTimeout, LayoutError, RoundFailed, UsageError
+from mpc_agg.credentials import read_grants, tokens_for
+from mpc_agg.errors import (
+    AggregationTimeout,
+    ConfigError,
+    InvalidRequest,
+    LayoutError,
+    RoundFailed,
+    UsageError,
+)
 from mpc_agg.integrations.fedavg import (
     FedAvgResult,
     FedAvgScheme,
@@ -71,7 +85,17 @@ from mpc_agg.integrations.fedavg import (
 )
 from mpc_agg.integrations.model import ModelLayout, flatten
 
-__all__ = ["CONFIG_KEYS", "MpcFedAvg", "record_to_vector", "secure_train_mod", "vector_to_record"]
+__all__ = [
+    "CONFIG_KEYS",
+    "NODE_KEYS",
+    "RUN_KEYS",
+    "MpcFedAvg",
+    "NodeSettings",
+    "node_settings",
+    "record_to_vector",
+    "secure_train_mod",
+    "vector_to_record",
+]
 
 ROUND_KEY = "mpc-round-id"
 WEIGHTING_KEY = "mpc-weighting"
@@ -105,6 +129,112 @@ def vector_to_record(vector: npt.ArrayLike, layout: ModelLayout) -> ArrayRecord:
     return ArrayRecord({k: Array.from_numpy_ndarray(np.asarray(v)) for k, v in values.items()})
 
 
+# --------------------------------------------------------------------------- Flower config
+
+TOPOLOGY_CONFIG = "mpc-agg-topology"
+CLIENT_ID_CONFIG = "mpc-agg-client-id"
+TOKENS_CONFIG = "mpc-agg-tokens"
+SECRET_CONFIG = "mpc-agg-secret"
+COLLECTOR_TOKENS_CONFIG = "mpc-agg-collector-tokens"
+NODE_KEYS = (TOPOLOGY_CONFIG, CLIENT_ID_CONFIG, TOKENS_CONFIG, SECRET_CONFIG)
+"""Node-config keys :func:`secure_train_mod` reads (``flower-supernode --node-config``)."""
+RUN_KEYS = (TOPOLOGY_CONFIG, COLLECTOR_TOKENS_CONFIG)
+"""Run-config keys (``[tool.flwr.app.config]``): the topology (every process may fall back
+to it) and the collector's grants (read by :meth:`MpcFedAvg.from_context`)."""
+_PER_NODE = (CLIENT_ID_CONFIG, TOKENS_CONFIG, SECRET_CONFIG)
+_RENAMED = {"mpc-token": TOKENS_CONFIG}
+
+_NODE = "Flower node config"
+_RUN = "Flower run config"
+_SET_NODE = "flower-supernode --node-config '{key}=\"...\"'"
+_SET_RUN = "[tool.flwr.app.config] in the app's pyproject.toml, or flwr run --run-config"
+
+
+def _config_str(context: Context, key: str, node: bool) -> tuple[str, str] | None:
+    """``(value, source)`` of ``key`` in the node config (``node``) or the run config; an
+    empty string counts as unset, so an app can declare a key in ``[tool.flwr.app.config]``
+    (which ``flwr run --run-config`` requires before overriding it) without a value."""
+    config, source = (context.node_config, _NODE) if node else (context.run_config, _RUN)
+    value = config.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"expected a path or id (a non-empty string), got {value!r}", source)
+    return value.strip(), source
+
+
+def _config_path(key: str, value: str, source: str) -> Path:
+    """An absolute path from a config value (``~`` expanded); relative paths are refused:
+    Flower picks the working directory of a ServerApp or ClientApp process (the SuperLink's
+    or SuperNode's, a Ray worker's in simulation), so it is no base to resolve against."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise ConfigError(
+            key,
+            f"{value!r} is a relative path; give an absolute one (the directory a Flower "
+            "app process runs in is Flower's choice)",
+            source,
+        )
+    return path
+
+
+def _config_paths(key: str, value: str, source: str) -> list[Path]:
+    """A comma-separated list of absolute paths."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    return [_config_path(key, p, source) for p in parts]
+
+
+def _topology_of(
+    context: Context, fallback: Topology | str | Path | None, *, node: bool, caller: str
+) -> Topology:
+    """The topology named by the node config (if ``node``), else the run config, else
+    ``fallback``; :class:`ConfigError` naming the key and where to set it when none does."""
+    found = (_config_str(context, TOPOLOGY_CONFIG, True) if node else None) or _config_str(
+        context, TOPOLOGY_CONFIG, False
+    )
+    if found is not None:
+        value, source = found
+        path = _config_path(TOPOLOGY_CONFIG, value, source)
+        try:
+            return Topology.load(path)
+        except ConfigError as exc:
+            where = (
+                f" (the run config's path, for the SuperLink's machine: set {TOPOLOGY_CONFIG} "
+                "in this SuperNode's node config)"
+                if source == _RUN and node
+                else ""
+            )
+            raise ConfigError(TOPOLOGY_CONFIG, f"{exc}{where}", source) from None
+    if fallback is not None:
+        return _load(fallback)
+    places = (
+        f"this SuperNode's node config ({_SET_NODE.format(key=TOPOLOGY_CONFIG)}) or "
+        if node
+        else ""
+    )
+    raise ConfigError(
+        TOPOLOGY_CONFIG,
+        f"no topology: set it (an absolute path) in {places}the run config ({_SET_RUN}), "
+        f"or pass {caller}(topology)",
+    )
+
+
+def _grant_tokens(
+    topology: Topology, key: str, value: str, source: str, role: str
+) -> tuple[list[str], str | None]:
+    """The tokens (in aggregator order) of the grant files ``value`` names, and their
+    client id (None for the collector's)."""
+    paths = _config_paths(key, value, source)
+    if not paths:
+        raise ConfigError(key, f"names no grant file: {value!r}", source)
+    try:
+        grants = read_grants(paths)
+        tokens = tokens_for(topology, grants, role)
+    except ConfigError as exc:
+        raise ConfigError(key, str(exc), source) from None
+    return tokens, grants[0][1].client
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -134,6 +264,8 @@ class MpcFedAvg(FedAvg):
     ``FedAvg`` unchanged.
 
     ``history`` maps each server round to its :class:`~mpc_agg.integrations.FedAvgResult`.
+    In a ServerApp's ``main``, :meth:`from_context` takes the topology and the collector's
+    grants from the run config instead.
     """
 
     def __init__(
@@ -157,6 +289,39 @@ class MpcFedAvg(FedAvg):
         self.aggregate_timeout = aggregate_timeout
         self.history: dict[int, FedAvgResult] = {}
         self._open: dict[int, _OpenRound] = {}
+
+    @classmethod
+    def from_context(
+        cls,
+        context: Context,
+        topology: Topology | str | Path | None = None,
+        *,
+        collector_token: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> MpcFedAvg:
+        """An ``MpcFedAvg`` set up from the ServerApp's run config (``context.run_config``).
+
+        Topology: the run config's ``mpc-agg-topology`` (an absolute path on the SuperLink's
+        machine), else ``topology``. Collector tokens: ``mpc-agg-collector-tokens``, the
+        absolute path of a directory of the collector's grant files (``mpc-agg token
+        --collector`` at each aggregator writes ``collector-<index>.token``) or a
+        comma-separated list of them, else ``collector_token``; required unless the
+        topology is ``insecure``. Other keyword arguments go to ``MpcFedAvg`` (and FedAvg).
+        Raises :class:`~mpc_agg.errors.ConfigError` naming the key and where to set it.
+        """
+        topo = _topology_of(context, topology, node=False, caller="MpcFedAvg.from_context")
+        found = _config_str(context, COLLECTOR_TOKENS_CONFIG, False)
+        tokens: str | Sequence[str] | None = collector_token
+        if found is not None:
+            tokens = _grant_tokens(topo, COLLECTOR_TOKENS_CONFIG, *found, role="collector")[0]
+        if not topo.insecure and not tokens:
+            raise ConfigError(
+                COLLECTOR_TOKENS_CONFIG,
+                f"no collector tokens, and topology {topo.name!r} requires one per aggregator: "
+                f"set {COLLECTOR_TOKENS_CONFIG} (the directory of the collector's grant files) "
+                f"in the run config ({_SET_RUN}), or pass collector_token=...",
+            )
+        return cls(topo, collector_token=tokens, **kwargs)
 
     def round_id(self, server_round: int) -> str:
         """The mpc_agg round id of Flower round ``server_round``."""
@@ -279,38 +444,172 @@ class MpcFedAvg(FedAvg):
 
 # --------------------------------------------------------------------------- client
 
+
+@dataclass(frozen=True, repr=False)
+class NodeSettings:
+    """What :func:`secure_train_mod` submits with on one node: the topology, the client id,
+    the tokens (one per aggregator, None on an ``insecure`` topology) and the client secret
+    (None: seeds from the OS). ``client_id_source`` says where the id came from. The repr
+    hides the tokens and the secret."""
+
+    topology: Topology
+    client_id: str
+    tokens: str | Sequence[str] | None
+    secret: bytes | None
+    client_id_source: str
+
+    def __repr__(self) -> str:
+        return (
+            f"NodeSettings(client {self.client_id!r} ({self.client_id_source}), topology "
+            f"{self.topology.name!r}, tokens {'set' if self.tokens else 'none'}, secret "
+            f"{'set' if self.secret is not None else 'none'})"
+        )
+
+
 TokenSource = str | Sequence[str] | Callable[[Context], "str | Sequence[str] | None"] | None
+ClientIdSource = str | Callable[[Context], "str | None"] | None
+
+
+def node_settings(
+    context: Context,
+    topology: Topology | str | Path | None = None,
+    *,
+    token: TokenSource = None,
+    client_id: ClientIdSource = None,
+    secret: bytes | str | Path | None = None,
+) -> NodeSettings:
+    """Resolve a node's mpc_agg settings from its Flower ``Context`` and the mod's arguments.
+
+    Each setting comes from the node config (``flower-supernode --node-config``) first, then
+    (the topology only) the run config, then the argument:
+
+    * topology: ``mpc-agg-topology`` (an absolute path), else ``topology``;
+    * tokens: ``mpc-agg-tokens``, the absolute path of a directory of this client's grant
+      files (``mpc-agg token --client ID`` at each aggregator writes ``ID-<index>.token``)
+      or a comma-separated list of grant files; else ``token`` (raw tokens, or a function
+      of the context returning them);
+    * client id: the one the grants were issued for; else ``mpc-agg-client-id``, else
+      ``client_id`` (a string or a function of the context); else, on an ``insecure``
+      topology only, ``flwr-node-{node_id}``. A configured id that differs from the grants'
+      is an error, not a 403 from every aggregator;
+    * secret: ``mpc-agg-secret``, the absolute path of the client's secret file (made on
+      first use, :func:`~mpc_agg.client.load_client_secret`), else ``secret`` (bytes, or a
+      path); with it a restarted node resubmits identical shares.
+
+    Client id, tokens and secret are refused in the run config: every node sees the same
+    one, so all nodes would be one client. Raises :class:`~mpc_agg.errors.ConfigError`
+    naming the key and where it came from.
+    """
+    for key in _PER_NODE:
+        if key in context.run_config:
+            raise ConfigError(
+                key,
+                "is per node: set it in each SuperNode's node config "
+                f"({_SET_NODE.format(key=key)}); every node sees the same run config",
+                _RUN,
+            )
+    for old, new in _RENAMED.items():
+        if old in context.node_config:
+            raise ConfigError(old, f"renamed {new} (the paths of the grant files)", _NODE)
+    topo = _topology_of(context, topology, node=True, caller="secure_train_mod")
+
+    tokens: str | Sequence[str] | None
+    granted_id: str | None = None
+    grants = _config_str(context, TOKENS_CONFIG, True)
+    if grants is not None:
+        tokens, granted_id = _grant_tokens(topo, TOKENS_CONFIG, *grants, role="client")
+    else:
+        tokens = token(context) if callable(token) else token
+
+    configured = _config_str(context, CLIENT_ID_CONFIG, True)
+    if configured is not None:
+        cid: str | None = configured[0]
+        cid_source = f"{_NODE} {CLIENT_ID_CONFIG}"
+    else:
+        cid = client_id(context) if callable(client_id) else client_id
+        cid_source = "secure_train_mod(client_id=...)"
+    if granted_id is not None:
+        if cid is not None and cid != granted_id:
+            raise ConfigError(
+                CLIENT_ID_CONFIG,
+                f"the client id is {cid!r} ({cid_source}) but the grant files of "
+                f"{TOKENS_CONFIG} were issued for {granted_id!r}; drop the id (the grants' "
+                "is used) or use grants issued for it",
+                _NODE,
+            )
+        cid, cid_source = granted_id, f"the grant files of {TOKENS_CONFIG}"
+    if not topo.insecure and not tokens:
+        raise ConfigError(
+            TOKENS_CONFIG,
+            f"no tokens for this node, and topology {topo.name!r} requires one per aggregator: "
+            f"set {TOKENS_CONFIG} to the directory of this client's grant files "
+            f"({_SET_NODE.format(key=TOKENS_CONFIG)}) or pass secure_train_mod(token=...)",
+            _NODE,
+        )
+    if cid is None:
+        if not topo.insecure:
+            raise ConfigError(
+                CLIENT_ID_CONFIG,
+                f"no client id for these tokens: set {CLIENT_ID_CONFIG} "
+                f"({_SET_NODE.format(key=CLIENT_ID_CONFIG)}) or pass "
+                "secure_train_mod(client_id=...), the id the tokens were issued for",
+                _NODE,
+            )
+        cid, cid_source = f"flwr-node-{context.node_id}", "the Flower node id (insecure topology)"
+    try:
+        cid = check_id("client", cid)
+    except InvalidRequest as exc:
+        raise ConfigError(CLIENT_ID_CONFIG, str(exc), cid_source) from None
+
+    found_secret = _config_str(context, SECRET_CONFIG, True)
+    if found_secret is not None:
+        path = _config_path(SECRET_CONFIG, *found_secret)
+        try:
+            key_bytes: bytes | None = load_client_secret(path, create=True)
+        except ConfigError as exc:
+            raise ConfigError(SECRET_CONFIG, str(exc), _NODE) from None
+    elif isinstance(secret, str | Path):
+        key_bytes = load_client_secret(secret, create=True)
+    else:
+        key_bytes = secret
+    return NodeSettings(topo, cid, tokens, key_bytes, cid_source)
 
 
 def secure_train_mod(
-    topology: Topology | str | Path,
+    topology: Topology | str | Path | None = None,
     *,
     token: TokenSource = None,
-    client_id: str | Callable[[Context], str] | None = None,
+    client_id: ClientIdSource = None,
+    secret: bytes | str | Path | None = None,
 ) -> Mod:
     """A Flower client mod that sends the trained update to mpc_agg instead of the server.
 
-    ``topology``: the same aggregators as the server's ``MpcFedAvg`` (with their keys: the
-    topology the aggregators run). ``token``: this client's token at each aggregator,
-    required unless the topology is ``insecure``; each aggregator issues its own for this
-    client id (for a local federation ``deployment.client_tokens(client_id)``). Give them as
-    a sequence (one per aggregator, in index order), their comma-separated line, or a
-    function of the node's ``Context`` returning either; default:
-    ``node_config["mpc-token"]`` if set. ``client_id``: the id under which this node
-    submits, the one its tokens were issued for (a string or a function of the node's
-    ``Context``; default ``flwr-node-{node_id}``).
+    With no argument, everything comes from the Flower ``Context`` when a train message
+    arrives (nothing is read at import): the topology from the node config's
+    ``mpc-agg-topology`` or the run config's, the tokens and the client id from the grant
+    files of the node config's ``mpc-agg-tokens``, the secret from ``mpc-agg-secret``. The
+    arguments are the fallbacks for what the node config lacks (see :func:`node_settings`
+    for the rules): ``topology``, the same aggregators as the server's ``MpcFedAvg`` (a
+    :class:`~mpc_agg.Topology` or a YAML path); ``token``, this client's token at each
+    aggregator (a sequence in index order, their comma-separated line, or a function of the
+    ``Context`` returning either; for a local federation
+    ``deployment.client_tokens(client_id)``); ``client_id``, the id those tokens were issued
+    for (a string or a function of the ``Context``); ``secret``, the client secret (bytes or
+    the path of its file).
 
     Train messages only; evaluate and query messages pass through untouched. The reply to a
     train message keeps its metric and config records and loses its array records.
-    Raises (so Flower replies with an error) when the train message opened no mpc_agg
+    Raises (so Flower replies with an error) when the node's settings are missing or
+    inconsistent (:class:`~mpc_agg.errors.ConfigError`), the train message opened no mpc_agg
     round, names another topology, or the trained arrays do not match the global model's
     layout.
     """
-    topo = _load(topology)
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
             return call_next(msg, context)
+        settings = node_settings(context, topology, token=token, client_id=client_id, secret=secret)
+        topo = settings.topology
         config = _mpc_config(msg, topo)
         arrays_key = str(config[ARRAYS_KEY])
         if arrays_key not in msg.content.array_records:
@@ -334,11 +633,7 @@ def secure_train_mod(
         except LayoutError as exc:
             raise LayoutError(f"the trained arrays do not match the global model: {exc}") from None
         weight = _weight(reply, str(config[WEIGHT_METRIC_KEY]), scheme)
-        cid = client_id(context) if callable(client_id) else client_id
-        tok = token(context) if callable(token) else token
-        if tok is None:
-            tok = context.node_config.get("mpc-token")  # type: ignore[assignment]
-        client = Client(topo, cid or f"flwr-node-{context.node_id}", token=tok)
+        client = Client(topo, settings.client_id, token=settings.tokens, secret=settings.secret)
         submit_update(client, str(config[ROUND_KEY]), local - global_vector, weight, scheme=scheme)
         # Only metrics (and configs) go back to the Flower server.
         reply.content = RecordDict(
