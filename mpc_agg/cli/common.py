@@ -17,6 +17,7 @@ from mpc_agg.errors import (
     ConfigError,
     EncodingError,
     MpcAggError,
+    PeerError,
     RemoteRefusal,
     StartupError,
     StateError,
@@ -25,6 +26,7 @@ from mpc_agg.errors import (
 
 if TYPE_CHECKING:
     from mpc_agg.config.schema import Topology
+    from mpc_agg.credentials import TokenGrant
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -38,7 +40,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
     EXIT_FAILED: "the work failed: a round failed, a result did not verify, a check found a "
     "difference",
-    EXIT_USAGE: "bad command line, configuration, topology, card or grant file",
+    EXIT_USAGE: "bad command line, configuration, topology, card, grant or vector file",
     EXIT_STATE: "a local state or start-up problem (data directory in use or of another "
     "topology, an address that cannot be bound)",
     EXIT_REFUSED: "an aggregator refused the request (the error names its code)",
@@ -54,7 +56,7 @@ def exit_code(exc: BaseException) -> int:
     """The exit status for an error that ended a subcommand."""
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(exc, (ConfigError, UsageError, EncodingError)):
+    if isinstance(exc, (ConfigError, UsageError, EncodingError, PeerError)):
         return EXIT_USAGE
     if isinstance(exc, (StateError, StartupError)):
         return EXIT_STATE
@@ -123,15 +125,15 @@ def load_topology(args: argparse.Namespace) -> Topology:
 
 
 def add_grants(parser: argparse.ArgumentParser, role: str) -> None:
-    """``--tokens PATH ...``: token grant files, or directories of ``*.token`` files."""
+    """``--tokens PATH`` (repeatable): token grant files, or directories of ``*.token``."""
     parser.add_argument(
         "--tokens",
-        nargs="+",
+        action="append",
         metavar="PATH",
         default=None,
         help=f"the {role}'s token grants, one per aggregator (each aggregator issues its own "
-        "with `mpc-agg token`): files, or directories holding *.token files; not needed for "
-        "an insecure (loopback) topology",
+        "with `mpc-agg token`): a directory holding *.token files, or a grant file; repeat "
+        "the option for several; not needed for an insecure (loopback) topology",
     )
 
 
@@ -149,9 +151,35 @@ def grant_tokens(
             f"{role}'s grant files (each aggregator issues its own with `mpc-agg token`)"
         )
     grants = read_grants(paths)
+    grants = _from_directories(grants, paths, role, client_id)
     if role == "client" and client_id is None and grants:
         client_id = grants[0][1].client
     return tokens_for(topology, grants, role, client_id), client_id
+
+
+def _from_directories(
+    grants: list[tuple[Path, TokenGrant]], paths: list[str], role: str, client_id: str | None
+) -> list[tuple[Path, TokenGrant]]:
+    """``grants`` without those that a *directory* in ``paths`` holds for another role or
+    another client (``mpc-agg token --client a b c`` writes many clients' grants into one
+    directory); files named one by one are kept, so a wrong one is refused by name. A
+    directory holding several clients' grants needs ``client_id``."""
+    directories = {Path(p) for p in paths if Path(p).is_dir()}
+    kept = [
+        (path, g)
+        for path, g in grants
+        if path.parent not in directories
+        or (g.role == role and (client_id is None or g.client == client_id))
+    ]
+    if role == "client" and client_id is None:
+        clients = sorted({str(g.client) for path, g in kept if path.parent in directories})
+        if len(clients) > 1:
+            shown = ", ".join(clients[:5]) + (" ..." if len(clients) > 5 else "")
+            raise UsageError(
+                f"the grant directories hold grants of {len(clients)} clients ({shown}): "
+                "name the client with --client"
+            )
+    return kept
 
 
 class Progress:
