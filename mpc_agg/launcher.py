@@ -2,10 +2,13 @@
 
 docs/design.md, "Processes"; README, "Running aggregators". Used by
 ``scripts/launch_local.py``, the demo, the benchmark and the integration tests. Each party is
-a separate process (``python -m mpc_agg.party --config C --index i --party-dir D``, or
+a separate process (``python -m mpc_agg.party --topology T --index i --party-dir D``, or
 another party program given as ``party_command``, e.g. a test's fault-injecting one); its
 output is prefixed with ``[agg i]``. A template topology (no keys) is provisioned first
-(:func:`mpc_agg.provision.provision_local`): throw-away keys, one party directory each.
+(:func:`mpc_agg.provision.provision_local`): throw-away keys, one party directory each. A
+party whose data directory (``<data_dir>/aggregator-i``) does not exist yet (or is empty)
+is started with ``--new-data-dir`` (logged): a new privacy ledger on a first launch, never
+on a later one.
 
 :meth:`LocalFederation.wait_ready` returns once every party proves who it is: it answers
 ``/healthz`` over HTTPS pinned to its own certificate, with the collector's token, naming
@@ -37,6 +40,7 @@ from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.errors import UsageError
 from mpc_agg.provision import LocalDeployment, deployment_of, provision_local
+from mpc_agg.storage.binding import inspect_data_dir
 from mpc_agg.transport.tls import https_client_context
 
 if TYPE_CHECKING:
@@ -91,8 +95,9 @@ class LaunchError(RuntimeError):
 
 
 PARTY_COMMAND: tuple[str, ...] = (sys.executable, "-u", "-m", "mpc_agg.party")
-"""The program that runs one party; the launcher appends ``--config``, ``--index``,
-``--party-dir`` and ``--log-level``."""
+"""The program that runs one party; the launcher appends ``--topology``, ``--index``,
+``--party-dir``, ``--log-level`` and, for a data directory that does not exist yet (or is
+empty), ``--new-data-dir``."""
 
 
 class LocalFederation:
@@ -104,6 +109,11 @@ class LocalFederation:
     topology, the tokens and ready-made :meth:`client` / :meth:`collector` objects.
     ``party_command`` replaces :data:`PARTY_COMMAND` as the program run for each party (it
     must accept the same options); ``env`` is added to the parties' environment.
+
+    ``cwd`` is the parties' working directory (default: the current one). A relative
+    ``data_dir`` of the template resolves against the template's directory, wherever the
+    launcher runs; ``data_dir`` replaces the template's (e.g. a throw-away run in a
+    temporary directory: keys, journals and ledgers all go there).
     """
 
     def __init__(
@@ -116,13 +126,14 @@ class LocalFederation:
         env: dict[str, str] | None = None,
         party_command: Sequence[str] | None = None,
         party_dirs: Sequence[str | Path] | None = None,
+        data_dir: str | Path | None = None,
     ) -> None:
         self.cwd = Path(cwd) if cwd is not None else Path.cwd()
         template = Path(config_path).resolve()
         if party_dirs is not None:
             self.deployment: LocalDeployment = deployment_of(template, party_dirs)
         else:
-            self.deployment = provision_local(template, cwd=self.cwd)
+            self.deployment = provision_local(template, data_dir=data_dir)
         self.config_path = self.deployment.topology_path
         self.topology = self.deployment.topology()
         self.fingerprint = fingerprint(self.topology)
@@ -162,10 +173,11 @@ class LocalFederation:
             self.processes.append(self._spawn(a.index))
 
     def command(self, index: int) -> list[str]:
-        """The command line that runs aggregator ``index``."""
-        return [
+        """The command line that runs aggregator ``index`` now: with ``--new-data-dir`` if
+        its data directory does not exist yet, or holds nothing (e.g. a fresh mount)."""
+        command = [
             *self.party_command,
-            "--config",
+            "--topology",
             str(self.config_path),
             "--index",
             str(index),
@@ -174,6 +186,20 @@ class LocalFederation:
             "--log-level",
             self.log_level,
         ]
+        directory = self.topology.aggregator_dir(index)
+        if inspect_data_dir(directory).fresh:
+            self._note(f"aggregator {index}: new data directory {directory} (--new-data-dir)")
+            command.append("--new-data-dir")
+        return command
+
+    def _note(self, text: str) -> None:
+        """A line of the launcher's own in the parties' output."""
+        with self._lock:
+            try:
+                self.output.write(f"[launcher] {text}\n")
+                self.output.flush()
+            except ValueError:
+                pass
 
     def _spawn(self, index: int) -> subprocess.Popen[str]:
         env = {**os.environ, **self.env}

@@ -1,4 +1,4 @@
-"""Aggregator party process: ``python -m mpc_agg.party --config CONFIG --index I --party-dir DIR``.
+"""Aggregator party process: ``python -m mpc_agg.party --topology T --party-dir DIR``.
 
 docs/design.md, "Processes": one asyncio event loop runs both the HTTP API (uploads are
 accepted at once, even while the MPyC links are still connecting) and the MPyC runtime
@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from mpc_agg.config.schema import Topology
+from mpc_agg.config.schema import Topology, host_port
 from mpc_agg.errors import ConfigError, StartupError
 from mpc_agg.mpc.network import PartyNetwork
 
@@ -30,24 +32,88 @@ if TYPE_CHECKING:
     from mpc_agg.transport.auth import Credentials
 
 log = logging.getLogger("mpc_agg.party")
+_COMMAND_LINE = "<command line>"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+EPILOG = """\
+where a party keeps its state and listens, highest precedence first:
+  data directory: --data-dir (relative to the current directory), then data_dir in
+    PARTY_DIR/party.yaml (relative to the party directory), then the topology's data_dir
+    (relative to the topology file); the state lives in DATA_DIR/aggregator-INDEX/
+  listening address: --bind, then bind in PARTY_DIR/party.yaml, then the aggregator's host
+    in the topology (which is always the address the others connect to)
+
+the data directory is bound to the topology (aggregator-INDEX/TOPOLOGY.json): a party
+refuses a directory bound to another topology or index, and one that does not exist or
+holds nothing unless --new-data-dir is given (a new, empty privacy ledger: logged as a
+WARNING); --adopt-data-dir binds state without a marker (older versions) or rebinds a
+directory to a changed topology, keeping its ledger.
+
+exit status:
+  0  stopped by SIGTERM or SIGINT
+  2  bad option, topology, party.yaml or party directory
+  3  state or start-up error: data directory refused or in use, privacy ledger
+     inconsistent, an address that cannot be listened on
+"""
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="aggregator",
+        prog=prog or "aggregator",
         description=(
             "Run one aggregator party of an mpc_agg topology: an HTTP server accepting client "
             "shares and the MPyC runtime linking it to the other aggregators. Start one per "
-            "aggregator index (scripts/launch_local.py starts all of a local topology)."
+            "aggregator (scripts/launch_local.py starts all of a local topology)."
         ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="topology YAML, e.g. configs/local-3.yaml")
-    parser.add_argument("--index", required=True, type=int, help="this aggregator's index, 0..m-1")
+    parser.add_argument(
+        "--topology",
+        "--config",
+        dest="topology",
+        required=True,
+        metavar="TOPOLOGY",
+        help="the shared topology YAML, every party's keys in it (--config is an alias)",
+    )
     parser.add_argument(
         "--party-dir",
         required=True,
-        help="this aggregator's own party directory: its private keys and tokens, made for "
-        "the topology's aggregators[INDEX] entry (the local launcher provisions one per party)",
+        help="this aggregator's own party directory: its private keys and tokens, its "
+        "card.yaml (which names its index) and optionally party.yaml (local settings)",
+    )
+    parser.add_argument(
+        "--index",
+        type=int,
+        default=None,
+        help="this aggregator's index, 0..m-1 (default: the index in PARTY_DIR/card.yaml; "
+        "if both are given they must agree)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="keep the state in DIR/aggregator-INDEX/ (overrides party.yaml and the topology)",
+    )
+    parser.add_argument(
+        "--bind",
+        default=None,
+        metavar="ADDRESS",
+        help="listen on ADDRESS (HTTP API and party links; e.g. 0.0.0.0 or ::) instead of "
+        "the topology's host (overrides party.yaml)",
+    )
+    fresh = parser.add_mutually_exclusive_group()
+    fresh.add_argument(
+        "--new-data-dir",
+        action="store_true",
+        help="allow starting on a data directory that does not exist or is empty: a new, "
+        "empty privacy ledger",
+    )
+    fresh.add_argument(
+        "--adopt-data-dir",
+        action="store_true",
+        help="bind a data directory that holds state but no marker (older versions), or "
+        "rebind one bound to another topology, keeping its privacy ledger",
     )
     parser.add_argument(
         "--log-level",
@@ -64,13 +130,14 @@ async def serve(
     network: PartyNetwork,
     credentials: Credentials | None = None,
     secrets: PartySecrets | None = None,
+    bind: str | None = None,
 ) -> None:
     """Run aggregator ``index`` of ``topology`` over ``network`` until SIGTERM/SIGINT.
 
-    Recovers rounds from the journals, serves HTTP at once, then keeps the party network up:
-    whenever a link is lost (or a step misses its deadline), the aggregation in progress
-    fails, and the party reconnects to the others and resumes. Round deadlines are checked
-    every second meanwhile, links up or not.
+    Recovers rounds from the journals, serves HTTP at once (on ``bind``, default the
+    aggregator's host), then keeps the party network up: whenever a link is lost (or a step
+    misses its deadline), the aggregation in progress fails, and the party reconnects to the
+    others and resumes. Round deadlines are checked every second meanwhile, links up or not.
     """
     import resource
 
@@ -103,17 +170,19 @@ async def serve(
         from mpc_agg.transport.tls import https_server_context
 
         ssl_context = https_server_context(secrets.https)
+    listen = bind or address.host
     try:
         # Its own listening socket, behind the connection gate; shutdown_timeout 2 s, so a
         # stalled upload does not hold up SIGTERM for aiohttp's default 60 s.
-        runner, _ = await serve_http(app, address.host, address.http_port, ssl_context)
+        runner, _ = await serve_http(app, listen, address.http_port, ssl_context)
     except OSError as exc:
         aggregator.close_journals()
         raise StartupError(
-            f"cannot listen for the HTTP API on {address.host}:{address.http_port}: "
-            f"{exc.strerror or exc}"
+            f"cannot listen for the HTTP API on {host_port(listen, address.http_port)}: "
+            f"{os.strerror(exc.errno) if exc.errno else exc}"
         ) from None
-    log.info("aggregator %d: HTTP API on %s", index, address.url)
+    where = "" if listen == address.host else f" (listening on {listen})"
+    log.info("aggregator %d: HTTP API on %s%s", index, address.url, where)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -163,7 +232,7 @@ async def serve(
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({network_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
     failure = network_task.exception() if network_task in done else None
-    if failure is not None:
+    if failure is not None and not isinstance(failure, StartupError):  # that one: main says
         log.error("aggregator %d: party network failed: %s", index, failure)
     log.info("aggregator %d: stopping", index)
     network_task.cancel()
@@ -197,58 +266,152 @@ def lock_data_dir(directory: Path) -> IO[bytes]:
     return handle
 
 
+def open_data_dir(
+    topology: Topology, index: int, *, new_data_dir: bool, adopt_data_dir: bool
+) -> IO[bytes]:
+    """Lock aggregator ``index``'s data directory and bind it to ``topology``
+    (:mod:`mpc_agg.storage.binding`); returns the lock (held while it stays open).
+
+    The decision is taken once before anything is created (a refused start leaves no
+    directory behind) and again under the lock, which is what counts. Raises
+    :class:`StateError` (refused, or an unreadable directory) or :class:`StartupError` (in
+    use)."""
+    import datetime
+
+    from mpc_agg.config.fingerprint import fingerprint_of, section_digests
+    from mpc_agg.errors import StateError
+    from mpc_agg.storage.binding import (
+        Action,
+        Marker,
+        decide_binding,
+        inspect_data_dir,
+        write_marker,
+    )
+
+    directory = topology.aggregator_dir(index)
+    digests = section_digests(topology)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    expected = Marker(topology.name, index, fingerprint_of(digests), digests, now)
+    flags = {"new_data_dir": new_data_dir, "adopt_data_dir": adopt_data_dir}
+    try:
+        decide_binding(inspect_data_dir(directory), expected, directory=str(directory), **flags)
+        lock = lock_data_dir(directory)
+        try:
+            binding = decide_binding(
+                inspect_data_dir(directory), expected, directory=str(directory), **flags
+            )
+            if binding.action is not Action.USE:
+                write_marker(directory, binding.marker)
+        except BaseException:
+            lock.close()
+            raise
+    except OSError as exc:
+        raise StateError(
+            f"cannot use the data directory {str(directory)!r}: {exc.strerror or exc}"
+        ) from None
+    if binding.warning is not None:
+        log.warning("aggregator %d: %s", index, binding.warning)
+    else:
+        log.info(
+            "aggregator %d: data directory %s (bound to this topology since %s)",
+            index,
+            directory,
+            binding.marker.bound_at or "an unknown time",
+        )
+    return lock
+
+
+def _index_of(args: argparse.Namespace, topology: Topology) -> int:
+    """The party's index: ``--index`` and/or its card's; raises ConfigError (exit 2)."""
+    from mpc_agg.identity import CARD, read_card
+
+    card_file = Path(args.party_dir) / CARD
+    index: int | None = args.index
+    if card_file.exists():
+        card_index = read_card(card_file).index
+        if index is not None and index != card_index:
+            raise ConfigError(
+                _COMMAND_LINE,
+                f"--index {index} disagrees with the party directory's card "
+                f"({str(card_file)!r}), which is aggregator {card_index}'s",
+            )
+        index = card_index
+    elif index is None:
+        raise ConfigError(
+            _COMMAND_LINE,
+            f"--index is not given, and {str(card_file)!r} does not exist to name it (is "
+            f"{args.party_dir!r} a party directory?)",
+        )
+    if index is None or not 0 <= index < topology.m:
+        raise ConfigError(
+            _COMMAND_LINE,
+            f"--index must be in 0..{topology.m - 1} for {topology.name}, got {index}",
+        )
+    return index
+
+
 def main(
     argv: list[str] | None = None,
     wrap_network: Callable[[PartyNetwork], PartyNetwork] | None = None,
+    *,
+    prog: str | None = None,
 ) -> int:
     """Run one aggregator party (the ``mpc-agg-aggregator`` command); returns the exit
-    status: 0 after SIGTERM/SIGINT, 2 on a bad option or configuration, 3 on a state error.
+    status: 0 after SIGTERM/SIGINT, 2 on a bad option or configuration, 3 on a state or
+    start-up error (see ``--help``).
 
     ``wrap_network``, for test entry programs only, receives the MPyC party network and
-    returns the network the party uses (a wrapper around it that injects faults).
+    returns the network the party uses (a wrapper around it that injects faults). ``prog``
+    names the command in ``--help`` and usage errors (``mpc-agg party``).
     """
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format=f"%(asctime)s agg{args.index} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
+    from mpc_agg.config.party_settings import command_line_settings, read_party_settings
+
+    args = parse_args(argv, prog)
     try:
-        topology = Topology.load(args.config)
+        topology = Topology.load(args.topology)
+        index = _index_of(args, topology)
+        settings = command_line_settings(args.data_dir, args.bind).over(
+            read_party_settings(Path(args.party_dir))
+        )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not 0 <= args.index < topology.m:
-        print(
-            f"error: --index must be in 0..{topology.m - 1} for {topology.name}, got {args.index}",
-            file=sys.stderr,
-        )
-        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format=f"%(asctime)s agg{index} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
 
     from mpc_agg.config.fingerprint import section_digests
     from mpc_agg.identity import load_party_dir
     from mpc_agg.mpc.argv import mpyc_argv
     from mpc_agg.mpc.runtime import LinkSecurity, MpycNetwork
 
+    if settings.data_dir is not None:
+        topology = replace(topology, data_dir=settings.data_dir)
     topology = topology.with_absolute_paths()
     from mpc_agg.transport.connections import raise_descriptor_limit
 
     old_soft, soft, hard = raise_descriptor_limit()
     log.info(
         "aggregator %d: descriptor limit (RLIMIT_NOFILE) soft %d -> %d, hard %s",
-        args.index,
+        index,
         old_soft,
         soft,
         "unlimited" if hard < 0 else hard,
     )
     try:
-        secrets = load_party_dir(Path(args.party_dir), topology.aggregators[args.index])
+        secrets = load_party_dir(Path(args.party_dir), topology.aggregators[index])
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from mpc_agg.errors import StateError
+
     try:
-        lock = lock_data_dir(topology.aggregator_dir(args.index))
-    except StartupError as exc:
+        lock = open_data_dir(
+            topology, index, new_data_dir=args.new_data_dir, adopt_data_dir=args.adopt_data_dir
+        )
+    except (StateError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     credentials = None if topology.insecure else secrets.credentials
@@ -256,25 +419,23 @@ def main(
         log.warning(
             "aggregator %d: INSECURE topology: plain HTTP and no tokens; anyone who reaches "
             "the HTTP API on this machine controls rounds (party links stay authenticated)",
-            args.index,
+            index,
         )
     mpc_level = "info" if args.log_level == "debug" else "warning"
     security = LinkSecurity(
         cert_key=secrets.party_link,
         pins={a.index: str(a.party_cert) for a in topology.aggregators},
-        bind_host=topology.aggregators[args.index].host,
+        bind_host=settings.bind or topology.aggregators[index].host,
         digests=section_digests(topology),
     )
     network = MpycNetwork(
-        mpyc_argv(topology, args.index, log_level=mpc_level),
+        mpyc_argv(topology, index, log_level=mpc_level),
         security,
         step_timeout_s=topology.deadlines.step_s,
     )
-    from mpc_agg.errors import StateError
-
     used: PartyNetwork = network if wrap_network is None else wrap_network(network)
     try:
-        network.run(serve(topology, args.index, used, credentials, secrets))
+        network.run(serve(topology, index, used, credentials, secrets, bind=settings.bind))
         del lock  # held for the life of the party
     except (StateError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -100,15 +100,21 @@ class LocalDeployment:
 
 
 def provision_local(
-    template: str | Path, *, directory: str | Path | None = None, cwd: str | Path | None = None
+    template: str | Path,
+    *,
+    directory: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    cwd: str | Path | None = None,
 ) -> LocalDeployment:
     """Give every aggregator of the template ``template`` a party directory and write the
-    provisioned topology; returns the deployment. Relative paths in the template resolve
-    against ``cwd`` (default: the current directory); ``directory`` defaults to
-    ``<data_dir>/local-keys``. Keys already there are reused."""
+    provisioned topology; returns the deployment. A relative ``data_dir`` in the template
+    resolves against the template's directory (as :meth:`Topology.load` does), or against
+    ``cwd`` if one is given; ``data_dir`` replaces it (relative: to the current directory).
+    ``directory`` defaults to ``<data_dir>/local-keys``. Keys already there are reused."""
     source = str(Path(template))
     doc = read_document(template)
-    topology = Topology.from_dict(doc, source=source)
+    base = Path(cwd) if cwd is not None else Path(template).parent
+    topology = Topology.from_dict(doc, source=source, relative_to=base)
     if topology.has_keys:
         raise ConfigError(
             "aggregators",
@@ -116,8 +122,7 @@ def provision_local(
             "own party directory (--party-dir) instead of provisioning new keys",
             source,
         )
-    base = Path(cwd) if cwd is not None else Path.cwd()
-    data_dir = (base / topology.data_dir).resolve()
+    data_dir = Path(data_dir).resolve() if data_dir is not None else topology.data_dir
     out = Path(directory).resolve() if directory is not None else data_dir / LOCAL_KEYS
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     assert isinstance(doc, dict)  # Topology.from_dict accepted it

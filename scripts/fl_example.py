@@ -341,6 +341,7 @@ def run_on_federation(
             log_level="info" if verbose else "error",
             output=sys.stderr,
             cwd=workdir,
+            data_dir=Path(workdir) / "data",  # keys, journals and a fresh ledger: throw-away
         )
         progress(f"[{label}] starting {describe(federation.topology)} ...")
         with federation:

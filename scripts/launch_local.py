@@ -1,104 +1,13 @@
 #!/usr/bin/env python
-"""Start every aggregator of a topology on this machine.
+"""Start every aggregator of a topology on this machine: ``mpc-agg launch`` (see
+mpc_agg/cli/launch.py), kept under this name for scripts and tests that call it.
 
-    python scripts/launch_local.py [CONFIG]        (default: configs/local-3.yaml)
-
-Provisions throw-away keys for a template topology (mpc_agg.provision), prints each party's
-log prefixed with [agg i], then a line starting "ready:" once every party has proved who it
-is and the party links are up, naming the provisioned topology file; the next line names
-the directory with the local tokens. Ctrl-C or SIGTERM stops all parties;
-if one party exits on its own, the others are stopped too.
+    python scripts/launch_local.py [TOPOLOGY]        (default: configs/local-3.yaml)
 """
 
-from __future__ import annotations
-
-import argparse
-import signal
 import sys
-import time
-from pathlib import Path
 
-from mpc_agg.errors import ConfigError
-from mpc_agg.launcher import LaunchError, LocalFederation, describe
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local-3.yaml"
-
-
-class _Stop(Exception):
-    pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Start all aggregator parties of an mpc_agg topology on this machine; "
-        "Ctrl-C stops them all.",
-    )
-    parser.add_argument(
-        "config",
-        nargs="?",
-        default=str(DEFAULT_CONFIG),
-        help="topology YAML (default: configs/local-3.yaml)",
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    parser.add_argument(
-        "--ready-timeout",
-        type=float,
-        default=None,
-        help="seconds to wait for all parties to be ready (default: the topology's "
-        "deadlines.startup_s, 60 unless set)",
-    )
-    args = parser.parse_args(argv)
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise _Stop(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        federation = LocalFederation(args.config, log_level=args.log_level)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        federation.start()
-        federation.wait_ready(args.ready_timeout)
-        # One write for the whole line (newline included): the parties' log lines, written
-        # by other threads, cannot land inside it (print writes the newline separately).
-        print(
-            f"ready: {describe(federation.topology)}; pids {federation.pids}; "
-            f"topology {federation.config_path}\n",
-            end="",
-            flush=True,
-        )
-        print(
-            f"local keys and tokens: {federation.config_path.parent} (from Python: "
-            f"mpc_agg.provision.LocalDeployment.open({str(federation.config_path.parent)!r})"
-            ".collector() / .client(ID))",
-            flush=True,
-        )
-        while True:
-            for i, proc in enumerate(federation.processes):
-                if proc.poll() is not None:
-                    print(
-                        f"aggregator {i} exited with code {proc.returncode}; stopping all",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return 1
-            time.sleep(0.2)
-    except _Stop as stop:
-        print(f"{stop}: stopping {len(federation.processes)} aggregators", flush=True)
-        return 0
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        federation.stop()
-
+from mpc_agg.cli.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -269,6 +269,7 @@ def test_party_link_with_another_partys_certificate_is_refused(tmp_path):
             "2",
             "--party-dir",
             str(deployment.party_dirs[2]),
+            "--new-data-dir",
         ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,

@@ -65,17 +65,15 @@ def test_launcher_refuses_bad_config(tmp_path):
 
 
 def test_party_cli_help_and_bad_index(tmp_path):
-    script = str(ROOT / "parties" / "aggregator.py")
-    out = subprocess.run(
-        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=60
-    )
+    party_command = [sys.executable, "-m", "mpc_agg", "party"]
+    out = subprocess.run([*party_command, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert all(opt in out.stdout for opt in ("--config", "--index", "--party-dir"))
     path = write_topology(tmp_path, topology_doc(2, 0, name="idx"))
 
     def party(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, script, "--config", str(path), *args],
+            [*party_command, "--config", str(path), *args],
             capture_output=True,
             text=True,
             timeout=60,

@@ -172,6 +172,7 @@ def _party(config: Path, index: int, party_dir: Path, cwd: Path) -> subprocess.P
         str(party_dir),
         "--log-level",
         "info",
+        "--new-data-dir",  # or a marked directory of its own topology
     ]
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 

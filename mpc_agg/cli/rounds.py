@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="fewest complete uploads the round may reveal; with fewer it fails, nothing "
         "revealed (default: the topology's rounds.min_clients)",
     )
+    p.add_argument(
+        "--wait-ready",
+        type=float,
+        metavar="S",
+        default=0.0,
+        help="keep trying for up to S seconds while an aggregator is unreachable or its "
+        "party links are not up yet, e.g. just after starting the parties (default 0)",
+    )
 
     p = common.parser_for(
         sub,
@@ -249,7 +257,7 @@ def _open(args: argparse.Namespace) -> int:
         )
     if args.min_clients is not None and args.min_clients < 1:
         raise UsageError(f"--min-clients {args.min_clients}: must be >= 1")
-    collector.open_round(args.round, args.dim, min_clients=args.min_clients)
+    _open_when_ready(collector, args)
     leader = collector.status(args.round)[0]
     print(
         f"round {args.round}: open at all {topology.m} aggregators of {topology.name}; "
@@ -263,6 +271,30 @@ def _open(args: argparse.Namespace) -> int:
             "with nothing revealed"
         )
     return common.EXIT_OK
+
+
+def _open_when_ready(collector: Collector, args: argparse.Namespace) -> None:
+    """Open the round; with ``--wait-ready S``, keep trying for S seconds while an
+    aggregator is unreachable or its party links are down (opening again is idempotent)."""
+    from mpc_agg.errors import AggregatorUnavailable, RemoteRefusal
+
+    give_up = time.monotonic() + max(args.wait_ready, 0.0)
+    waiting = None
+    while True:
+        try:
+            collector.open_round(args.round, args.dim, min_clients=args.min_clients)
+        except (AggregatorUnavailable, RemoteRefusal) as exc:
+            down = isinstance(exc, AggregatorUnavailable) or exc.code == "party_network_down"
+            if not down or time.monotonic() >= give_up:
+                raise
+            if waiting is None:
+                waiting = common.Progress("waiting for the aggregators", stream=sys.stderr)
+            waiting.update(time.monotonic() - waiting.started, f"({exc})")
+            time.sleep(POLL_S)
+            continue
+        if waiting is not None:
+            waiting.done(time.monotonic() - waiting.started, "all aggregators answered")
+        return
 
 
 # -- submit -----------------------------------------------------------------------------

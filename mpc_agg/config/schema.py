@@ -54,6 +54,31 @@ def _directory(value: object, path: str) -> Path:
     return value if isinstance(value, Path) else Path(expect(value, str, path))
 
 
+def check_host(value: object, path: str) -> str:
+    """``value`` as a host: a DNS name, an IPv4 address or an IPv6 literal (without
+    brackets; kept in its compressed, lowercase form, so ``0:0::1`` and ``::1`` are one
+    host). Raises :class:`ConfigError` at ``path`` otherwise."""
+    host = expect(value, str, path)
+    if host.startswith("[") and host.endswith("]"):
+        raise ConfigError(path, f"write an IPv6 address without brackets, got {host!r}")
+    if ":" in host:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is None:
+            return address.compressed
+        raise ConfigError(path, f"not a host name, IPv4 or IPv6 address: {host!r}")
+    if not host or any(c.isspace() or c in "/@[]%" for c in host):
+        raise ConfigError(path, f"not a host name, IPv4 or IPv6 address: {host!r}")
+    return host
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as in a URL: an IPv6 literal in brackets (``[::1]:8701``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     """True for ``localhost`` names and loopback addresses (127.0.0.0/8, ::1)."""
     if host.lower() in _LOOPBACK_NAMES:
@@ -69,6 +94,9 @@ class AggregatorAddress:
     """Aggregator ``index`` (``aggregators[i]``): where it listens (MPyC party link, HTTP API)
     and its public keys.
 
+    ``host`` is where the others reach it: a DNS name, an IPv4 address or an IPv6 literal
+    (no brackets; quote it in YAML, ``host: "::1"``). It is also where the party listens
+    unless its own settings name a bind address (README, "Running aggregators").
     ``party_cert``: PEM of the self-signed certificate it presents on party links (pinned:
     peers accept exactly this one for index ``i``). ``http_cert``: PEM of its HTTPS
     certificate (pinned by clients and the collector). ``signing_key``: hex of its raw
@@ -91,9 +119,7 @@ class AggregatorAddress:
         if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
             raise ConfigError("aggregators", f"index must be an integer >= 0, got {self.index!r}")
         p = f"aggregators[{self.index}]"
-        host = expect(self.host, str, f"{p}.host")
-        if not host or any(c.isspace() or c in "/:@" for c in host):
-            raise ConfigError(f"{p}.host", f"not a host name or IPv4 address: {host!r}")
+        object.__setattr__(self, "host", check_host(self.host, f"{p}.host"))
         for key in ("mpc_port", "http_port"):
             port = expect(getattr(self, key), int, f"{p}.{key}")
             if not 1 <= port <= 65535:
@@ -120,8 +146,8 @@ class AggregatorAddress:
 
     @property
     def url(self) -> str:
-        """Base URL of this aggregator's HTTP API."""
-        return f"{self.scheme}://{self.host}:{self.http_port}"
+        """Base URL of this aggregator's HTTP API (an IPv6 host in brackets)."""
+        return f"{self.scheme}://{host_port(self.host, self.http_port)}"
 
     @property
     def has_keys(self) -> bool:
@@ -318,7 +344,10 @@ class Topology:
     """A validated aggregator topology. Load one with :meth:`Topology.load`.
 
     ``threshold`` is MPyC's Shamir threshold ``t`` (``2t < m``); ``m`` is the number of
-    aggregators; aggregator 0 is the leader. ``data_dir`` holds each aggregator's journals.
+    aggregators; aggregator 0 is the leader. ``data_dir`` holds each aggregator's journals,
+    round index and privacy ledger (``aggregator-{i}/``); read from a file it is absolute
+    (:meth:`load`), and a party may keep its state elsewhere (its own settings: README,
+    "Running aggregators"); it is not fingerprinted.
     ``source`` names the file it was read from (it prefixes every error).
     """
 
@@ -479,22 +508,37 @@ class Topology:
 
     @classmethod
     def load(cls, path: str | Path) -> Topology:
-        """Load and validate a YAML topology; raises :class:`~mpc_agg.errors.ConfigError`."""
-        return cls.from_dict(read_document(path), source=str(Path(path)))
+        """Load and validate a YAML topology; raises :class:`~mpc_agg.errors.ConfigError`.
+
+        A relative ``data_dir`` (or the default, ``.mpc_agg-data/<name>``) resolves against
+        the directory of the file, not the current one: the same file names the same data
+        directory wherever it is started from."""
+        path = Path(path)
+        return cls.from_dict(read_document(path), source=str(path), relative_to=path.parent)
 
     @classmethod
-    def from_dict(cls, data: object, source: str = "<dict>") -> Topology:
-        """Validate an already-parsed YAML document (a dict); errors carry ``source``."""
+    def from_dict(
+        cls, data: object, source: str = "<dict>", *, relative_to: str | Path | None = None
+    ) -> Topology:
+        """Validate an already-parsed YAML document (a dict); errors carry ``source``.
+
+        ``relative_to``: the directory a relative ``data_dir`` resolves against (the
+        result is absolute); without it a relative ``data_dir`` stays relative, i.e. it
+        resolves against the current directory when used."""
         try:
-            return _read_topology(data, source)
+            topology = _read_topology(data, source)
         except ConfigError as exc:
             if exc.source == source:
                 raise
             raise ConfigError(exc.path, exc.detail, source) from None
+        if relative_to is None or topology.data_dir.is_absolute():
+            return topology
+        return replace(topology, data_dir=(Path(relative_to) / topology.data_dir).resolve())
 
     def with_absolute_paths(self) -> Topology:
-        """The same topology with its directories resolved against the current directory
-        (a party does this before it changes directory for MPyC)."""
+        """The same topology with a relative ``data_dir`` resolved against the current
+        directory (a topology built in code; :meth:`load` resolves against the file's
+        directory already)."""
         return replace(self, data_dir=self.data_dir.resolve())
 
     def ledger_path(self, index: int) -> Path:

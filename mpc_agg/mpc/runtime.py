@@ -11,7 +11,8 @@ model"): it listens on the party's own address only, speaks TLS 1.3 with the cer
 the topology pins, checks a peer's certificate against the index it claims before reading
 anything else, compares topology fingerprints before the first message of the protocol,
 and installs the restricted unpickler (:mod:`mpc_agg.mpc.unpickle`) for everything MPyC
-receives.
+receives. It dials each peer at the host MPyC parsed from ``-P host:port`` (an IPv6 literal
+too: MPyC splits at the last colon) and listens on :attr:`LinkSecurity.bind_host`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import pickle
 import sys
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mpc_agg.config.fingerprint import differing_sections
+from mpc_agg.config.schema import host_port
 from mpc_agg.errors import PartyLinkLost, StartupError
 from mpc_agg.transport.tls import (
     der_of,
@@ -79,7 +82,8 @@ def _install_unpickler() -> None:
 class LinkSecurity:
     """What a party needs to open authenticated party links (docs/design.md, "Keys and
     identities"): its certificate and key files, every party's pinned ``party_cert`` by
-    index, the address to listen on, and its topology's section digests
+    index, the address to listen on (its own host, or the bind address of its local
+    settings; an IPv6 literal without brackets), and its topology's section digests
     (:func:`mpc_agg.config.fingerprint.section_digests`)."""
 
     cert_key: tuple[Path, Path]
@@ -224,7 +228,8 @@ class MpycNetwork:
 
     async def _connect_all(self) -> None:
         """MPyC's ``start()`` with authenticated links: listen on this party's own address
-        only (for lower indices), dial higher ones, TLS 1.3 with pinned certificates."""
+        (or its bind address) only, for lower indices; dial higher ones; TLS 1.3 with
+        pinned certificates."""
         from mpyc import asyncoro
 
         rt, sec = self._mpc, self.security
@@ -244,8 +249,8 @@ class MpycNetwork:
                 )
             except OSError as exc:
                 raise StartupError(
-                    f"cannot listen for party links on {sec.bind_host}:{port}: "
-                    f"{exc.strerror or exc}"
+                    f"cannot listen for party links on {host_port(sec.bind_host, port)}: "
+                    f"{os.strerror(exc.errno) if exc.errno else exc}"
                 ) from None
         try:
             for peer in rt.parties[self.pid + 1 :]:

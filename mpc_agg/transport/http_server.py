@@ -467,7 +467,8 @@ class _GatedSite(web.BaseSite):
         scheme = "https" if self._ssl_context else "http"
         sockets = getattr(self._server, "sockets", None)
         port = sockets[0].getsockname()[1] if sockets else self._port
-        return f"{scheme}://{self._host}:{port}"
+        host = self._host
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     async def start(self) -> None:
         await super().start()
@@ -510,10 +511,11 @@ async def serve(
     port: int,
     ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` (from :func:`build_app`) on ``host``:``port`` (0: any free port)
-    behind its connection gate; returns the runner (``await runner.cleanup()`` to stop) and
-    the URL served. Raises OSError if the address cannot be listened on (nothing left
-    running)."""
+    """Serve ``app`` (from :func:`build_app`) on ``host``:``port`` (0: any free port;
+    ``host`` a name, an IPv4 address or an IPv6 literal without brackets, ``0.0.0.0`` or
+    ``::`` for every interface of that family) behind its connection gate; returns the
+    runner (``await runner.cleanup()`` to stop) and the URL served. Raises OSError if the
+    address cannot be listened on (nothing left running)."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = _GatedSite(runner, host, port, ssl_context=ssl_context)
