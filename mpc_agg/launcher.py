@@ -113,7 +113,9 @@ class LocalFederation:
     ``cwd`` is the parties' working directory (default: the current one). A relative
     ``data_dir`` of the template resolves against the template's directory, wherever the
     launcher runs; ``data_dir`` replaces the template's (e.g. a throw-away run in a
-    temporary directory: keys, journals and ledgers all go there).
+    temporary directory: keys, journals and ledgers all go there). ``adopt_data_dir``
+    passes ``--adopt-data-dir`` to every party whose data directory is not fresh (state of
+    an older version, or of a changed template: its ledger carries over, loudly).
     """
 
     def __init__(
@@ -127,7 +129,9 @@ class LocalFederation:
         party_command: Sequence[str] | None = None,
         party_dirs: Sequence[str | Path] | None = None,
         data_dir: str | Path | None = None,
+        adopt_data_dir: bool = False,
     ) -> None:
+        self.adopt_data_dir = adopt_data_dir
         self.cwd = Path(cwd) if cwd is not None else Path.cwd()
         template = Path(config_path).resolve()
         if party_dirs is not None:
@@ -190,6 +194,9 @@ class LocalFederation:
         if inspect_data_dir(directory).fresh:
             self._note(f"aggregator {index}: new data directory {directory} (--new-data-dir)")
             command.append("--new-data-dir")
+        elif self.adopt_data_dir:
+            self._note(f"aggregator {index}: adopting data directory {directory}")
+            command.append("--adopt-data-dir")
         return command
 
     def _note(self, text: str) -> None:

@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show only warnings from the aggregator processes",
     )
+    parser.add_argument(
+        "--adopt-data-dir",
+        action="store_true",
+        help="start on data directories made by an older version or for a changed "
+        "topology, keeping their privacy ledgers (each party says so)",
+    )
 
 
 def progress(done: int, total: int, started: float, nbytes: int) -> None:
@@ -134,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"Starting the aggregators of {args.config} ...", flush=True)
     try:
         federation = LocalFederation(
-            args.config, log_level="warning" if args.quiet_parties else "info"
+            args.config,
+            log_level="warning" if args.quiet_parties else "info",
+            adopt_data_dir=args.adopt_data_dir,
         )
     except MpcAggError as exc:
         print(f"error: {exc}", file=sys.stderr)

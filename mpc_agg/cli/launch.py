@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument(
+        "--adopt-data-dir",
+        action="store_true",
+        help="start parties on data directories made by an older version or for a changed "
+        "template, keeping their privacy ledgers and used round ids (each party says so)",
+    )
+    parser.add_argument(
         "--ready-timeout",
         type=float,
         default=None,
@@ -82,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        federation = LocalFederation(args.config, log_level=args.log_level)
+        federation = LocalFederation(
+            args.config, log_level=args.log_level, adopt_data_dir=args.adopt_data_dir
+        )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
