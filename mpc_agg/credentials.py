@@ -23,6 +23,7 @@ mode 0600; no repr or message here contains a token.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,16 +73,28 @@ class TokenGrant:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the grant to ``path`` (mode 0600; an existing file only with
-        ``overwrite``); returns the path."""
+        ``overwrite``); returns the path.
+
+        The token never goes through a symbolic link or into a file made by someone else:
+        a new file is created exclusively (``O_EXCL | O_NOFOLLOW``, which refuses a link
+        planted at ``path``); ``overwrite`` writes a new 0600 file beside it and renames it
+        over ``path`` (which replaces a link itself, never its target)."""
         path = Path(path)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        if not overwrite:
+            try:
+                _write_exclusive(path, self.to_yaml())
+            except FileExistsError:
+                raise UsageError(
+                    f"{str(path)!r} already exists; pass --force to replace it"
+                ) from None
+            return path
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        _write_exclusive(tmp, self.to_yaml())
         try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
-            raise UsageError(f"{str(path)!r} already exists; pass --force to replace it") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_yaml())
-        os.chmod(path, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @property
@@ -89,6 +102,24 @@ class TokenGrant:
         """``<client>-<aggregator>.token``, or ``collector-<aggregator>.token``."""
         who = self.client if self.client is not None else "collector"
         return f"{who}-{self.aggregator}{GRANT_SUFFIX}"
+
+
+def _write_exclusive(path: Path, text: str) -> None:
+    """Create ``path`` mode 0600 and write ``text``; never follows a symbolic link and
+    never opens an existing file (FileExistsError)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o600)  # whatever the umask, before the token is written
+        with os.fdopen(fd, "w") as f:
+            fd = -1
+            f.write(text)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
 
 
 def issue_client_grant(party_dir: str | Path, client_id: str) -> TokenGrant:
@@ -150,6 +181,14 @@ def read_grant(path: str | Path) -> TokenGrant:
         raise ConfigError("client", "a client grant names its client id", source)
     if role == "collector" and client is not None:
         raise ConfigError("client", "a collector grant names no client", source)
+    if isinstance(client, str):
+        from mpc_agg.core import codec
+        from mpc_agg.errors import InvalidRequest
+
+        try:
+            codec.check_id("client", client)
+        except InvalidRequest as exc:
+            raise ConfigError("client", str(exc), source) from None
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ConfigError("aggregator", f"expected an index >= 0, got {index!r}", source)
     for key, value in (("issuer", issuer), ("token", token)):

@@ -27,6 +27,7 @@ import datetime
 import ipaddress
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ CARD_FORMAT = "mpc_agg/party-card/v1"
 PRIVATE_FILES = (PARTY_LINK_KEY, HTTPS_KEY, SIGNING_KEY, TOKEN_KEY, COLLECTOR_TOKEN)
 CERT_DAYS = 3650
 _YAML_PATH = "party directory"
+_MAX_CARD_BYTES = 1 << 16
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -162,9 +164,16 @@ def read_card(path: str | Path) -> PartyCard:
         path = path / CARD
     source = str(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_CARD_BYTES + 1)
     except OSError as exc:
         raise ConfigError("<file>", f"cannot read party card: {exc.strerror}", source) from None
+    if len(raw) > _MAX_CARD_BYTES:
+        raise ConfigError("<file>", "too large for a party card", source)
+    try:
+        doc = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("<file>", "not UTF-8 text", source) from None
     except yaml.YAMLError:
         raise ConfigError("<yaml>", "not valid YAML", source) from None
     if not isinstance(doc, dict) or doc.get("format", CARD_FORMAT) != CARD_FORMAT:
@@ -200,7 +209,9 @@ def generate_party_dir(
     (also written to ``card.yaml``). Refuses to overwrite an existing key."""
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    existing = [name for name in (*PRIVATE_FILES, CARD) if (directory / name).exists()]
+    _check_own_directory(directory)
+    public = (PARTY_LINK_CERT, HTTPS_CERT, CARD)
+    existing = [n for n in (*PRIVATE_FILES, *public) if os.path.lexists(directory / n)]
     if existing:
         raise ConfigError(
             _YAML_PATH,
@@ -227,10 +238,43 @@ def generate_party_dir(
     _write_private(
         directory / COLLECTOR_TOKEN, (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode()
     )
-    (directory / PARTY_LINK_CERT).write_text(card.party_cert)
-    (directory / HTTPS_CERT).write_text(card.http_cert)
-    (directory / CARD).write_text(card.to_yaml())
+    _write_public(directory / PARTY_LINK_CERT, card.party_cert)
+    _write_public(directory / HTTPS_CERT, card.http_cert)
+    _write_public(directory / CARD, card.to_yaml())
     return card
+
+
+def _check_own_directory(directory: Path) -> None:
+    """Refuse a party directory someone else could change: not a directory, owned by
+    another user, or writable by group or others (they could swap a key, or plant a
+    link where a file is about to be written)."""
+    if os.name != "posix":
+        return
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ConfigError(_YAML_PATH, f"cannot use {str(directory)!r}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(_YAML_PATH, f"{str(directory)!r} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            _YAML_PATH,
+            f"{str(directory)!r} belongs to another user (uid {st.st_uid}); keys go into a "
+            "directory of the user that runs the party",
+        )
+    if st.st_mode & 0o022:
+        raise ConfigError(
+            _YAML_PATH,
+            f"{str(directory)!r} is writable by group or others (mode "
+            f"{st.st_mode & 0o777:04o}); run `chmod 700 {directory}` or give a new directory",
+        )
+
+
+def _write_public(path: Path, text: str) -> None:
+    """Create ``path`` exclusively (never through a link, never over a file)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags, 0o644), "w") as f:
+        f.write(text)
 
 
 @dataclass(frozen=True, repr=False)

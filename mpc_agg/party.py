@@ -142,6 +142,7 @@ async def serve(
     import resource
 
     from mpc_agg.aggregator import Aggregator
+    from mpc_agg.config.schema import is_loopback
     from mpc_agg.transport.connections import connection_budget
     from mpc_agg.transport.http_server import build_app
     from mpc_agg.transport.http_server import serve as serve_http
@@ -171,6 +172,12 @@ async def serve(
 
         ssl_context = https_server_context(secrets.https)
     listen = bind or address.host
+    if topology.insecure and not is_loopback(listen):
+        aggregator.close_journals()
+        raise StartupError(
+            f"refusing to serve insecure topology {topology.name!r} (plain HTTP, no tokens) "
+            f"on {listen}, which is not a loopback address"
+        )
     try:
         # Its own listening socket, behind the connection gate; shutdown_timeout 2 s, so a
         # stalled upload does not hold up SIGTERM for aiohttp's default 60 s.
@@ -364,7 +371,11 @@ def main(
     returns the network the party uses (a wrapper around it that injects faults). ``prog``
     names the command in ``--help`` and usage errors (``mpc-agg party``).
     """
-    from mpc_agg.config.party_settings import command_line_settings, read_party_settings
+    from mpc_agg.config.party_settings import (
+        check_bind,
+        command_line_settings,
+        read_party_settings,
+    )
 
     args = parse_args(argv, prog)
     try:
@@ -373,6 +384,7 @@ def main(
         settings = command_line_settings(args.data_dir, args.bind).over(
             read_party_settings(Path(args.party_dir))
         )
+        check_bind(topology, settings.bind)  # insecure: loopback only, bind included
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

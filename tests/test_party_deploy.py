@@ -322,3 +322,16 @@ def test_marker_on_disk_is_the_documented_format(tmp_path: Path) -> None:
     ]
     assert doc["format"] == "mpc_agg/data-dir-marker/v1" and doc["index"] == 0
     assert doc["fingerprint"] == fingerprint(deployment.topology())
+
+
+def test_an_insecure_topology_never_listens_beyond_loopback(tmp_path: Path) -> None:
+    doc = topology_doc(2, 0, name="insecure-bind")
+    doc["insecure"] = True
+    deployment = provision_local(write_topology(tmp_path, doc))
+    command = party_command(deployment.topology_path, deployment.party_dirs[0], "--new-data-dir")
+    status, line = refused([*command, "--bind", "0.0.0.0"], tmp_path)
+    assert status == 2 and "'0.0.0.0' is not a loopback address" in line
+    (deployment.party_dirs[0] / "party.yaml").write_text("bind: '::'\n")
+    status, line = refused(command, tmp_path)
+    assert status == 2 and "'::' is not a loopback address" in line
+    assert not deployment.topology().aggregator_dir(0).exists()  # refused before any state

@@ -74,6 +74,11 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except UnicodeDecodeError:
+        # A file that should be text (topology, template, card, list of ids) is not UTF-8;
+        # the readers that know the file name say so themselves.
+        print("error: an input file is not UTF-8 text", file=sys.stderr)
+        return EXIT_USAGE
     except (MpcAggError, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, MpcAggError):
             where = f" {exc.filename!r}" if exc.filename else ""

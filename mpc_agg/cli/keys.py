@@ -10,7 +10,9 @@ topology holds a party's card unchanged, or re-checks a saved result's signed st
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -113,28 +115,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from mpc_agg.config.schema import AggregatorAddress
+    from mpc_agg.config.schema import AggregatorAddress, check_host
     from mpc_agg.identity import CARD, generate_party_dir
 
-    # The address checks of the topology, before any key is made.
+    # The address checks of the topology and of party.yaml, before any key is made.
     AggregatorAddress(
         index=args.index, host=args.host, mpc_port=args.mpc_port, http_port=args.http_port
     )
+    local: dict[str, str] = {"data_dir": _checked_data_dir(args.data_dir)}
+    if args.bind is not None:
+        local["bind"] = check_host(args.bind, "--bind")
     directory = Path(args.party_dir)
     settings = directory / PARTY_SETTINGS
-    if settings.exists():
+    if os.path.lexists(settings):
         raise UsageError(f"{str(settings)!r} already exists; keys are never overwritten")
     card = generate_party_dir(directory, args.index, args.host, args.mpc_port, args.http_port)
-    local: dict[str, str] = {"data_dir": args.data_dir}
-    if args.bind is not None:
-        local["bind"] = args.bind
-    settings.write_text(
+    text = (
         "# This party's local settings (not part of the shared topology); paths relative "
         "to this directory.\n" + yaml.safe_dump(local, sort_keys=False)
     )
+    # Exclusively, never through a link planted in the directory meanwhile.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(settings, flags, 0o644), "w") as f:
+        f.write(text)
     print(f"party {card.index}: keys in {str(common.resolve(directory))} (private, mode 0600)")
     print(f"card: {str(common.resolve(directory / CARD))}  <- send this file, and only this")
     return common.EXIT_OK
+
+
+def _checked_data_dir(value: str) -> str:
+    """``--data-dir`` as party.yaml will hold it: a non-empty path without NUL."""
+    if not value or "\x00" in value:
+        raise UsageError(f"--data-dir: not a usable path: {value!r}")
+    return value
 
 
 def _assemble(args: argparse.Namespace) -> int:
@@ -145,9 +158,18 @@ def _assemble(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise UsageError(f"{str(out)!r} already exists; pass --force to replace it")
     assembled = assemble(args.template, [read_card(c) for c in args.cards])
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(assembled.text)
-    tmp.replace(out)
+    # A new file of our own beside the output (never an existing one, never a link),
+    # renamed over it.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(assembled.text)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     print(f"topology {assembled.topology.name}: {assembled.topology.m} aggregators -> {out}")
     print(f"fingerprint {assembled.fingerprint}")
     return common.EXIT_OK
@@ -159,9 +181,11 @@ def _client_ids(args: argparse.Namespace) -> list[str] | None:
     if args.client:
         return list(args.client)
     try:
-        lines = Path(args.clients_file).read_text().splitlines()
+        lines = Path(args.clients_file).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise UsageError(f"cannot read {args.clients_file!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{args.clients_file!r} is not UTF-8 text") from None
     ids = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if not ids:
         raise UsageError(f"{args.clients_file!r} names no client")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpc_agg.config.load import Section, read_document
-from mpc_agg.config.schema import check_host
+from mpc_agg.config.schema import Topology, check_host, is_loopback
 from mpc_agg.errors import ConfigError
 
 PARTY_SETTINGS = "party.yaml"
@@ -68,17 +68,39 @@ def read_party_settings(party_dir: Path) -> PartySettings:
         data_dir = section.get("data_dir", str, "")
         bind = section.get("bind", str, "")
         return PartySettings(
-            data_dir=(Path(party_dir) / data_dir).resolve() if data_dir else None,
+            data_dir=(Path(party_dir) / _path(data_dir, "data_dir")).resolve()
+            if data_dir
+            else None,
             bind=check_host(bind, "bind") if bind else None,
         )
     except ConfigError as exc:
         raise ConfigError(exc.path, exc.detail, source) from None
 
 
+def _path(value: str, key: str) -> str:
+    """``value`` if it can name a file (no NUL byte), else :class:`ConfigError`."""
+    if "\x00" in value:
+        raise ConfigError(key, f"not a usable path: {value!r}")
+    return value
+
+
 def command_line_settings(data_dir: str | None, bind: str | None) -> PartySettings:
     """The settings given as ``--data-dir`` / ``--bind`` (a relative directory resolves
     against the current directory). Raises :class:`ConfigError` for a malformed address."""
     return PartySettings(
-        data_dir=Path(data_dir).resolve() if data_dir else None,
+        data_dir=Path(_path(data_dir, "--data-dir")).resolve() if data_dir else None,
         bind=check_host(bind, "--bind") if bind else None,
     )
+
+
+def check_bind(topology: Topology, bind: str | None) -> None:
+    """Refuse a bind address that would expose an ``insecure`` topology (plain HTTP, no
+    tokens) beyond this machine: its ``insecure: true`` is allowed only because every
+    host is a loopback address, and the party listens on ``bind`` instead of its host.
+    Raises :class:`ConfigError`."""
+    if topology.insecure and bind is not None and not is_loopback(bind):
+        raise ConfigError(
+            "bind",
+            f"{bind!r} is not a loopback address, and topology {topology.name!r} is insecure "
+            "(plain HTTP, no tokens): it may listen on loopback only",
+        )

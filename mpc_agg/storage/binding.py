@@ -289,7 +289,10 @@ def write_marker(directory: Path, marker: Marker) -> None:
     """Write ``directory/TOPOLOGY.json`` durably: a temporary file, fsync'd, renamed over
     the marker, then the directory fsync'd (a crash leaves the old marker or the new)."""
     tmp = directory / (MARKER + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # A stale temporary file (a crash) is removed, not reopened: the new one is created
+    # exclusively, so a link left in its place is never followed.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         data = marker.to_json()
         if os.write(fd, data) != len(data):
