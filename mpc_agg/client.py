@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import numpy.typing as npt
 import xxhash
@@ -36,7 +37,7 @@ from mpc_agg.errors import (
 )
 from mpc_agg.transport.http_client import (
     AggregatorAPI,
-    new_session,
+    KeptSession,
     run_sync,
     tokens_per_aggregator,
 )
@@ -77,6 +78,12 @@ class Client:
     this object's retries are identical. ``rng``: source of rounding coins (default: a
     generator seeded from the OS); ``random_bytes``: seed source (default:
     ``secrets.token_bytes``). Inject those two only in tests, and not with ``secret``.
+
+    Connections: ``async with Client(...) as client:`` keeps one HTTP session, and so its
+    connections to the aggregators (TCP and TLS handshakes done once), for every
+    ``submit_async`` inside the block; ``session`` (an ``aiohttp.ClientSession`` the caller
+    owns and closes) shares one among many clients of one process (a simulation, a
+    benchmark). Otherwise each submission opens and closes its own connections.
     """
 
     def __init__(
@@ -91,6 +98,7 @@ class Client:
         rng: np.random.Generator | None = None,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
         secret: bytes | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.topology = topology
         self.client_id = codec.check_id("client", client_id)
@@ -107,9 +115,21 @@ class Client:
         self._rng = rng if rng is not None else np.random.default_rng()
         self._random_bytes = random_bytes
         self._prepared: dict[str, tuple[bytes, list[bytes | bytearray]]] = {}
+        self._session = KeptSession(timeout_s, session)
 
     def __repr__(self) -> str:
         return f"Client({self.client_id!r}, topology={self.topology.name!r})"
+
+    async def __aenter__(self) -> Client:
+        self._session.keep()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections kept by ``async with`` (not a ``session`` passed in)."""
+        await self._session.close()
 
     def prepare(self, round_id: str, vector: npt.ArrayLike) -> list[bytes | bytearray]:
         """Encode and shard ``vector``: the upload body for each aggregator, in index order.
@@ -126,7 +146,8 @@ class Client:
             raise EncodingError(f"vector must be 1-dimensional, got shape {np.shape(vector)}")
         # The vector is encoded straight into the full share's upload body, and the seeds'
         # expansions are subtracted there: one vector-sized buffer, no copies.
-        body, vec = codec.full_share_body(full, d)
+        ring = self.topology.encoding.ring
+        body, vec = codec.full_share_body(full, d, ring)
         if self._secret is None:
             self.topology.encoding.encode(vector, self._rng, out=vec)
             seed_for = None
@@ -148,6 +169,7 @@ class Client:
             full_index=full,
             random_bytes=self._random_bytes,
             seed_for=seed_for,
+            ring=ring,
         )
         return [body if s.aggregator == full else codec.encode_share(s) for s in shares]
 
@@ -189,7 +211,7 @@ class Client:
         """Upload prepared ``bodies`` concurrently to ``aggregators`` (default: all)."""
         targets = list(range(self.topology.m)) if aggregators is None else aggregators
         path = f"/v1/rounds/{round_id}/shares/{self.client_id}"
-        async with new_session(self.timeout_s) as session:
+        async with self._session() as session:
             apis = {
                 i: AggregatorAPI(
                     session,

@@ -24,12 +24,12 @@ import numpy.typing as npt
 from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
-from mpc_agg.core.field import FieldArray
+from mpc_agg.core.ring import RingArray
 from mpc_agg.core.statement import ResultStatement, SignedStatement, verify_result
 from mpc_agg.errors import AggregationTimeout, RemoteRefusal, RoundFailed, UsageError
 from mpc_agg.transport.http_client import (
     AggregatorAPI,
-    new_session,
+    KeptSession,
     run_sync,
     tokens_per_aggregator,
 )
@@ -39,7 +39,8 @@ from mpc_agg.transport.http_client import (
 class AggregateResult:
     """A revealed round.
 
-    ``total``: the decoded sum (float64, length d); ``field_total``: the exact sum in GF(p);
+    ``total``: the decoded sum (float64, length d); ``field_total``: the exact sum in the
+    topology's ring (``uint64`` in GF(p), ``uint32`` in Z_(2^32));
     ``num_clients``: clients counted; ``dropped_clients``: partial uploads left out;
     ``epsilon``/``delta``: the round's privacy cost (None without DP);
     ``noise_stddev``: standard deviation of the noise in each coordinate of ``total``
@@ -55,7 +56,7 @@ class AggregateResult:
 
     round_id: str
     total: npt.NDArray[np.float64]
-    field_total: FieldArray
+    field_total: RingArray
     num_clients: int
     dropped_clients: int
     epsilon: float | None
@@ -72,13 +73,13 @@ class AggregateResult:
         np.savez(
             path,
             round_id=np.array(self.round_id),
-            field_total=np.asarray(self.field_total, dtype=np.uint64),
+            field_total=np.asarray(self.field_total),  # uint64 or uint32: names the ring
             statements=np.array(json.dumps(list(self.statements))),
         )
 
 
 def verify_statements(
-    topology: Topology, round_id: str, field_total: FieldArray, statements: Sequence[Any]
+    topology: Topology, round_id: str, field_total: RingArray, statements: Sequence[Any]
 ) -> ResultStatement:
     """Check that every aggregator of ``topology`` signed a statement vouching for
     ``field_total`` of ``round_id`` under this topology; returns the agreed statement or
@@ -97,7 +98,7 @@ def load_and_verify(topology: Topology, path: str | Path) -> AggregateResult:
     """A result saved with :meth:`AggregateResult.save`, verified against ``topology``."""
     with np.load(path, allow_pickle=False) as data:
         round_id = str(data["round_id"])
-        total = np.ascontiguousarray(data["field_total"], dtype=np.uint64)
+        total = np.ascontiguousarray(data["field_total"])  # its dtype names its ring
         statements = json.loads(str(data["statements"]))
     return _verified_result(topology, round_id, total, statements, {})
 
@@ -105,7 +106,7 @@ def load_and_verify(topology: Topology, path: str | Path) -> AggregateResult:
 def _verified_result(
     topology: Topology,
     round_id: str,
-    total: FieldArray,
+    total: RingArray,
     statements: Sequence[dict[str, Any]],
     meta: dict[str, Any],
 ) -> AggregateResult:
@@ -147,9 +148,19 @@ class Collector:
         self.fingerprint = fingerprint(topology)
         self.timeout_s = timeout_s
         self.retries = retries
+        self._session = KeptSession(timeout_s)
 
     def __repr__(self) -> str:
         return f"Collector(topology={self.topology.name!r})"
+
+    async def __aenter__(self) -> Collector:
+        """``async with Collector(...)``: one session, so its connections to the
+        aggregators, kept for every call inside the block."""
+        self._session.keep()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
 
     def _apis(self, session: Any) -> list[AggregatorAPI]:
         return [
@@ -176,7 +187,7 @@ class Collector:
         body: dict[str, Any] = {"dim": dim}
         if min_clients is not None:
             body["min_clients"] = min_clients
-        async with new_session(self.timeout_s) as session:
+        async with self._session() as session:
             await asyncio.gather(
                 *(
                     api.request("PUT", f"/v1/rounds/{round_id}", json_body=body)
@@ -191,7 +202,7 @@ class Collector:
         return run_sync(self.status_async(round_id), "status")
 
     async def status_async(self, round_id: str) -> list[dict[str, Any]]:
-        async with new_session(self.timeout_s) as session:
+        async with self._session() as session:
             answers = await asyncio.gather(
                 *(api.request("GET", f"/v1/rounds/{round_id}") for api in self._apis(session))
             )
@@ -207,7 +218,7 @@ class Collector:
 
     async def rounds_async(self) -> list[dict[str, Any]]:
         """:meth:`rounds` for code that already runs an event loop."""
-        async with new_session(self.timeout_s) as session:
+        async with self._session() as session:
             answers = await asyncio.gather(
                 *(api.request("GET", "/v1/rounds") for api in self._apis(session))
             )
@@ -236,7 +247,7 @@ class Collector:
         deadline = time.monotonic() + timeout
         late = f"round {round_id!r} did not end within {timeout} s of its abort"
         path = f"/v1/rounds/{round_id}"
-        async with new_session(self.timeout_s) as session:
+        async with self._session() as session:
             leader = self._apis(session)[0]
 
             async def ask(method: str) -> dict[str, Any]:
@@ -272,7 +283,7 @@ class Collector:
         codec.check_id("round", round_id)
         deadline = time.monotonic() + timeout
         late = f"round {round_id!r} did not finish within {timeout} s"
-        async with new_session(self.timeout_s) as session:
+        async with self._session() as session:
             leader = self._apis(session)[0]
             while True:  # the leader refuses to close while the party network is down
                 try:
@@ -287,7 +298,7 @@ class Collector:
                         raise AggregationTimeout(f"{late}: {exc.detail}") from None
                     await asyncio.sleep(0.5)
             body = await _poll_until_done(leader, round_id, "result", deadline, late)
-            total, meta = codec.decode_result(body)
+            total, meta = codec.decode_result(body, self.topology.encoding.ring)
             if not self.topology.has_keys:  # an in-process topology: nothing to verify with
                 return _unverified_result(self.topology, round_id, total, meta)
             answers = await asyncio.gather(
@@ -324,7 +335,7 @@ async def _poll_until_done(
 
 
 def _unverified_result(
-    topology: Topology, round_id: str, total: FieldArray, meta: dict[str, Any]
+    topology: Topology, round_id: str, total: RingArray, meta: dict[str, Any]
 ) -> AggregateResult:
     return AggregateResult(
         round_id=round_id,

@@ -91,6 +91,12 @@ class DimensionMismatch(MalformedUpload):
     code = "wrong_dimension"
 
 
+class RingMismatch(MalformedUpload):
+    """An upload (or a result) is in another ring than the topology's ``encoding.ring``."""
+
+    code = "wrong_ring"
+
+
 class PayloadTooLarge(PeerError):
     """A request body exceeds the configured limit."""
 

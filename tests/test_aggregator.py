@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mpc_agg import Client, Topology
 from mpc_agg.aggregator import Aggregator
+from mpc_agg.aggregator import ingest as ingest_module
 from mpc_agg.aggregator.ingest import expected_kind
 from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.core import codec
@@ -319,7 +320,7 @@ def test_only_the_last_keep_results_totals_are_kept(tmp_path):
     assert aggs[0].rounds["r1"].state is RoundState.DONE and aggs[0].rounds["r1"].total is None
 
 
-def test_cancelled_close_while_uploads_are_ingested_fails_the_round_cleanly(tmp_path):
+def test_cancelled_close_while_uploads_are_ingested_fails_the_round_cleanly(tmp_path, monkeypatch):
     """The party network is lost (its supervisor cancels the aggregation) while the close
     waits for an upload still on an ingest thread: the round FAILs instead of staying
     CLOSING, the late upload is refused and not counted, and the journal is ended and
@@ -331,13 +332,14 @@ def test_cancelled_close_while_uploads_are_ingested_fails_the_round_cleanly(tmp_
     leader.open_round("r", 50)
     body = Client(leader.topology, "c0").prepare("r", np.ones(50))[0]
     gate = threading.Event()
-    real_ingest = leader.ingest._work
+    real_ingest = leader.ingest._write
 
     def slow_ingest(*args):
         gate.wait(10)
         return real_ingest(*args)
 
-    leader.ingest._work = slow_ingest  # type: ignore[method-assign]
+    leader.ingest._write = slow_ingest  # type: ignore[method-assign]
+    monkeypatch.setattr(ingest_module, "INLINE_BYTES", 0)  # on an ingest thread, not the loop
     journal_path = leader.store.journals["r"].path
 
     async def main() -> object:

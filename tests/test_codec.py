@@ -26,7 +26,7 @@ FULL_HEX = (
     "01"  # version 1
     "00"  # kind 0 = FULL
     "01"  # aggregator index 1
-    "00"  # reserved
+    "00"  # ring 0 = gf_p61
     "02000000"  # dim = 2 (uint32 LE)
     "0100000000000000"  # vector[0] = 1 (uint64 LE)
     "feffffffffffff1f"  # vector[1] = p - 1 = 0x1ffffffffffffffe
@@ -39,7 +39,7 @@ SEED_HEX = (
     "01"  # version 1
     "01"  # kind 1 = SEED
     "02"  # aggregator index 2
-    "00"  # reserved
+    "00"  # ring 0 = gf_p61
     "e8030000"  # dim = 1000 (uint32 LE)
     "000102030405060708090a0b0c0d0e0f"  # 16-byte seed
 )
@@ -49,7 +49,8 @@ SEED_BYTES = bytes.fromhex(SEED_HEX)
 RESULT_HEX = (
     "4d504152"  # magic b"MPAR"
     "01"  # version 1
-    "000000"  # reserved
+    "00"  # ring 0 = gf_p61
+    "0000"  # reserved
     "02000000"  # dim = 2
     "07000000"  # meta_len = 7
     "7b226e223a337d"  # {"n":3}
@@ -117,8 +118,7 @@ def test_result_pinned_bytes() -> None:
         (with_byte(FULL_BYTES, 4, 0), 1, 2, "unsupported version 0"),
         (with_byte(FULL_BYTES, 5, 2), 1, 2, "unknown share kind 2"),
         (with_byte(FULL_BYTES, 5, 255), 1, 2, "unknown share kind 255"),
-        (with_byte(FULL_BYTES, 7, 1), 1, 2, "reserved header byte is 1"),
-        (with_byte(SEED_BYTES, 7, 128), 2, 1000, "reserved header byte is 128"),
+        (with_byte(SEED_BYTES, 7, 128), 2, 1000, "unknown ring 128 in the share header"),
         (FULL_BYTES, 0, 2, "addressed to aggregator 1, but this is aggregator 0"),
         (SEED_BYTES, 1, 1000, "addressed to aggregator 2, but this is aggregator 1"),
         (FULL_BYTES[:-1], 1, 2, "is 28 bytes, got 27"),

@@ -103,3 +103,54 @@ def test_prepared_shares_recombine_to_the_encoded_vector():
     assert sorted(s.kind.name for s in shares) == ["FULL", "SEED", "SEED"]
     total = unshard([s.expand("r", "alice") for s in shares])
     np.testing.assert_array_equal(to_signed(total) / 2.0**24, x)
+
+
+def test_a_client_in_async_with_reuses_its_connections_across_submissions() -> None:
+    """Inside ``async with Client(...)``, every submission goes over the same connection to
+    each aggregator (no new TCP/TLS handshake); outside, each opens its own."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def main() -> tuple[list[set[int]], list[set[int]]]:
+        peers: list[set[int]] = [set(), set()]
+        runners = []
+        ports = []
+        for i in range(2):
+
+            async def put(request: web.Request, i: int = i) -> web.Response:
+                await request.read()
+                peers[i].add(request.transport.get_extra_info("peername")[1])  # type: ignore[union-attr]
+                return web.json_response({"accepted": True}, status=201)
+
+            app = web.Application()
+            app.router.add_put("/v1/rounds/{round}/shares/{client}", put)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            runners.append(runner)
+            ports.append(runner.addresses[0][1])
+        doc = topology_doc(2, 0, name="reuse", insecure=True)
+        for i, port in enumerate(ports):
+            doc["aggregators"][i]["http_port"] = port
+        topo = Topology.from_dict(doc)
+        try:
+            async with Client(topo, "c1") as client:
+                for r in ("r1", "r2", "r3"):
+                    await client.submit_async(r, np.ones(4))
+            kept = [set(p) for p in peers]
+            for p in peers:
+                p.clear()
+            client = Client(topo, "c1")
+            for r in ("r4", "r5"):
+                await client.submit_async(r, np.ones(4))
+            fresh = [set(p) for p in peers]
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+        return kept, fresh
+
+    kept, fresh = asyncio.run(main())
+    assert [len(p) for p in kept] == [1, 1]
+    assert [len(p) for p in fresh] == [2, 2]

@@ -185,7 +185,7 @@ def test_allowed_keys_are_the_dataclass_fields() -> None:
         "mechanism",
     ]
     assert yaml_keys(DPSettings, "budget") == ["delta", "epsilon"]
-    assert yaml_keys(FixedPointEncoding) == ["coord_clip", "frac_bits", "l2_clip"]
+    assert yaml_keys(FixedPointEncoding) == ["coord_clip", "frac_bits", "l2_clip", "ring"]
     assert "source" not in yaml_keys(Topology)
     assert set(yaml_keys(Topology)) == {f.name for f in fields(Topology)} - {"source"}
 

@@ -238,7 +238,7 @@ def test_an_upload_on_a_full_disk_is_507_and_changes_nothing(
             body = Client(aggs[0].topology, cid).prepare("r", np.ones(8))[0]
             path = f"/v1/rounds/r/shares/{cid}"
             with monkeypatch.context() as patch:
-                patch.setattr(RoundJournal, "append_share", full_disk)
+                patch.setattr(RoundJournal, "write_share", full_disk)
                 status, answer = await call(clients[0], "PUT", path, body)
             assert (status, answer["error"]) == (507, "storage_failure")
             assert "ENOSPC" in answer["detail"] and "retry later" in answer["detail"]
@@ -440,7 +440,7 @@ def test_every_refusal_kind_shows_in_metrics(
                 async with session.put(base + path, data=body + b"\0") as response:
                     assert response.status == 413
                 with monkeypatch.context() as patch:
-                    patch.setattr(RoundJournal, "append_share", full_disk)
+                    patch.setattr(RoundJournal, "write_share", full_disk)
                     async with session.put(base + path, data=body) as response:
                         assert response.status == 507
             head, _ = await raw_exchange(host, port, b"NOT HTTP\r\n\r\n")

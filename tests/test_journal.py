@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,91 @@ def test_a_journal_without_a_valid_open_record_is_refused(tmp_path: Path) -> Non
     path.write_bytes(b"\x05\x00\x00\x00garbage-garbage")
     with pytest.raises(ValueError, match="no valid OPEN record"):
         RoundJournal.recover(path, fsync=False)
+
+
+class RecordingSync:
+    """An fsync that records, per call, the file size when it started (every record
+    written whole by then is covered) and whether it has returned; slow enough that
+    concurrent appends pile up behind it. ``fail_next``: the next call raises EIO."""
+
+    def __init__(self, seconds: float = 0.02) -> None:
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.calls: list[dict[str, int | bool]] = []
+        self.fail_next = False
+
+    def __call__(self, fd: int) -> None:
+        call = {"covers": os.fstat(fd).st_size, "done": False}
+        with self.lock:
+            self.calls.append(call)
+            fail, self.fail_next = self.fail_next, False
+        time.sleep(self.seconds)
+        os.fsync(fd)
+        if fail:
+            raise OSError(5, "Input/output error")
+        with self.lock:
+            call["done"] = True
+
+    def covered(self, end: int) -> bool:
+        """True if an fsync that started once ``end`` bytes were written has returned."""
+        with self.lock:
+            return any(c["done"] and int(c["covers"]) >= end for c in self.calls)
+
+
+def test_concurrent_appends_share_fsyncs_and_none_is_acknowledged_before_its_own(
+    tmp_path: Path,
+) -> None:
+    """Group commit: N appends at once are each acknowledged only after an fsync that
+    started after their record was written whole has returned, with fewer fsyncs than
+    appends."""
+    sync = RecordingSync()
+    path = tmp_path / "r.journal"
+    journal = RoundJournal.create(path, HEADER, fsync=True, sync=sync)
+    opened = len(sync.calls)
+    n = 16
+    start = threading.Barrier(n)
+    acked: dict[str, tuple[tuple[int, int], bool]] = {}
+    errors: list[BaseException] = []
+
+    def append(i: int) -> None:
+        try:
+            start.wait()
+            ref = journal.append_share(f"c{i}", bytes([i]) * 1000)
+            # The record ends after the body and its 8-byte checksum.
+            acked[f"c{i}"] = (ref, sync.covered(ref[0] + ref[1] + 8))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(acked) == n
+    assert all(covered for _, covered in acked.values()), acked
+    appends_fsyncs = len(sync.calls) - opened
+    assert 1 <= appends_fsyncs < n
+    _, contents = RoundJournal.recover(path, fsync=False)
+    assert sorted(s.client_id for s in contents.shares) == sorted(acked)
+
+
+def test_a_failed_fsync_fails_every_append_it_covered_and_a_later_one_syncs_again(
+    tmp_path: Path,
+) -> None:
+    sync = RecordingSync(seconds=0.0)
+    journal = RoundJournal.create(tmp_path / "r.journal", HEADER, fsync=True, sync=sync)
+    sync.fail_next = True
+    with pytest.raises(OSError, match="Input/output error"):
+        journal.append_share("c1", b"x" * 10)
+    calls = len(sync.calls)
+    ref = journal.append_share("c2", b"y" * 10)
+    assert len(sync.calls) == calls + 1  # not taken for durable by the failed fsync
+    assert sync.covered(ref[0] + ref[1] + 8)
+
+
+def test_without_fsync_no_sync_is_called(tmp_path: Path) -> None:
+    sync = RecordingSync(seconds=0.0)
+    journal = RoundJournal.create(tmp_path / "r.journal", HEADER, fsync=False, sync=sync)
+    journal.append_share("c1", b"x")
+    assert sync.calls == []

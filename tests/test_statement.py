@@ -185,7 +185,7 @@ def test_clients_digest_rejects_non_strings() -> None:
     [
         (np.array([1, 2], dtype=np.int64), "uint64"),
         (np.array([1.0]), "uint64"),
-        (np.array([1, 2], dtype=np.uint32), "dtype uint64"),
+        (np.array([1, 2], dtype=np.uint16), "dtype uint64"),  # uint32 is a z2_32 total
         (np.zeros((2, 2), dtype=np.uint64), "1-D"),
         (np.array([P_REF], dtype=np.uint64), "not below p"),
         (np.array([0, 2**64 - 1], dtype=np.uint64), "not below p"),

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
-from mpc_agg.core.field import FieldArray
+from mpc_agg.core.ring import RingArray
 from mpc_agg.core.rounds import TERMINAL, Round, RoundState
 from mpc_agg.core.sharing import ShareKind
 from mpc_agg.core.statement import ResultStatement, sign_statement, total_digest
@@ -181,7 +181,9 @@ class Aggregator:
 
     def max_body_bytes(self) -> int:
         """Largest upload body of any round (a FULL share of ``max_dim``)."""
-        return codec.share_body_length(ShareKind.FULL, self.topology.rounds.max_dim)
+        return codec.share_body_length(
+            ShareKind.FULL, self.topology.rounds.max_dim, self.topology.encoding.ring
+        )
 
     def upload_limit(self, round_id: str, client_id: str) -> int:
         """Checks that need no body (ids, round known): the largest body worth reading.
@@ -190,12 +192,14 @@ class Aggregator:
         """
         codec.check_id("client", client_id)
         kind = expected_kind(client_id, self.index, self.topology.m)
-        return codec.share_body_length(kind, self.store.lookup(round_id).dim)
+        rnd = self.store.lookup(round_id)
+        return codec.share_body_length(kind, rnd.dim, rnd.ring)
 
     def full_share_bytes(self, round_id: str) -> int:
         """Length of a full share of ``round_id``: what one client may have in flight here
         at most (its fair share of the upload buffer)."""
-        return codec.share_body_length(ShareKind.FULL, self.store.lookup(round_id).dim)
+        rnd = self.store.lookup(round_id)
+        return codec.share_body_length(ShareKind.FULL, rnd.dim, rnd.ring)
 
     def receive_share(self, round_id: str, client_id: str, body: bytes | bytearray) -> bool:
         """Validate, journal and accumulate one upload in the calling thread: True when
@@ -314,7 +318,7 @@ class Aggregator:
             ],
         }
 
-    def _done_round(self, round_id: str) -> tuple[Round, FieldArray]:
+    def _done_round(self, round_id: str) -> tuple[Round, RingArray]:
         """The DONE round ``round_id`` and its total; raises RoundAborted (410) if it
         failed, ResultExpired (410) if its total was dropped, ResultNotReady (409) before."""
         rnd = self.store.lookup(round_id)

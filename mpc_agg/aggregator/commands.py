@@ -31,7 +31,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from mpc_agg.core import codec
-from mpc_agg.core.field import FieldArray
 from mpc_agg.core.protocol import (
     AbortCommand,
     CloseCommand,
@@ -49,6 +48,7 @@ from mpc_agg.core.protocol import (
     ended_elsewhere,
     union_of_open,
 )
+from mpc_agg.core.ring import RingArray
 from mpc_agg.core.rounds import TERMINAL, Agreement, Round, RoundState
 from mpc_agg.core.sharing import Share, ShareKind
 from mpc_agg.core.statement import clients_digest
@@ -301,7 +301,7 @@ class Driver:
                 self.fail(rnd, str(exc), exc.code)
                 return
             assert rnd is not None  # decide_views fails if any party lacks the round
-            share: FieldArray | None = None
+            share: RingArray | None = None
             try:
                 share = self.sum_share(rnd, agreement)
             except Exception:  # noqa: BLE001 - announced to all parties in exchange 2
@@ -370,7 +370,7 @@ class Driver:
             )
         return None
 
-    def sum_share(self, rnd: Round, agreement: Agreement) -> FieldArray:
+    def sum_share(self, rnd: Round, agreement: Agreement) -> RingArray:
         """This aggregator's share of the total, ready to reveal: the agreed clients' sum,
         with this aggregator's noise added when the round has DP. Raises on any failure,
         and then nothing of the share leaves the party.
@@ -385,17 +385,17 @@ class Driver:
         self.store.journals[rnd.round_id].append_mark("revealing")
         return self.privacy.noisy(rnd.round_id, rnd.local_sum())
 
-    def _share_vector(self, rnd: Round, client_id: str) -> FieldArray:
+    def _share_vector(self, rnd: Round, client_id: str) -> RingArray:
         """The expanded share of an accepted client (re-read from the journal if FULL)."""
         accepted = rnd.accepted[client_id]
         if accepted.kind is ShareKind.SEED:
             assert accepted.seed is not None
-            return Share(self.index, ShareKind.SEED, rnd.dim, seed=accepted.seed).expand(
-                rnd.round_id, client_id
-            )
+            return Share(
+                self.index, ShareKind.SEED, rnd.dim, seed=accepted.seed, ring=rnd.ring
+            ).expand(rnd.round_id, client_id)
         assert isinstance(accepted.ref, tuple)
         body = self.store.journals[rnd.round_id].read(accepted.ref)
-        return codec.decode_share(body, aggregator=self.index, dim=rnd.dim).expand(
+        return codec.decode_share(body, aggregator=self.index, dim=rnd.dim, ring=rnd.ring).expand(
             rnd.round_id, client_id
         )
 

@@ -2,9 +2,11 @@
 
 README, "How a round works" (step 3). :class:`Ingest` checks an upload's header and reserves
 the client in its round on the event loop, runs the value check, seed expansion and journal
-write + fsync on a thread pool (numpy, OpenSSL and file I/O release the GIL), then settles
-the reservation. A close waits for the reservations made before it: :meth:`Ingest.drain`
-awaits an event set when a round has none left, it does not poll.
+write on a thread pool (numpy, OpenSSL and file I/O release the GIL; on the loop itself for
+small vectors), waits for the fsync that covers the record on a commit thread (group
+commit: uploads arriving together share one fsync), then settles the reservation. A close
+waits for the reservations made before it: :meth:`Ingest.drain` awaits an event set when a
+round has none left, it does not poll.
 """
 
 from __future__ import annotations
@@ -35,6 +37,23 @@ def expected_kind(client_id: str, index: int, m: int) -> ShareKind:
 INGEST_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads doing the O(d) work of uploads at one aggregator."""
 
+INLINE_BYTES = 256 * 1024
+"""Uploads of vectors of at most this many bytes (8 d: d <= 32768) do their O(d) work on
+the event loop (at most ~0.1 ms there): below this, handing it to a thread and back costs
+more than the work (README, "Cost model and performance")."""
+
+COMMIT_THREADS = 32
+"""Threads waiting for journal fsyncs (group commit): they only wait, and as many uploads
+as wait at once share one fsync."""
+
+
+def _storage_failure(exc: OSError) -> StorageFailure:
+    reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return StorageFailure(
+        f"this aggregator could not journal the upload durably ({reason}); nothing was "
+        "accepted, retry later"
+    )
+
 
 class Ingest:
     """Uploads into the rounds of ``store``; ``counters`` receives the upload metrics."""
@@ -45,6 +64,9 @@ class Ingest:
         self.counters = counters
         self._pool = ThreadPoolExecutor(
             max_workers=INGEST_THREADS, thread_name_prefix=f"ingest-{store.index}"
+        )
+        self._commits = ThreadPoolExecutor(
+            max_workers=COMMIT_THREADS, thread_name_prefix=f"commit-{store.index}"
         )
         self._tasks: set[asyncio.Future[None]] = set()
         self._idle: dict[str, asyncio.Event] = {}  # round id -> set while nothing is pending
@@ -69,8 +91,15 @@ class Ingest:
     async def receive_share_async(
         self, round_id: str, client_id: str, body: bytes | bytearray
     ) -> bool:
-        """:meth:`receive_share` with the O(d) work on the ingest threads. Once reserved,
-        the upload is finished even if the request is cancelled."""
+        """:meth:`receive_share` without blocking the event loop for long. Once reserved,
+        the upload is finished even if the request is cancelled.
+
+        The O(d) work (value check, seed expansion, journal write) runs on the ingest
+        threads, or on the loop itself for a vector of at most :data:`INLINE_BYTES` (where
+        a thread hop costs more than the work); the wait for the fsync covering the record
+        (group commit, :meth:`RoundJournal.commit`) runs on a commit thread, never on the
+        loop, so uploads arriving together share one fsync.
+        """
         rnd, share, digest = self._admit(round_id, client_id, body)
         if share is None:
             return False
@@ -79,9 +108,14 @@ class Ingest:
 
         async def work() -> None:
             try:
-                vector, ref = await loop.run_in_executor(
-                    self._pool, self._work, journal, rnd, client_id, share, body
-                )
+                if 8 * rnd.dim <= INLINE_BYTES:
+                    vector, ref, seq = self._write(journal, rnd, client_id, share, body)
+                else:
+                    vector, ref, seq = await loop.run_in_executor(
+                        self._pool, self._write, journal, rnd, client_id, share, body
+                    )
+                if journal.fsync:
+                    await loop.run_in_executor(self._commits, self._commit, journal, seq)
                 if rnd.state not in (RoundState.OPEN, RoundState.CLOSING):
                     raise RoundEnded(
                         f"round {round_id!r} ended ({rnd.state.value}) while this upload was "
@@ -112,7 +146,9 @@ class Ingest:
         try:
             codec.check_id("client", client_id)
             rnd = self.store.lookup(round_id)
-            share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim, check_values=False)
+            share = codec.decode_share(
+                body, aggregator=self.index, dim=rnd.dim, ring=rnd.ring, check_values=False
+            )
             expected = expected_kind(client_id, self.index, self.store.topology.m)
             if share.kind is not expected:
                 raise MalformedUpload(
@@ -145,17 +181,35 @@ class Ingest:
     ) -> tuple[FieldArray, tuple[int, int]]:
         """The O(d) part of accepting a reserved upload (any thread): check the values,
         expand a seed, journal the body durably. Touches no round state."""
+        vector, ref, seq = self._write(journal, rnd, client_id, share, body)
+        self._commit(journal, seq)
+        return vector, ref
+
+    def _write(
+        self,
+        journal: RoundJournal,
+        rnd: Round,
+        client_id: str,
+        share: Share,
+        body: bytes | bytearray,
+    ) -> tuple[FieldArray, tuple[int, int], int]:
+        """:meth:`_work` up to the journal write, not yet durable: the vector, the body's
+        place in the journal and the record's number for :meth:`_commit`."""
         codec.check_share_values(share)
         vector = share.expand(rnd.round_id, client_id)
         try:
-            ref = journal.append_share(client_id, body)
-        except OSError as exc:  # disk full, I/O error: the append left nothing behind
-            reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-            raise StorageFailure(
-                f"this aggregator could not journal the upload durably ({reason}); nothing "
-                "was accepted, retry later"
-            ) from exc
-        return vector, ref
+            ref, seq = journal.write_share(client_id, body)
+        except OSError as exc:  # disk full, I/O error: the write left nothing behind
+            raise _storage_failure(exc) from exc
+        return vector, ref, seq
+
+    @staticmethod
+    def _commit(journal: RoundJournal, seq: int) -> None:
+        """Wait until record ``seq`` of ``journal`` is durable (blocks: a commit thread)."""
+        try:
+            journal.commit(seq)
+        except OSError as exc:  # the fsync failed: the upload is not acknowledged
+            raise _storage_failure(exc) from exc
 
     def _refuse(self, rnd: Round, client_id: str) -> None:
         rnd.release(client_id)
@@ -203,5 +257,6 @@ class Ingest:
         then()
 
     def shutdown(self) -> None:
-        """Wait for the ingest threads to finish (on shutdown)."""
+        """Wait for the ingest and commit threads to finish (on shutdown)."""
         self._pool.shutdown(wait=True)
+        self._commits.shutdown(wait=True)

@@ -14,10 +14,11 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
+
 from mpc_agg.config.schema import Topology
-from mpc_agg.core import field
-from mpc_agg.core.field import FieldArray
 from mpc_agg.core.protocol import Refusal
+from mpc_agg.core.ring import GF_P61, Ring, RingArray
 from mpc_agg.dp.accountant import PrivacyLedger
 from mpc_agg.dp.discrete_gaussian import NoiseStream, sample_discrete_gaussian
 from mpc_agg.dp.planning import NoisePlan, plan_noise
@@ -35,10 +36,10 @@ class NoiseMechanism(Protocol):
 
     plan: NoisePlan
 
-    def add_local(self, share: FieldArray, stream: NoiseStream) -> FieldArray:
+    def add_local(self, share: RingArray, stream: NoiseStream) -> RingArray:
         """This aggregator's share as it goes to the reveal (a new array)."""
 
-    async def reveal(self, network: PartyNetwork, share: FieldArray, d: int) -> FieldArray:
+    async def reveal(self, network: PartyNetwork, share: RingArray, d: int) -> RingArray:
         """Open the total from every party's share (every party calls this alike)."""
 
     def status(self) -> dict[str, Any]:
@@ -46,21 +47,33 @@ class NoiseMechanism(Protocol):
 
 
 class DiscreteGaussianNoise:
-    """Each aggregator adds ``N_Z(0, sigma2)`` to its share; the shares are opened as is."""
+    """Each aggregator adds ``N_Z(0, sigma2)`` to its share, in the topology's ring (modulo
+    2^32 in Z_(2^32)); the shares are opened as is."""
 
-    def __init__(self, plan: NoisePlan) -> None:
+    def __init__(self, plan: NoisePlan, ring: Ring = GF_P61) -> None:
         self.plan = plan
+        self.ring = ring
 
-    def add_local(self, share: FieldArray, stream: NoiseStream) -> FieldArray:
+    def add_local(self, share: RingArray, stream: NoiseStream) -> RingArray:
         noise = sample_discrete_gaussian(self.plan.sigma2, self.plan.d, stream)
         if noise.shape != share.shape:
             raise AgreementFailed(
                 f"noise of shape {noise.shape} for a share of {share.shape}", code="aborted"
             )
-        return field.add(share, field.from_signed(noise))
+        # The headroom check bounds the total noise by the plan's tail (< the ring's limit)
+        # except with probability 2^-64; a sample beyond the ring's signed range itself
+        # would be added wrongly, so it aborts the round instead (like an int64 overflow).
+        peak = int(np.abs(noise).max()) if noise.size else 0
+        if peak >= self.ring.limit:
+            raise AgreementFailed(
+                f"a noise sample of magnitude {peak} is beyond the signed range of ring "
+                f"{self.ring.name} ({self.ring.limit_text}); nothing is revealed",
+                code="aborted",
+            )
+        return self.ring.add(share, self.ring.from_signed(noise))
 
-    async def reveal(self, network: PartyNetwork, share: FieldArray, d: int) -> FieldArray:
-        return await reveal_sum(network, share, d)
+    async def reveal(self, network: PartyNetwork, share: RingArray, d: int) -> RingArray:
+        return await reveal_sum(network, share, d, self.ring)
 
     def status(self) -> dict[str, Any]:
         return _common_status(self.plan)
@@ -70,14 +83,14 @@ class BinomialNoise:
     """No local noise: the shares enter MPyC as secrets and total + joint binomial noise is
     opened (docs/design.md, "Differential privacy", ``binomial``)."""
 
-    def __init__(self, plan: NoisePlan) -> None:
-        self.plan = plan
+    def __init__(self, plan: NoisePlan, ring: Ring = GF_P61) -> None:
+        self.plan = plan  # GF(p) only: a topology with binomial noise and z2_32 is refused
 
-    def add_local(self, share: FieldArray, stream: NoiseStream) -> FieldArray:
+    def add_local(self, share: RingArray, stream: NoiseStream) -> RingArray:
         return share
 
-    async def reveal(self, network: PartyNetwork, share: FieldArray, d: int) -> FieldArray:
-        total: FieldArray = await network.joint_binomial_sum(share, self.plan.trials)
+    async def reveal(self, network: PartyNetwork, share: RingArray, d: int) -> RingArray:
+        total: RingArray = await network.joint_binomial_sum(share, self.plan.trials)
         return total
 
     def status(self) -> dict[str, Any]:
@@ -89,7 +102,7 @@ class BinomialNoise:
         }
 
 
-MECHANISMS: dict[str, Callable[[NoisePlan], NoiseMechanism]] = {
+MECHANISMS: dict[str, Callable[[NoisePlan, Ring], NoiseMechanism]] = {
     "discrete_gaussian": DiscreteGaussianNoise,
     "binomial": BinomialNoise,
 }
@@ -170,7 +183,8 @@ class Privacy:
 
     def plan(self, round_id: str, dim: int) -> NoisePlan | None:
         """Calibrate the round's noise (with DP) and prove that clients plus noise cannot
-        wrap around p/2; raises InvalidRequest for an unsafe round. Remembers the plan."""
+        wrap around the ring's half (p/2, or 2^31 in Z_(2^32)); raises InvalidRequest for an
+        unsafe round. Remembers the plan."""
         dp = self.topology.dp
         if dp is None:
             return None
@@ -181,7 +195,9 @@ class Privacy:
             )
         except ConfigError as exc:
             raise InvalidRequest(f"unsafe round of dimension {dim}: {exc.detail}") from None
-        self.mechanisms[round_id] = MECHANISMS[str(plan.mechanism)](plan)
+        self.mechanisms[round_id] = MECHANISMS[str(plan.mechanism)](
+            plan, self.topology.encoding.ring
+        )
         if plan.trials:
             log.info(
                 "round %s: joint binomial noise, %d trials per coordinate, %d secret bits "
@@ -244,7 +260,7 @@ class Privacy:
             )
         return None
 
-    def noisy(self, round_id: str, share: FieldArray) -> FieldArray:
+    def noisy(self, round_id: str, share: RingArray) -> RingArray:
         """Charge the release in the ledger durably, then return ``share`` as it goes to the
         reveal (with this aggregator's noise, for a mechanism that adds noise locally).
         Every release attempt is charged, before any noisy share leaves the party; raises
@@ -273,12 +289,12 @@ class Privacy:
         return mechanism.add_local(share, self.noise_stream())
 
     async def reveal(
-        self, network: PartyNetwork, round_id: str, share: FieldArray, d: int
-    ) -> FieldArray:
+        self, network: PartyNetwork, round_id: str, share: RingArray, d: int
+    ) -> RingArray:
         """Open the total of the round (every party calls this alike)."""
         mechanism = self.mechanisms.get(round_id)
         if mechanism is None:
-            return await reveal_sum(network, share, d)
+            return await reveal_sum(network, share, d, self.topology.encoding.ring)
         return await mechanism.reveal(network, share, d)
 
     def status(self, round_id: str) -> dict[str, Any] | None:

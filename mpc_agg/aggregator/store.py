@@ -175,6 +175,7 @@ class RoundStore:
             deadline_at=now + max_open_s,
             opened_unix=opened_unix,
             deadline_unix=opened_unix + max_open_s,
+            ring=self.topology.encoding.ring,
         )
         self._register(rnd, journal)
         return rnd
@@ -374,10 +375,11 @@ class RoundStore:
     def _replay(
         self, round_id: str, dim: int, min_clients: int, journal: RoundJournal, contents: Any
     ) -> Round:
-        rnd = Round(round_id, dim, min_clients, opened_at=self.clock())
+        ring = self.topology.encoding.ring
+        rnd = Round(round_id, dim, min_clients, opened_at=self.clock(), ring=ring)
         for rec in contents.shares:  # one body in memory at a time
             body = journal.read(rec.ref)
-            share = codec.decode_share(body, aggregator=self.index, dim=dim)
+            share = codec.decode_share(body, aggregator=self.index, dim=dim, ring=ring)
             if rec.client_id in rnd.accepted:
                 # A record written whose fsync then failed (the upload was refused and
                 # retried): the first record of the client is the one acknowledged.

@@ -10,7 +10,8 @@ What is covered, section by section (each has its own digest, so a mismatch can 
 ``format``       the fingerprint's own version and the topology's ``name``
 ``aggregators``  each aggregator's host, ports and the SHA-256 of its public keys
 ``threshold``    MPyC's Shamir threshold
-``encoding``     ``frac_bits``, ``coord_clip``, ``l2_clip``
+``encoding``     ``frac_bits``, ``coord_clip``, ``l2_clip``, and ``ring`` unless it is the
+                 default ``gf_p61`` (so fingerprints from before the key existed stand)
 ``rounds``       ``min_clients``, ``max_clients``, ``max_dim``
 ``dp``           every field of the ``dp`` section (or none)
 ``security``     ``insecure``
@@ -29,6 +30,7 @@ import ssl
 from typing import Any
 
 from mpc_agg.config.schema import Topology
+from mpc_agg.core.ring import GF_P61
 
 FORMAT = "mpc_agg/topology-fingerprint/v1"
 TOPOLOGY_HEADER = "X-Mpc-Agg-Topology"
@@ -66,6 +68,9 @@ def section_values(topology: Topology) -> dict[str, Any]:
             "frac_bits": enc.frac_bits,
             "coord_clip": enc.coord_clip,
             "l2_clip": enc.l2_clip,
+            # Only a non-default ring is named: every topology written before rings existed
+            # (all GF(p)) keeps its fingerprint, and so its data directories and clients.
+            **({} if enc.ring is GF_P61 else {"ring": enc.ring.name}),
         },
         "rounds": {
             "min_clients": topology.rounds.min_clients,

@@ -27,6 +27,7 @@ from typing import Any
 from mpc_agg.config.load import YAML, Section, expect, read_document, yaml_keys
 from mpc_agg.core.codec import MAX_DIM, share_body_length
 from mpc_agg.core.encoding import FixedPointEncoding
+from mpc_agg.core.ring import GF_P61, ring_named
 from mpc_agg.core.sharing import ShareKind
 from mpc_agg.dp.planning import Mechanism as Mechanism
 from mpc_agg.dp.planning import plan_noise
@@ -477,6 +478,15 @@ class Topology:
                     "binomial noise is generated as secret-shared bits inside MPyC, which "
                     "needs threshold >= 1 (with threshold 0 MPyC's shares are the plain values)",
                 )
+        ring = self.encoding.ring
+        if dp.mechanism is Mechanism.BINOMIAL and ring is not GF_P61:
+            raise ConfigError(
+                "encoding.ring",
+                f"{ring.name} cannot carry joint binomial noise: the shares of the total enter "
+                "MPyC as secret-shared elements of GF(2^61-1), and a sum that wraps modulo "
+                "2^32 is not a sum there; use ring gf_p61 with binomial, or discrete_gaussian "
+                f"with {ring.name}",
+            )
         _check_colluding(dp.max_colluding, m)
         if dp.mechanism is Mechanism.BINOMIAL and dp.max_colluding > threshold:
             raise ConfigError(
@@ -653,6 +663,11 @@ def _read_encoding(root: Section, dp: DPSettings | None) -> FixedPointEncoding:
     args: dict[str, Any] = section.fields(FixedPointEncoding)
     if "frac_bits" in args:
         expect(args["frac_bits"], int, "encoding.frac_bits")
+    if "ring" in args:
+        try:
+            args["ring"] = ring_named(args["ring"])
+        except ValueError as exc:
+            raise ConfigError("encoding.ring", str(exc)) from None
     for key in ("coord_clip", "l2_clip"):
         value = args.get(key)
         if value is None:

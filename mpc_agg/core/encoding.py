@@ -1,14 +1,15 @@
-"""Fixed-point encoding of float vectors into GF(p), and back.
+"""Fixed-point encoding of float vectors into a ring (GF(p) or Z_(2^32)), and back.
 
 docs/design.md, "Cryptographic core" (fixed-point encoding): clip (L2 norm and/or per-coordinate
 bound), scale by
 ``2**frac_bits``, round to an integer *at random* so that the rounding is unbiased
-(``E[round(y)] = y``), embed in GF(p) two's-complement style. Decoding maps values above
-p/2 back to negatives and divides by ``2**frac_bits``.
+(``E[round(y)] = y``), embed in the ring two's-complement style (:mod:`mpc_agg.core.ring`).
+Decoding takes the centered lift (values above the ring's half back to negatives) and
+divides by ``2**frac_bits``.
 
-The silent wrap-around of a sum past p/2 would be the worst bug of this system, so
-:meth:`FixedPointEncoding.check_headroom` proves up front that ``max_clients`` encoded
-vectors (plus a noise tail) stay below p/2 in absolute value.
+The silent wrap-around of a sum past the ring's half (p/2, or 2^31 in Z_(2^32)) would be
+the worst bug of this system, so :meth:`FixedPointEncoding.check_headroom` proves up front
+that ``max_clients`` encoded vectors (plus a noise tail) stay below it in absolute value.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mpc_agg.core import field
-from mpc_agg.core.field import HALF, FieldArray
+from mpc_agg.core.ring import GF_P61, Ring, RingArray
 from mpc_agg.errors import ConfigError, EncodingError
 
 MAX_FRAC_BITS = 40
@@ -39,19 +40,24 @@ _FLOAT_EXACT = 2**52  # integers up to 2**53 are exact in float64; keep a bit of
 
 @dataclass(frozen=True)
 class FixedPointEncoding:
-    """How floats become field elements.
+    """How floats become ring elements.
 
     ``frac_bits``: fractional bits, 0..40; resolution ``2**-frac_bits``.
     ``coord_clip``: each coordinate is clipped to ``[-coord_clip, coord_clip]`` (optional).
     ``l2_clip``: the vector is scaled down to L2 norm ``<= l2_clip`` (optional).
     At least one clip must be set: without a bound no overflow check is possible.
+    ``ring``: :data:`~mpc_agg.core.ring.GF_P61` (8-byte elements, the default) or
+    :data:`~mpc_agg.core.ring.Z2_32` (4-byte elements; sums must stay below 2^31).
     """
 
     frac_bits: int = 24
     coord_clip: float | None = 1000.0
     l2_clip: float | None = None
+    ring: Ring = GF_P61
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ring, Ring):
+            raise ConfigError("encoding.ring", f"expected gf_p61 or z2_32, got {self.ring!r}")
         if not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= MAX_FRAC_BITS:
             raise ConfigError(
                 "encoding.frac_bits",
@@ -100,15 +106,19 @@ class FixedPointEncoding:
         self, max_clients: int, noise_tail: int = 0, path: str = "rounds.max_clients"
     ) -> None:
         """Raise :class:`ConfigError` unless ``max_clients`` vectors plus ``noise_tail``
-        (integer units) always sum to less than p/2 in absolute value."""
+        (integer units) always sum to less than the ring's :attr:`~Ring.limit` (p/2, or
+        2^31 in Z_(2^32)) in absolute value, so the centered lift recovers the sum."""
         worst = max_clients * self.max_abs_encoded + noise_tail
-        if worst >= HALF:
+        if worst >= self.ring.limit:
+            hint = "" if self.ring is GF_P61 else ", or use encoding.ring gf_p61"
             raise ConfigError(
                 path,
                 f"{max_clients} clients x max |value| {self.max_abs_coordinate}"
                 f" x 2**{self.frac_bits} (+ noise tail {noise_tail}) = {worst:.3e}"
-                f" can reach p/2 = {HALF:.3e}: the sum "
-                "would wrap around silently; lower max_clients, the clip or frac_bits",
+                f" can reach {self.ring.limit_text}"
+                + ("" if self.ring is GF_P61 else f" (encoding.ring {self.ring.name})")
+                + ": the sum would wrap around silently; lower max_clients, the clip or "
+                f"frac_bits{hint}",
             )
 
     def clip(self, x: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -129,14 +139,14 @@ class FixedPointEncoding:
         return x
 
     def encode(
-        self, x: npt.ArrayLike, rng: UniformSource, out: FieldArray | None = None
-    ) -> FieldArray:
-        """Clip, scale and round ``x`` at random (unbiased); canonical field vector.
+        self, x: npt.ArrayLike, rng: UniformSource, out: RingArray | None = None
+    ) -> RingArray:
+        """Clip, scale and round ``x`` at random (unbiased); canonical ring vector.
 
         ``rng`` supplies the rounding coins; pass a generator seeded from the OS CSPRNG
         (``np.random.default_rng()``) or a client secret's
-        :class:`~mpc_agg.core.xof.CoinStream` outside tests. ``out`` (uint64, length ``len(x)``)
-        receives the result, e.g. the payload of an upload body. Works in blocks of
+        :class:`~mpc_agg.core.xof.CoinStream` outside tests. ``out`` (the ring's dtype, length
+        ``len(x)``) receives the result, e.g. the payload of an upload body. Works in blocks of
         :data:`~mpc_agg.core.field.BLOCK` elements, in cache, with the same floating-point
         operations and coins as :meth:`clip` followed by rounding of the whole vector.
         """
@@ -148,9 +158,12 @@ class FixedPointEncoding:
             raise EncodingError(f"vector has a non-finite value {x[bad]} at index {bad}")
         d = x.shape[0]
         if out is None:
-            out = np.empty(d, dtype=np.uint64)
-        elif out.shape != (d,) or out.dtype != np.uint64:
-            raise ValueError(f"out must be uint64 of shape ({d},), got {out.dtype} {out.shape}")
+            out = self.ring.empty(d)
+        elif out.shape != (d,) or out.dtype != self.ring.dtype:
+            raise ValueError(
+                f"out must be {np.dtype(self.ring.dtype)} of shape ({d},), got {out.dtype} "
+                f"{out.shape}"
+            )
         factor = self._l2_factor(x)
         bound, scale = self.max_abs_coordinate, self.scale
         y = np.empty(min(d, field.BLOCK), dtype=np.float64)
@@ -167,7 +180,7 @@ class FixedPointEncoding:
             np.floor(yb, out=vb, casting="unsafe")  # exact: |y| < 2**52
             np.subtract(yb, vb, out=yb)  # the fractional part, in [0, 1)
             vb += np.less(rng.random(stop - start), yb)  # up with probability frac
-            field.from_signed(vb, out=out[start:stop])
+            self.ring.from_signed(vb, out=out[start:stop])
         return out
 
     def _l2_factor(self, x: npt.NDArray[np.float64]) -> float | None:
@@ -183,6 +196,12 @@ class FixedPointEncoding:
         # clip that the DP noise is calibrated to.
         return (self.l2_clip / norm) * (1.0 - 2.0**-50)
 
-    def decode(self, v: FieldArray) -> npt.NDArray[np.float64]:
-        """Field vector (a client's encoding or a sum of them) back to floats."""
-        return field.to_signed(v).astype(np.float64) / self.scale
+    def decode(self, v: RingArray) -> npt.NDArray[np.float64]:
+        """Ring vector (a client's encoding or a sum of them) back to floats (centered
+        lift); ``v`` must have the ring's dtype."""
+        v = np.asarray(v)
+        if v.dtype != self.ring.dtype:
+            raise EncodingError(
+                f"a {self.ring.name} vector has dtype {np.dtype(self.ring.dtype)}, got {v.dtype}"
+            )
+        return self.ring.to_signed(v).astype(np.float64) / self.scale

@@ -37,7 +37,7 @@ from typing import Protocol
 import xxhash
 
 from mpc_agg.core.accumulator import Accumulator
-from mpc_agg.core.field import FieldArray
+from mpc_agg.core.ring import GF_P61, Ring, RingArray
 from mpc_agg.core.sharing import Share, ShareKind
 from mpc_agg.errors import (
     AgreementFailed,
@@ -136,7 +136,8 @@ class AcceptedShare:
 class Round:
     """One aggregation round at one aggregator.
 
-    ``dim``: vector length, ``min_clients``: fewest clients whose total may be revealed.
+    ``dim``: vector length, ``min_clients``: fewest clients whose total may be revealed,
+    ``ring``: the ring its shares and sums are in (the topology's ``encoding.ring``).
     ``opened_at`` and ``deadline_at`` are times of the aggregator's (monotonic) clock: the
     round must be closed before ``deadline_at`` (see :meth:`overdue`); ``opened_unix`` and
     ``deadline_unix`` are the same instants in wall-clock seconds, for people and for
@@ -160,15 +161,16 @@ class Round:
     close_requested: bool = False
     """OPEN, and a close command is queued at the leader."""
     """DONE, and its total was dropped to bound memory (see :meth:`expire`)."""
-    total: FieldArray | None = None
+    total: RingArray | None = None
     num_clients: int | None = None
     dropped_clients: tuple[str, ...] = ()
     clients_digest: str | None = None
     """Once agreed: :func:`mpc_agg.core.statement.clients_digest` of the agreed clients."""
     timings: dict[str, float] = dc_field(default_factory=dict)
+    ring: Ring = GF_P61
 
     def __post_init__(self) -> None:
-        self.sum = Accumulator(self.dim)
+        self.sum = Accumulator(self.dim, self.ring)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -235,7 +237,7 @@ class Round:
         self.pending.discard(client_id)
 
     def accept(
-        self, client_id: str, share: Share, digest: bytes, vector: FieldArray, ref: object = None
+        self, client_id: str, share: Share, digest: bytes, vector: RingArray, ref: object = None
     ) -> None:
         """Settle a reservation: add ``vector`` (the share's expansion) to the running sum.
 
@@ -278,7 +280,7 @@ class Round:
     def agree(
         self,
         clients: frozenset[str],
-        dropped_vectors: Sequence[FieldArray],
+        dropped_vectors: Sequence[RingArray],
         dropped_elsewhere: frozenset[str] = frozenset(),
     ) -> None:
         """CLOSING -> AGGREGATING: keep ``clients``; subtract the shares of those dropped.
@@ -306,7 +308,7 @@ class Round:
         self.dropped_clients = tuple(sorted((self.accepted.keys() - clients) | dropped_elsewhere))
         self.num_clients = len(clients)
 
-    def reveal(self, total: FieldArray) -> None:
+    def reveal(self, total: RingArray) -> None:
         """AGGREGATING -> DONE with the revealed ``total``."""
         self._apply(RoundEvent.REVEAL)
         self.total = total
@@ -330,7 +332,7 @@ class Round:
         A round already closing is not overdue: its aggregation has its own deadlines."""
         return self.state is RoundState.OPEN and now >= self.deadline_at + grace
 
-    def local_sum(self) -> FieldArray:
+    def local_sum(self) -> RingArray:
         """This aggregator's share of the total (canonical)."""
         if self.sum is None:
             raise IllegalTransition(f"round {self.round_id!r} ended and freed its running sum")

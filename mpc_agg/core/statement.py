@@ -41,7 +41,8 @@ The signer index is part of the message, so aggregator 1's signature does not ve
 aggregator 2's; the label keeps these signatures apart from any other use of the keys.
 
 :func:`total_digest` is SHA-256 over ``b"mpc_agg/total/v1\\x00"``, ``d`` (uint64) and the
-``d`` canonical field elements (uint64 each). :func:`clients_digest` is SHA-256 over
+``d`` canonical field elements (uint64 each); a Z_(2^32) total uses the label
+``b"mpc_agg/total/z2_32/u4/v1\\x00"`` and uint32 values. :func:`clients_digest` is SHA-256 over
 ``b"mpc_agg/client-set/v1\\x00"``, the number ``k`` of distinct ids (uint64), then each id,
 sorted by its UTF-8 bytes, as its byte length (uint32) and its UTF-8 bytes.
 
@@ -68,14 +69,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from mpc_agg.core import field
 from mpc_agg.core.codec import check_id
-from mpc_agg.core.field import FieldArray
+from mpc_agg.core.ring import GF_P61, Z2_32, RingArray, ring_of
 from mpc_agg.errors import EncodingError, InvalidRequest, MpcAggError
 
 STATEMENT_LABEL = b"mpc_agg/result-statement/v1\x00"
 """Domain-separation label that starts every signed message (28 bytes)."""
 TOTAL_LABEL = b"mpc_agg/total/v1\x00"
+"""The label of a GF(2^61-1) total (``<u8`` values)."""
+TOTAL_LABEL_Z2_32 = b"mpc_agg/total/z2_32/u4/v1\x00"
+"""The label of a Z_(2^32) total (``<u4`` values): a signed digest names its ring and width,
+so a statement over one ring's total never verifies a total read in the other."""
+TOTAL_LABELS = {GF_P61.name: TOTAL_LABEL, Z2_32.name: TOTAL_LABEL_Z2_32}
 CLIENTS_LABEL = b"mpc_agg/client-set/v1\x00"
 JSON_VERSION = 1
 """The ``"version"`` of the JSON form."""
@@ -235,24 +240,30 @@ def statement_bytes(st: ResultStatement) -> bytes:
 # --------------------------------------------------------------------------- digests
 
 
-def total_digest(total: FieldArray) -> str:
-    """Hex SHA-256 of a revealed total: label, ``d`` (uint64 LE), values (``'<u8'``).
+def total_digest(total: RingArray) -> str:
+    """Hex SHA-256 of a revealed total: its ring's label, ``d`` (uint64 LE), values.
 
-    ``total`` must be a 1-D ``uint64`` vector of canonical field elements (each < p), as
-    :func:`mpc_agg.core.codec.decode_result` returns; else :class:`EncodingError`. O(d),
-    no copy on a little-endian machine.
+    ``total`` must be a 1-D vector of canonical ring elements, as
+    :func:`mpc_agg.core.codec.decode_result` returns: ``uint64`` (each < p), hashed as
+    ``'<u8'`` under :data:`TOTAL_LABEL`, or ``uint32`` (Z_(2^32)), hashed as ``'<u4'`` under
+    :data:`TOTAL_LABEL_Z2_32`; else :class:`EncodingError`. O(d), no copy on a
+    little-endian machine.
     """
     if not isinstance(total, np.ndarray) or total.ndim != 1 or total.dtype.kind != "u":
         raise EncodingError(
             "total must be a 1-D numpy uint64 vector of field elements, got "
             + (f"{total.ndim}-D {total.dtype}" if isinstance(total, np.ndarray) else _show(total))
         )
-    if total.dtype.itemsize != 8:
-        raise EncodingError(f"total must have dtype uint64, got {total.dtype}")
-    if not field.is_canonical(total):
+    try:
+        ring = ring_of(total)
+    except ValueError:
+        raise EncodingError(
+            f"total must have dtype uint64 (gf_p61) or uint32 (z2_32), got {total.dtype}"
+        ) from None
+    if not ring.is_canonical(total):
         raise EncodingError("total holds a value not below p = 2**61 - 1")
-    values = np.ascontiguousarray(total, dtype="<u8")
-    h = hashlib.sha256(TOTAL_LABEL)
+    values = np.ascontiguousarray(total, dtype=ring.wire)
+    h = hashlib.sha256(TOTAL_LABELS[ring.name])
     h.update(struct.pack("<Q", values.shape[0]))
     h.update(values.data)
     return h.hexdigest()
@@ -441,7 +452,7 @@ def _disagreement(name: str, by_index: dict[int, object]) -> tuple[str, list[int
 
 
 def verify_result(
-    total: FieldArray,
+    total: RingArray,
     statements: Sequence[SignedStatement],
     public_keys: Sequence[bytes],
     fingerprint: str,

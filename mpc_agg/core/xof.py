@@ -28,6 +28,7 @@ import hashlib
 import struct
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +43,8 @@ SEED_BYTES = 16
 """Length of a seed share, in bytes."""
 
 _DOMAIN = b"mpc_agg/xof/v1"
+DOMAIN_Z2_32 = b"mpc_agg/xof/z2_32/v1"
+"""The key-derivation label of streams read as elements of Z_(2^32) (GF(p) keeps ``v1``)."""
 _MASK = np.uint64(P)  # 61 low bits set
 _ZERO_BLOCK = bytes(16)
 
@@ -62,12 +65,14 @@ def share_context(round_id: str, client_id: str, aggregator: int) -> bytes:
     )
 
 
-def derive_key(seed: bytes, context: bytes) -> bytes:
-    """The AES-128 key for ``seed`` in ``context``."""
+def derive_key(seed: bytes, context: bytes, domain: bytes = _DOMAIN) -> bytes:
+    """The AES-128 key for ``seed`` in ``context``; ``domain`` names the ring the stream is
+    read in (:data:`DOMAIN_Z2_32` for Z_(2^32)), so one seed never gives related streams in
+    two rings."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
     h = hashlib.sha256()
-    h.update(_DOMAIN)
+    h.update(domain)
     h.update(struct.pack("<I", len(context)))
     h.update(context)
     h.update(seed)
@@ -126,6 +131,14 @@ def _fill_keystream(key: bytes, out: memoryview) -> None:
         enc.update_into(_ZEROS[: stop - start], out[start : stop + 15])
 
 
+def _stream_into(enc: Any, out: memoryview, n: int) -> None:
+    """The next ``n`` bytes of the keystream of ``enc`` into ``out[:n]`` (which has 15
+    spare bytes after them), in steps of at most :data:`_CHUNK_BYTES` (the zeros buffer)."""
+    for start in range(0, n, _CHUNK_BYTES):
+        stop = min(start + _CHUNK_BYTES, n)
+        enc.update_into(_ZEROS[: stop - start], out[start : stop + 15])
+
+
 def expand(seed: bytes, context: bytes, d: int) -> FieldArray:
     """Expand ``seed`` in ``context`` to ``d`` uniform, canonical elements of GF(p).
 
@@ -162,13 +175,50 @@ class BlockStream:
         self._bytes = memoryview(self._buf.data).cast("B")
 
     def next_block(self, n: int) -> FieldArray | None:
-        self._enc.update_into(_ZEROS[: 8 * n], self._bytes[: 8 * n + 15])
+        _stream_into(self._enc, self._bytes, 8 * n)
         out = self._buf[:n]
         if sys.byteorder == "big":  # pragma: no cover
             out.byteswap(inplace=True)
         np.bitwise_and(out, _MASK, out=out)
         if n and out.max() == _MASK:
             return None
+        return out
+
+
+def expand_u32(seed: bytes, context: bytes, d: int) -> npt.NDArray[np.uint32]:
+    """Expand ``seed`` in ``context`` to ``d`` uniform elements of Z_(2^32).
+
+    The key is derived under :data:`DOMAIN_Z2_32`; each little-endian 4-byte word of the
+    AES-128-CTR stream is one element: every ``uint32`` is an element, so nothing is masked
+    or rejected and the stream is used as it comes.
+    """
+    if d < 0:
+        raise ValueError(f"dimension must be >= 0, got {d}")
+    buf = np.empty(d + 4, dtype=np.uint32)  # 16 spare bytes for OpenSSL, see above
+    _fill_keystream(derive_key(seed, context, DOMAIN_Z2_32), memoryview(buf.data).cast("B"))
+    out = buf[:d]
+    if sys.byteorder == "big":  # pragma: no cover - the stream's words are little-endian
+        out.byteswap(inplace=True)
+    return out
+
+
+class WordStream:
+    """The expansion of one Z_(2^32) key, block by block (what :func:`expand_u32` gives).
+
+    :meth:`next_block` returns the next ``n`` words (never None: no word is rejected), a
+    view into this object's scratch buffer, valid until the next call.
+    """
+
+    def __init__(self, key: bytes, block: int) -> None:
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor()
+        self._buf = np.empty(block + 4, dtype=np.uint32)  # 16 spare bytes for OpenSSL
+        self._bytes = memoryview(self._buf.data).cast("B")
+
+    def next_block(self, n: int) -> npt.NDArray[np.uint32]:
+        _stream_into(self._enc, self._bytes, 4 * n)
+        out = self._buf[:n]
+        if sys.byteorder == "big":  # pragma: no cover
+            out.byteswap(inplace=True)
         return out
 
 
@@ -271,10 +321,11 @@ class ClientSecret:
         return CoinStream(self._derive(derivation_info(_COINS, fingerprint, round_id, client_id)))
 
 
-def vector_digest(x: FieldArray) -> bytes:
-    """SHA-256 of the encoded vector ``x`` as little-endian 8-byte words (what
-    :meth:`ClientSecret.seed` binds)."""
-    data = x if sys.byteorder == "little" else x.astype("<u8")
+def vector_digest(x: npt.NDArray[np.unsignedinteger[Any]]) -> bytes:
+    """SHA-256 of the encoded vector ``x`` as little-endian words of its width (8 bytes in
+    GF(p), 4 in Z_(2^32); what :meth:`ClientSecret.seed` binds; the ring is bound by the
+    topology fingerprint in the same ``info``)."""
+    data = x if sys.byteorder == "little" else x.astype(x.dtype.newbyteorder("<"))
     return hashlib.sha256(np.ascontiguousarray(data).data).digest()
 
 

@@ -19,21 +19,21 @@ about 1 GB of memory at d = 10^7; 8 MB slices keep that flat, at a few ms of lat
 
 from __future__ import annotations
 
-import numpy as np
-
-from mpc_agg.core.field import FieldArray, is_canonical
+from mpc_agg.core.ring import GF_P61, Ring, RingArray
 from mpc_agg.core.sharing import unshard
 from mpc_agg.errors import AgreementFailed
 from mpc_agg.mpc.network import PartyNetwork
 
 
-def sum_share_payload(local_sum: FieldArray | None) -> bytes | None:
-    """What a party sends at the reveal: its canonical ``S_j`` as bytes, or None to abort."""
-    return None if local_sum is None else local_sum.astype("<u8", copy=False).tobytes()
+def sum_share_payload(local_sum: RingArray | None, ring: Ring = GF_P61) -> bytes | None:
+    """What a party sends at the reveal: its canonical ``S_j`` as little-endian words of
+    ``ring`` (8 or 4 bytes each), or None to abort."""
+    return None if local_sum is None else ring.to_wire(local_sum)
 
 
-def combine_sum_shares(payloads: list[bytes | None], d: int) -> FieldArray:
-    """The total from every party's payload; raises AgreementFailed on an abort or a bad size."""
+def combine_sum_shares(payloads: list[bytes | None], d: int, ring: Ring = GF_P61) -> RingArray:
+    """The total in ``ring`` from every party's payload; raises AgreementFailed on an abort
+    or a bad size."""
     aborted = [j for j, raw in enumerate(payloads) if raw is None]
     if aborted:
         raise AgreementFailed(
@@ -43,21 +43,21 @@ def combine_sum_shares(payloads: list[bytes | None], d: int) -> FieldArray:
         )
     parts = []
     for j, raw in enumerate(payloads):
-        if not isinstance(raw, bytes) or len(raw) != 8 * d:
+        if not isinstance(raw, bytes) or len(raw) != ring.itemsize * d:
             raise AgreementFailed(
                 f"aggregator {j} sent a sum share of the wrong size", code="bad_share"
             )
-        part = np.frombuffer(raw, dtype="<u8").astype(np.uint64, copy=False)
-        if not is_canonical(part):
+        part = ring.from_wire(raw, 0, d)
+        if not ring.is_canonical(part):
             raise AgreementFailed(
                 f"aggregator {j} sent a sum share with a value not below p", code="bad_share"
             )
         parts.append(part)
-    return unshard(parts)
+    return unshard(parts, ring)
 
 
 REVEAL_SLICE: int = 1 << 20
-"""Elements per reveal exchange (8 MiB of sum share)."""
+"""Elements per reveal exchange (8 MiB of sum share in GF(p), 4 MiB in Z_(2^32))."""
 
 
 def reveal_slices(d: int) -> list[tuple[int, int]]:
@@ -65,15 +65,18 @@ def reveal_slices(d: int) -> list[tuple[int, int]]:
     return [(a, min(a + REVEAL_SLICE, d)) for a in range(0, max(d, 1), REVEAL_SLICE)]
 
 
-async def reveal_sum(network: PartyNetwork, local_sum: FieldArray | None, d: int) -> FieldArray:
-    """Open ``sum_j S_j``; every party gets the total, or AgreementFailed if any aborted.
+async def reveal_sum(
+    network: PartyNetwork, local_sum: RingArray | None, d: int, ring: Ring = GF_P61
+) -> RingArray:
+    """Open ``sum_j S_j`` in ``ring``; every party gets the total, or AgreementFailed if any
+    aborted.
 
     Every party makes ``len(reveal_slices(d))`` exchanges unless a slice shows an abort or a
     bad payload, which every party sees alike, so all stop at the same slice.
     """
-    total = np.empty(d, dtype=np.uint64)
+    total = ring.empty(d)
     for start, stop in reveal_slices(d):
         mine = None if local_sum is None else local_sum[start:stop]
-        payloads = await network.exchange(sum_share_payload(mine))
-        total[start:stop] = combine_sum_shares(payloads, stop - start)
+        payloads = await network.exchange(sum_share_payload(mine, ring))
+        total[start:stop] = combine_sum_shares(payloads, stop - start, ring)
     return total

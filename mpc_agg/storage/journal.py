@@ -155,6 +155,22 @@ def _write_all(fd: int, parts: list[bytes | bytearray], total: int) -> int:
     return written
 
 
+MAX_FLUSHES = 2
+"""fsyncs of one journal in progress at once. Two, not one: the kernel overlaps (and merges)
+concurrent fsyncs of a file, so a writer whose record the fsync in progress does not cover
+starts the next at once instead of queueing behind it; beyond two, writers wait and share."""
+
+
+@dataclass
+class _Flush:
+    """One fsync of a journal: it covers records ``1..upto`` (written whole before it
+    started); ``done`` once it returned, ``error`` if it failed."""
+
+    upto: int
+    done: bool = False
+    error: OSError | None = None
+
+
 class RoundJournal:
     """The journal file of one round at one aggregator.
 
@@ -164,26 +180,46 @@ class RoundJournal:
     never creates the file: once the round has ended and its journal is deleted, a late
     append fails instead of leaving a stray journal behind.
 
-    Appends may come from several ingest threads: each record is written whole under a
-    lock; the fsync that follows runs outside it (an fsync makes every earlier write of the
-    file durable, whichever descriptor wrote it, so concurrent uploads share the disk's
-    flushes). The 201 of an upload still comes only after its own record's fsync.
+    Appends may come from several threads: each record is written whole under a lock and
+    numbered in file order. Its durability is a **group commit** (:meth:`commit`): an fsync
+    makes every write of the file completed before it started durable, whichever descriptor
+    wrote it, so a writer whose record an fsync already in progress covers waits for that
+    one; otherwise it starts one (at most :data:`MAX_FLUSHES` at once; beyond, it waits for
+    one to end, then follows or leads the next, which covers every record written
+    meanwhile). Concurrent uploads share fsyncs, and
+    each append returns only after an fsync that started after its record was written
+    completed; a failed fsync fails every append it covered. ``sync``: the fsync function
+    (``os.fsync``; tests inject one that counts and records).
     """
 
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(
+        self, path: Path, *, fsync: bool = True, sync: Callable[[int], None] = os.fsync
+    ) -> None:
         self.path = path
         self.fsync = fsync
-        self._lock = threading.Lock()
+        self._sync = sync
+        self._lock = threading.Lock()  # one record written at a time, numbered in file order
+        self._commit_cond = threading.Condition(threading.Lock())
+        self._written = 0  # number of the last record written whole
+        self._durable = 0  # every record up to this number is durable
+        self._flushes: list[_Flush] = []  # the fsyncs in progress, oldest first
 
     def __repr__(self) -> str:
         return f"RoundJournal({str(self.path)!r})"
 
     @classmethod
-    def create(cls, path: Path, header: dict[str, Any], *, fsync: bool = True) -> RoundJournal:
+    def create(
+        cls,
+        path: Path,
+        header: dict[str, Any],
+        *,
+        fsync: bool = True,
+        sync: Callable[[int], None] = os.fsync,
+    ) -> RoundJournal:
         """A new journal whose first record is OPEN with ``header``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-        journal = cls(path, fsync=fsync)
+        journal = cls(path, fsync=fsync, sync=sync)
         try:
             journal._append(RECORD_OPEN, [json.dumps(header, sort_keys=True).encode()])
             if fsync:
@@ -194,7 +230,9 @@ class RoundJournal:
         return journal
 
     @classmethod
-    def recover(cls, path: Path, *, fsync: bool = True) -> tuple[RoundJournal, JournalContents]:
+    def recover(
+        cls, path: Path, *, fsync: bool = True, sync: Callable[[int], None] = os.fsync
+    ) -> tuple[RoundJournal, JournalContents]:
         """Open an existing journal, truncating a torn tail; return it and its contents."""
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -203,10 +241,17 @@ class RoundJournal:
             os.close(fd)
         if contents.torn is not None:
             os.truncate(path, contents.valid_bytes)
-        return cls(path, fsync=fsync), contents
+        return cls(path, fsync=fsync, sync=sync), contents
 
     def _append(self, rtype: int, payload_parts: list[bytes | bytearray]) -> int:
-        """Append one record; return the file offset of its payload."""
+        """Append one record durably; return the file offset of its payload."""
+        start, seq = self._write(rtype, payload_parts)
+        self.commit(seq)
+        return start + _LEN.size + 1
+
+    def _write(self, rtype: int, payload_parts: list[bytes | bytearray]) -> tuple[int, int]:
+        """Write one record whole (not yet durable): ``(file offset of the record, its
+        number)`` for :meth:`commit`. Raises OSError leaving the file as it was."""
         parts = _frame(rtype, payload_parts)
         total = sum(len(x) for x in parts)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # never O_CREAT: see the class
@@ -224,17 +269,70 @@ class RoundJournal:
                     raise OSError(
                         f"failed write to journal {self.path}: {max(written, 0)} of {total} bytes"
                     )
-            if self.fsync:
-                os.fsync(fd)
+                with self._commit_cond:
+                    self._written += 1
+                    seq = self._written
         finally:
             os.close(fd)
-        return start + _LEN.size + 1
+        return start, seq
+
+    def commit(self, seq: int) -> None:
+        """Return once record ``seq`` (from :meth:`_write`) is durable: after an fsync that
+        started after it was written has completed (group commit, see the class). Raises
+        OSError if the fsync covering it failed. Without ``fsync``, returns at once."""
+        if not self.fsync:
+            return
+        cond = self._commit_cond
+        with cond:
+            while True:
+                if self._durable >= seq:
+                    return
+                covering = next((f for f in self._flushes if f.upto >= seq), None)
+                if covering is not None:  # started after our record was written: follow it
+                    while not covering.done:
+                        cond.wait()
+                    if covering.error is not None:
+                        raise OSError(
+                            f"fsync of journal {self.path} failed: {covering.error}"
+                        ) from covering.error
+                    return
+                if len(self._flushes) < MAX_FLUSHES:
+                    # Lead: this fsync covers every record written whole until now.
+                    flush = _Flush(self._written)
+                    self._flushes.append(flush)
+                    break
+                cond.wait()  # for a flush to end; then follow or lead the next
+        error: OSError | None = None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                self._sync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            error = exc
+        with cond:
+            flush.done, flush.error = True, error
+            if error is None:  # it covered every record written before it started
+                self._durable = max(self._durable, flush.upto)
+            self._flushes.remove(flush)
+            cond.notify_all()
+        if error is not None:
+            raise error
 
     def append_share(self, client_id: str, body: bytes | bytearray) -> tuple[int, int]:
-        """Append one accepted upload; return ``(offset, length)`` of ``body`` in the file."""
+        """Append one accepted upload durably; return ``(offset, length)`` of ``body`` in
+        the file."""
+        ref, seq = self.write_share(client_id, body)
+        self.commit(seq)
+        return ref
+
+    def write_share(self, client_id: str, body: bytes | bytearray) -> tuple[tuple[int, int], int]:
+        """Write one upload's record, not yet durable: ``((offset, length) of body, record
+        number)``; the upload may be acknowledged only after :meth:`commit` of that number."""
         cid = client_id.encode("utf-8")
-        payload_at = self._append(RECORD_SHARE, [_CID.pack(len(cid)), cid, body])
-        return payload_at + _CID.size + len(cid), len(body)
+        start, seq = self._write(RECORD_SHARE, [_CID.pack(len(cid)), cid, body])
+        return (start + _LEN.size + 1 + _CID.size + len(cid), len(body)), seq
 
     def append_end(self, state: str) -> None:
         """Record that the round ended (before the file is deleted)."""

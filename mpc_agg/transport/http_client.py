@@ -20,6 +20,7 @@ Every other answer (4xx, 507 ``storage_failure``) is final and raises
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import random
@@ -248,6 +249,44 @@ def new_session(timeout_s: float) -> aiohttp.ClientSession:
     is verified per request against the one certificate the topology pins for that
     aggregator (:class:`AggregatorAPI`)."""
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+
+class KeptSession:
+    """The HTTP session of a :class:`~mpc_agg.client.Client` or
+    :class:`~mpc_agg.collector.Collector`: one given by the caller (shared by many objects,
+    the caller closes it), one kept between ``async with obj:`` and its end (connections,
+    TCP and TLS handshakes included, reused across calls), or else a new one per call.
+
+    The stdlib's asyncio cannot resume a TLS session on a new connection (``create_connection``
+    takes no saved session), so keeping connections open is what saves handshakes."""
+
+    def __init__(self, timeout_s: float, shared: aiohttp.ClientSession | None = None) -> None:
+        self.timeout_s = timeout_s
+        self._shared = shared
+        self._kept: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        kind = "shared" if self._shared else "kept" if self._kept else "per call"
+        return f"KeptSession({kind})"
+
+    def keep(self) -> None:
+        """Keep one session from now until :meth:`close` (in the running event loop)."""
+        if self._shared is None and self._kept is None:
+            self._kept = new_session(self.timeout_s)
+
+    async def close(self) -> None:
+        """Close the kept session, if any (never a shared one)."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            await kept.close()
+
+    def __call__(self) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientSession]:
+        """``async with kept() as session``: the shared or kept session, else a new one
+        closed at the end of the block."""
+        session = self._shared or self._kept
+        if session is not None and not session.closed:
+            return contextlib.nullcontext(session)
+        return new_session(self.timeout_s)
 
 
 def run_sync(coro: Coroutine[Any, Any, T], what: str) -> T:

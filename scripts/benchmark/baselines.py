@@ -4,10 +4,13 @@ aggregation (one aiohttp server process adding raw float64 bodies, :mod:`.plain_
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,16 +46,68 @@ def numpy_sum(clients: int, dim: int, seed: int) -> tuple[float, float, np.ndarr
     return adding, generating, acc
 
 
+def self_signed_tls(directory: Path) -> tuple[Path, Path, ssl.SSLContext]:
+    """A throw-away P-256 certificate for 127.0.0.1 (as an aggregator's ``http_cert``), its
+    key, and a client context that trusts exactly it: the HTTPS baseline's."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plain-https-baseline")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "plain-https.crt", directory / "plain-https.key"
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_path.write_bytes(pem)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cadata=pem.decode())
+    return cert_path, key_path, context
+
+
 class PlainServer:
     """The plaintext HTTP server process (``python -m scripts.benchmark.plain_server``, run
-    from the checkout's root); stopped by its pid."""
+    from the checkout's root); stopped by its pid. ``tls``: (certificate, key, client
+    context) to serve HTTPS instead (:func:`self_signed_tls`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path, ssl.SSLContext] | None = None) -> None:
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.started_pids: list[int] = []
+        self.tls = tls
+
+    @property
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """The client context for this server (None: plain HTTP)."""
+        return None if self.tls is None else self.tls[2]
 
     def start(self, timeout_s: float = 30.0) -> None:
+        tls_args = [] if self.tls is None else ["--tls", str(self.tls[0]), str(self.tls[1])]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -60,6 +115,7 @@ class PlainServer:
                 "scripts.benchmark.plain_server",
                 "--max-dim",
                 str(max(FULL_DIMS)),
+                *tls_args,
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -77,7 +133,8 @@ class PlainServer:
         if not lines or not lines[0].startswith("PORT "):
             self.stop()
             raise RuntimeError("the plaintext HTTP server did not start")
-        self.url = f"http://127.0.0.1:{int(lines[0].split()[1])}"
+        scheme = "http" if self.tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{int(lines[0].split()[1])}"
 
     @property
     def pid(self) -> int:
@@ -103,31 +160,45 @@ async def plain_round(
     progress: Progress,
     label: str,
     timeout_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+    separate: bool = False,
 ) -> tuple[float, np.ndarray]:
-    """The plaintext HTTP aggregation of the same vectors: wall time (s) and the sum."""
+    """The plaintext HTTP(S) aggregation of the same vectors: wall time (s) and the sum.
+
+    One session (its connections kept) for every upload, as mpc_agg's benchmark clients
+    share one; with ``separate``, each client opens its own session (new TCP, and TLS,
+    handshakes), as separate client processes would."""
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    extra: dict[str, Any] = {} if ssl_context is None else {"ssl": ssl_context}
+    async with aiohttp.ClientSession(timeout=timeout) as session:
         t0 = time.perf_counter()
-        async with session.put(f"{url}/rounds/{round_id}", params={"dim": str(dim)}) as resp:
+        async with session.put(
+            f"{url}/rounds/{round_id}", params={"dim": str(dim)}, **extra
+        ) as resp:
             resp.raise_for_status()
         gate = asyncio.Semaphore(concurrency)
         done = 0
 
+        async def post(s: aiohttp.ClientSession, i: int) -> None:
+            body = client_vector(seed, i, dim).tobytes()
+            async with s.post(f"{url}/rounds/{round_id}/{client_name(i)}", data=body, **extra) as r:
+                r.raise_for_status()
+
         async def one(i: int) -> None:
             nonlocal done
             async with gate:
-                body = client_vector(seed, i, dim).tobytes()
-                async with session.post(
-                    f"{url}/rounds/{round_id}/{client_name(i)}", data=body
-                ) as resp:
-                    resp.raise_for_status()
-                del body
+                if separate:
+                    async with aiohttp.ClientSession(timeout=timeout) as own:
+                        await post(own, i)
+                else:
+                    await post(session, i)
             done += 1
             progress.count(f"{label}: plaintext HTTP", done, clients)
 
         await asyncio.gather(*(one(i) for i in range(clients)))
-        async with session.get(f"{url}/rounds/{round_id}/total") as resp:
+        async with session.get(f"{url}/rounds/{round_id}/total", **extra) as resp:
             resp.raise_for_status()
             raw = await resp.read()
             count = int(resp.headers["X-Clients"])

@@ -17,8 +17,13 @@ reveal   a real 3-party federation (``LocalFederation`` on free loopback ports, 
          the base config, HTTPS and tokens with keys provisioned for the run), 2 clients
          per round: reveal latency from the leader's timings and
          the collector's close -> result wall time, in µs per element to show linearity in d.
+uploads  the fixed cost of small uploads: 100 clients x 1e4 sharing one HTTP session (4 in
+         flight) and 200 separate clients x 1e4 (own sessions: TCP + TLS handshakes each, 8
+         in flight), 3 interleaved repeats of mpc_agg, a plain HTTP server and the same
+         server over HTTPS (same sessions and concurrency), medians and ratios.
 grid     end-to-end rounds (open -> every upload -> aggregate returns) over clients x d,
-         uploads ``--concurrency`` at a time, vectors generated per client from a seed (never
+         uploads ``--concurrency`` at a time (the simulated clients share one HTTP session,
+         as the baseline's uploads do), vectors generated per client from a seed (never
          all held at once); baselines over the very same vectors: a plaintext numpy sum (adds
          only) and a plaintext HTTP aggregation (one aiohttp server process adding raw float64
          bodies over plain HTTP without tokens, same concurrency: the floor for this
@@ -85,6 +90,7 @@ from .sections.flower import bench_flower, flower_table
 from .sections.grid import bench_grid, grid_table
 from .sections.ingest import bench_ingest, ingest_table
 from .sections.reveal import bench_reveal, reveal_table
+from .sections.uploads import bench_uploads, uploads_table
 from .targets import evaluate_targets, targets_table
 from .workload import topology_document
 
@@ -207,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             "flower_timeout_s": args.flower_timeout_s,
             "seed": args.seed,
         },
-        **{k: [] for k in ("client", "ingest", "seed_expansion", "reveal", "grid", "flower")},
+        **{
+            k: []
+            for k in ("client", "ingest", "seed_expansion", "reveal", "uploads", "grid", "flower")
+        },
         "failures": [],
     }
 
@@ -251,6 +260,16 @@ def main(argv: list[str] | None = None) -> int:
                 progress.line(f"reveal: FAILED: {type(exc).__name__}: {exc}")
                 if not isinstance(exc, LaunchError):
                     progress.line(f"the parties' last output:\n{federation.log_tail()}")
+            save()
+        if "uploads" in sections:
+            try:
+                results["uploads"] = bench_uploads(
+                    federation, workdir, progress, seed=args.seed, timeout_s=600.0
+                )
+                show(uploads_table(results["uploads"]))
+            except Exception as exc:  # noqa: BLE001 - reported, and the exit status is 1
+                results["failures"].append(one_line(f"uploads: {type(exc).__name__}: {exc}"))
+                progress.line(f"uploads: FAILED: {type(exc).__name__}: {exc}")
             save()
         if "grid" in sections:
             if federation.fed is not None:

@@ -21,6 +21,7 @@ from mpc_agg.identity import token_key
 from mpc_agg.launcher import LocalFederation
 from mpc_agg.provision import LocalDeployment
 from mpc_agg.transport.auth import client_token
+from mpc_agg.transport.http_client import new_session
 
 from .report import Progress
 from .workload import client_name, client_vector, topology_document
@@ -117,10 +118,16 @@ async def mpc_round(
     progress: Progress,
     label: str,
     timeout_s: float,
+    separate: bool = False,
 ) -> dict[str, Any]:
     """One mpc_agg round on ``deployment``'s aggregators: open, upload ``clients`` vectors
     (``concurrency`` in flight), then aggregate (the collector checks every aggregator's
     signed statement). Wall times in seconds; the revealed result under ``"result"``.
+
+    The simulated clients share one HTTP session (``Client(session=...)``: connections and
+    TLS handshakes kept, as the plaintext baseline's uploads share one); with ``separate``,
+    each client opens its own connections (TCP + TLS handshakes), as separate client
+    processes would. The collector keeps its connections for the round (``async with``).
 
     The topology and the aggregators' token keys are read once, before the clock starts;
     each client's tokens are derived from them as it uploads (one HMAC per aggregator)."""
@@ -131,32 +138,38 @@ async def mpc_round(
     )
     keys = [token_key(d) for d in deployment.party_dirs] if secure else []
 
+    shared = None if separate else new_session(timeout_s)
+
     def client(i: int) -> Client:
         cid = client_name(i)
         tokens = [client_token(k, cid) for k in keys] if secure else None
-        return Client(topology, cid, tokens, timeout_s=timeout_s)
+        return Client(topology, cid, tokens, timeout_s=timeout_s, session=shared)
 
-    t0 = time.perf_counter()
-    await collector.open_round_async(round_id, dim)
-    t_open = time.perf_counter()
-    gate = asyncio.Semaphore(concurrency)
-    done = 0
-    sent = 0
+    async with contextlib.AsyncExitStack() as stack:
+        if shared is not None:
+            await stack.enter_async_context(shared)
+        await stack.enter_async_context(collector)
+        t0 = time.perf_counter()
+        await collector.open_round_async(round_id, dim)
+        t_open = time.perf_counter()
+        gate = asyncio.Semaphore(concurrency)
+        done = 0
+        sent = 0
 
-    async def one(i: int) -> None:
-        nonlocal done, sent
-        async with gate:
-            x = client_vector(seed, i, dim)
-            receipt = await client(i).submit_async(round_id, x)
-            del x
-        done += 1
-        sent += receipt.upload_bytes
-        progress.count(f"{label}: uploading", done, clients)
+        async def one(i: int) -> None:
+            nonlocal done, sent
+            async with gate:
+                x = client_vector(seed, i, dim)
+                receipt = await client(i).submit_async(round_id, x)
+                del x
+            done += 1
+            sent += receipt.upload_bytes
+            progress.count(f"{label}: uploading", done, clients)
 
-    await asyncio.gather(*(one(i) for i in range(clients)))
-    t_uploaded = time.perf_counter()
-    result = await collector.aggregate_async(round_id, timeout=timeout_s)
-    t_end = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(clients)))
+        t_uploaded = time.perf_counter()
+        result = await collector.aggregate_async(round_id, timeout=timeout_s)
+        t_end = time.perf_counter()
     return {
         "round_s": t_end - t0,
         "open_s": t_open - t0,

@@ -1,8 +1,10 @@
 """The plaintext HTTP aggregation server of the grid's baseline, in its own process:
 
-    python -m scripts.benchmark.plain_server --max-dim 10000000
+    python -m scripts.benchmark.plain_server --max-dim 10000000 [--tls CERT KEY]
 
-Started by :class:`scripts.benchmark.baselines.PlainServer`; imports nothing of mpc_agg.
+With ``--tls``, HTTPS (TLS >= 1.2, the certificate and key given, as an aggregator's API)
+instead of plain HTTP. Started by :class:`scripts.benchmark.baselines.PlainServer`; imports
+nothing of mpc_agg.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import numpy as np
 
 
-async def serve_plain(max_dim: int) -> None:
+async def serve_plain(max_dim: int, tls: tuple[str, str] | None = None) -> None:
     """The plaintext HTTP aggregation server, until SIGTERM or SIGINT.
 
     ``PUT /rounds/{r}?dim=d`` opens a float64 running sum; ``POST /rounds/{r}/{client}``
@@ -60,7 +62,14 @@ async def serve_plain(max_dim: int) -> None:
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    context = None
+    if tls is not None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(tls[0], tls[1])
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     port = runner.addresses[0][1]
     print(f"PORT {port}", flush=True)
@@ -76,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM (``--max-dim``: the largest vector a round may have)."""
     parser = argparse.ArgumentParser(description="plaintext HTTP aggregation (bench baseline)")
     parser.add_argument("--max-dim", type=int, required=True, help="largest vector length")
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS")
     args = parser.parse_args(argv)
-    asyncio.run(serve_plain(args.max_dim))
+    asyncio.run(serve_plain(args.max_dim, tuple(args.tls) if args.tls else None))
     return 0
 
 

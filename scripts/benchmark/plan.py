@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 """The checkout the benchmark runs from."""
 
 
-SECTIONS = ("client", "ingest", "reveal", "grid", "flower")
+SECTIONS = ("client", "ingest", "reveal", "uploads", "grid", "flower")
 
 FULL_DIMS = (10**4, 10**5, 10**6, 10**7)
 

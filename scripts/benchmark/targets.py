@@ -100,10 +100,19 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     )
     r_fl = c.get("flower_ratio") if ok_cell and c else None
     add(
-        "e2e 100 x 1e6 >= 10x faster than Flower SecAgg+",
+        "e2e 100 x 1e6 >= 5x faster than Flower SecAgg+",
         fmt_ratio(r_fl),
-        None if r_fl is None else r_fl >= 10.0,
+        None if r_fl is None else r_fl >= 5.0,
     )
+    uploads = {r["mode"]: r for r in results.get("uploads", [])}
+    for mode, what in (("shared", "100 x 1e4"), ("separate", "200 separate clients x 1e4")):
+        row = uploads.get(mode)
+        r_up = row.get("ratio_vs_http") if row else None
+        add(
+            f"e2e {what} <= 2.5x plaintext HTTP (uploads section)",
+            fmt_ratio(r_up),
+            None if r_up is None else r_up <= 2.5,
+        )
     for clients, dim in MUST_RUN:
         cell = cells.get((clients, dim))
         status = None if cell is None else cell.get("status")
