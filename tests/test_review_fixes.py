@@ -229,3 +229,14 @@ def test_the_systemd_unit_drops_the_first_start_flag_once_started():
     lines = unit.read_text().splitlines()
     assert "EnvironmentFile=-/etc/mpc-agg/%i.env" in lines
     assert "ExecStartPost=+/bin/rm -f /etc/mpc-agg/%i.env" in lines
+
+
+def test_a_binary_topology_file_is_a_named_config_error(tmp_path) -> None:
+    from mpc_agg.config.schema import Topology
+    from mpc_agg.errors import ConfigError
+
+    path = tmp_path / "topology.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="not UTF-8") as info:
+        Topology.load(path)
+    assert str(path) in str(info.value)

@@ -50,6 +50,10 @@ def read_document(path: str | Path) -> object:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("<file>", f"cannot read topology: {exc.strerror}", source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "<file>", f"not UTF-8 text (byte {exc.start}): is this a topology file?", source
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
