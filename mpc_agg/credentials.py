@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from mpc_agg.config.load import read_small_document
 from mpc_agg.config.schema import Topology
 from mpc_agg.errors import ConfigError, UsageError
 from mpc_agg.transport.auth import client_token
@@ -156,17 +157,7 @@ def issue_collector_grant(party_dir: str | Path) -> TokenGrant:
 def read_grant(path: str | Path) -> TokenGrant:
     """One grant file; :class:`ConfigError` naming the file and the key on anything wrong."""
     source = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_GRANT_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError("<file>", f"cannot read token grant: {exc.strerror}", source) from None
-    if len(raw) > _MAX_GRANT_BYTES:
-        raise ConfigError("<file>", "too large for a token grant", source)
-    try:
-        doc = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError("<yaml>", "not valid YAML", source) from None
+    doc = read_small_document(path, "a token grant", _MAX_GRANT_BYTES)
     if not isinstance(doc, dict) or doc.get("format") != GRANT_FORMAT:
         raise ConfigError("format", f"not a token grant (expected format: {GRANT_FORMAT})", source)
     expected = {"format", "role", "client", "aggregator", "issuer", "token"}

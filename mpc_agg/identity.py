@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mpc_agg.config.load import read_small_document
 from mpc_agg.config.schema import AggregatorAddress
 from mpc_agg.errors import ConfigError
 from mpc_agg.transport.auth import KEY_BYTES, Credentials
@@ -67,7 +68,9 @@ def _write_private(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str, host: str | None) -> str:
+def self_signed_certificate(
+    key: ec.EllipticCurvePrivateKey, common_name: str, host: str | None
+) -> str:
     """A self-signed certificate (PEM) for ``key``: CN ``common_name``, SAN ``host`` if
     given, client and server authentication, valid for :data:`CERT_DAYS` days."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -157,25 +160,12 @@ class PartyCard:
 def read_card(path: str | Path) -> PartyCard:
     """The card in ``path``: a ``card.yaml`` file or a party directory holding one.
     Raises :class:`ConfigError` naming the file and the key on anything malformed."""
-    import yaml
 
     path = Path(path)
     if path.is_dir():
         path = path / CARD
     source = str(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_CARD_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError("<file>", f"cannot read party card: {exc.strerror}", source) from None
-    if len(raw) > _MAX_CARD_BYTES:
-        raise ConfigError("<file>", "too large for a party card", source)
-    try:
-        doc = yaml.safe_load(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError("<file>", "not UTF-8 text", source) from None
-    except yaml.YAMLError:
-        raise ConfigError("<yaml>", "not valid YAML", source) from None
+    doc = read_small_document(path, "a party card", _MAX_CARD_BYTES)
     if not isinstance(doc, dict) or doc.get("format", CARD_FORMAT) != CARD_FORMAT:
         raise ConfigError("format", f"not a party card (expected format: {CARD_FORMAT})", source)
     entry, index = doc.get("card"), doc.get("index")
@@ -225,8 +215,8 @@ def generate_party_dir(
         host=host,
         mpc_port=mpc_port,
         http_port=http_port,
-        party_cert=_self_signed(link_key, f"mpc_agg party {index}", None),
-        http_cert=_self_signed(http_key, f"mpc_agg https {index}", host),
+        party_cert=self_signed_certificate(link_key, f"mpc_agg party {index}", None),
+        http_cert=self_signed_certificate(http_key, f"mpc_agg https {index}", host),
         signing_key=signing.public_key()
         .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         .hex(),

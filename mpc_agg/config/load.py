@@ -63,6 +63,26 @@ def read_document(path: str | Path) -> object:
         raise ConfigError("<yaml>", f"not valid YAML{where}: {problem}", source) from None
 
 
+def read_small_document(path: str | Path, what: str, max_bytes: int) -> object:
+    """The parsed YAML of a small file (a card, a grant): at most ``max_bytes``, UTF-8.
+    Errors name ``<file>`` or ``<yaml>`` and ``what`` it should be, with ``str(path)`` as
+    their source (no echo of the contents: a grant holds a token)."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {what}: {exc.strerror}", source) from None
+    if len(raw) > max_bytes:
+        raise ConfigError("<file>", f"too large for {what}", source)
+    try:
+        return yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("<file>", "not UTF-8 text", source) from None
+    except yaml.YAMLError:
+        raise ConfigError("<yaml>", "not valid YAML", source) from None
+
+
 def expect(value: object, typ: type[T], path: str) -> T:
     """``value`` if it is a ``typ``, else a ConfigError at ``path``. ``bool`` is an ``int`` in
     Python; it is refused where an ``int`` is wanted (and an ``int`` where a ``bool`` is)."""

@@ -49,34 +49,15 @@ def numpy_sum(clients: int, dim: int, seed: int) -> tuple[float, float, np.ndarr
 def self_signed_tls(directory: Path) -> tuple[Path, Path, ssl.SSLContext]:
     """A throw-away P-256 certificate for 127.0.0.1 (as an aggregator's ``http_cert``), its
     key, and a client context that trusts exactly it: the HTTPS baseline's."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+
+    from mpc_agg.identity import self_signed_certificate
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plain-https-baseline")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    pem = self_signed_certificate(key, "plain-https-baseline", "127.0.0.1").encode()
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "plain-https.crt", directory / "plain-https.key"
-    pem = cert.public_bytes(serialization.Encoding.PEM)
     cert_path.write_bytes(pem)
     key_path.write_bytes(
         key.private_bytes(
