@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from mpc_agg.errors import (
     UploadRefused,
     UsageError,
 )
+from mpc_agg.storage.durable import create_private, fsync_directory, read_private
 from mpc_agg.transport.http_client import (
     AggregatorAPI,
     KeptSession,
@@ -262,12 +262,10 @@ def load_client_secret(path: str | Path, create: bool = True) -> bytes:
     Keep the file as private as the vectors it protects (see :class:`Client`, ``secret``);
     losing it only costs the ability to resubmit rounds started before the loss.
     """
-    from mpc_agg.identity import _write_private  # lazy: identity loads x509 on import
-
     path = Path(path)
     if create:
         try:
-            _write_private(path, (secrets.token_bytes(32).hex() + "\n").encode("ascii"))
+            create_private(path, (secrets.token_bytes(32).hex() + "\n").encode("ascii"))
         except FileExistsError:
             pass  # the usual case: read it below
         except OSError as exc:
@@ -275,21 +273,8 @@ def load_client_secret(path: str | Path, create: bool = True) -> bytes:
                 _SECRET_PATH, f"cannot create {str(path)!r}: {exc.strerror}"
             ) from None
         else:
-            _fsync_directory(path.parent)
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read(4096)
-    except FileNotFoundError:
-        raise ConfigError(_SECRET_PATH, f"{str(path)!r} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(_SECRET_PATH, f"cannot read {str(path)!r}: {exc.strerror}") from None
-    if os.name == "posix" and mode & 0o077:
-        raise ConfigError(
-            _SECRET_PATH,
-            f"{str(path)!r} is accessible to group or others (mode {mode & 0o777:04o}); "
-            f"run `chmod 600 {path}`",
-        )
+            fsync_directory(path.parent)
+    data = read_private(path, _SECRET_PATH, max_bytes=4096)
     try:
         secret = bytes.fromhex(data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
@@ -301,14 +286,3 @@ def load_client_secret(path: str | Path, create: bool = True) -> bytes:
             "(an empty file is left by a crash during its creation: delete it)",
         )
     return secret
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a new directory entry durable (POSIX; elsewhere a no-op)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -41,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from mpc_agg.config.load import read_small_document
 from mpc_agg.config.schema import AggregatorAddress
 from mpc_agg.errors import ConfigError
+from mpc_agg.storage.durable import create_private, read_private
 from mpc_agg.transport.auth import KEY_BYTES, Credentials
 from mpc_agg.transport.tls import cert_digest
 
@@ -57,15 +58,6 @@ PRIVATE_FILES = (PARTY_LINK_KEY, HTTPS_KEY, SIGNING_KEY, TOKEN_KEY, COLLECTOR_TO
 CERT_DAYS = 3650
 _YAML_PATH = "party directory"
 _MAX_CARD_BYTES = 1 << 16
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` (mode 0600, exclusively: an existing file is never overwritten)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def self_signed_certificate(
@@ -221,11 +213,11 @@ def generate_party_dir(
         .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         .hex(),
     )
-    _write_private(directory / PARTY_LINK_KEY, _pkcs8(link_key))
-    _write_private(directory / HTTPS_KEY, _pkcs8(http_key))
-    _write_private(directory / SIGNING_KEY, _pkcs8(signing))
-    _write_private(directory / TOKEN_KEY, (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode())
-    _write_private(
+    create_private(directory / PARTY_LINK_KEY, _pkcs8(link_key))
+    create_private(directory / HTTPS_KEY, _pkcs8(http_key))
+    create_private(directory / SIGNING_KEY, _pkcs8(signing))
+    create_private(directory / TOKEN_KEY, (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode())
+    create_private(
         directory / COLLECTOR_TOKEN, (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode()
     )
     _write_public(directory / PARTY_LINK_CERT, card.party_cert)
@@ -287,23 +279,7 @@ class PartySecrets:
 
 
 def _read_private(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read(1 << 16)
-    except FileNotFoundError:
-        raise ConfigError(
-            _YAML_PATH, f"{str(path)!r} does not exist; this is not a party directory"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(_YAML_PATH, f"cannot read {str(path)!r}: {exc.strerror}") from None
-    if os.name == "posix" and mode & 0o077:
-        raise ConfigError(
-            _YAML_PATH,
-            f"{str(path)!r} is accessible to group or others (mode {mode & 0o777:04o}); "
-            f"run `chmod 600 {path}`",
-        )
-    return data
+    return read_private(path, _YAML_PATH, missing="; this is not a party directory")
 
 
 def _read_hex_secret(path: Path) -> bytes:

@@ -38,7 +38,8 @@ INGEST_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Threads doing the O(d) work of uploads at one aggregator."""
 
 INLINE_BYTES = 256 * 1024
-"""Uploads of vectors of at most this many bytes (8 d: d <= 32768) do their O(d) work on
+"""Uploads of vectors of at most this many bytes (d times the ring's element size: d <=
+32768 in GF(p), 65536 in Z_2^32) do their O(d) work on
 the event loop (at most ~0.1 ms there): below this, handing it to a thread and back costs
 more than the work (README, "Cost model and performance")."""
 
@@ -108,7 +109,7 @@ class Ingest:
 
         async def work() -> None:
             try:
-                if 8 * rnd.dim <= INLINE_BYTES:
+                if rnd.dim * rnd.ring.itemsize <= INLINE_BYTES:
                     vector, ref, seq = self._write(journal, rnd, client_id, share, body)
                 else:
                     vector, ref, seq = await loop.run_in_executor(
