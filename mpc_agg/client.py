@@ -5,6 +5,10 @@ clips and encodes the vector, splits it into one additive share per aggregator (
 share, the others 16-byte seeds) and uploads all of them concurrently. Retries resend the
 same bytes, so they are idempotent. With a ``secret`` (:func:`load_client_secret`), every
 random choice is derived from it, so a *restarted* client resends the same bytes too.
+
+A full share larger than ``stream_above_bytes`` (64 MiB by default: ``d`` above 8 million
+in GF(p)) is sent as it is made, block by block (:mod:`mpc_agg.core.share_stream`): no
+vector-sized buffer exists on the client, whatever ``d``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +29,8 @@ import xxhash
 from mpc_agg.config.fingerprint import fingerprint
 from mpc_agg.config.schema import Topology
 from mpc_agg.core import codec
-from mpc_agg.core.sharing import full_share_index, shard_in_place
+from mpc_agg.core.share_stream import DEFAULT_BLOCK_BYTES, StreamedShard, shard_streamed
+from mpc_agg.core.sharing import ShareKind, full_share_index, shard_in_place
 from mpc_agg.core.xof import CLIENT_SECRET_MIN_BYTES, ClientSecret, vector_digest
 from mpc_agg.errors import (
     ConfigError,
@@ -38,16 +44,27 @@ from mpc_agg.storage.durable import create_private, fsync_directory, read_privat
 from mpc_agg.transport.http_client import (
     AggregatorAPI,
     KeptSession,
-    run_sync,
+    StreamedBody,
+    produce_ahead,
     tokens_per_aggregator,
 )
+
+STREAM_ABOVE_BYTES = 64 << 20
+"""Default ``Client(stream_above_bytes=...)``: a larger full-share body is streamed."""
+
+INLINE_PREPARE_BYTES = 256 << 10
+"""A full-share body up to this size is prepared on the event loop: below it, the thread hop
+costs more than the work (under a millisecond)."""
+
+Body = bytes | bytearray | StreamedBody
 
 
 @dataclass(frozen=True)
 class SubmitReceipt:
     """Outcome of a successful submission: every aggregator holds its share.
 
-    ``retries`` lists aggregators that answered "identical share already held" (200).
+    ``retries`` lists aggregators (in index order) that answered "identical share already
+    held" (200).
     ``upload_bytes`` is the total sent to all aggregators.
     """
 
@@ -63,7 +80,9 @@ class Client:
     ``token``: the client's bearer token(s), required unless the topology is ``insecure``: one
     token per aggregator, as a sequence or as the comma-separated line printed by
     launcher's ``LocalDeployment.client_tokens`` (a single token is sent to every aggregator).
-    ``timeout_s``: per-request timeout. ``retry_budget_s``: how long an upload keeps being
+    ``timeout_s``: per-request timeout (a streamed full share's attempt gets it plus the
+    topology's ``deadlines.upload_s``, what an aggregator allows for receiving one body).
+    ``retry_budget_s``: how long an upload keeps being
     retried while an aggregator answers busy (503 with ``Retry-After``, 408, resets), with
     jittered backoff (default: the topology's ``deadlines.upload_s``, the round's upload
     deadline); ``retries``: attempts after other transient failures (connection refused,
@@ -77,13 +96,23 @@ class Client:
     follows): keep it on the client. Without it, seeds and coins come from the OS and only
     this object's retries are identical. ``rng``: source of rounding coins (default: a
     generator seeded from the OS); ``random_bytes``: seed source (default:
-    ``secrets.token_bytes``). Inject those two only in tests, and not with ``secret``.
+    ``secrets.token_bytes``). Inject those two only in tests of the whole-body path, and
+    not with ``secret``.
+
+    Large vectors: a full-share body of more than ``stream_above_bytes`` bytes is built and
+    sent block by block (:meth:`prepare_streamed`), its seed shares after it. Its seeds and
+    coins always come from a :class:`~mpc_agg.core.xof.ClientSecret`: ``secret``, or else
+    one drawn from the OS when this object is made and held by it (never ``rng`` or
+    ``random_bytes``), so that this object's retries resend the same bytes without keeping
+    the body.
 
     Connections: ``async with Client(...) as client:`` keeps one HTTP session, and so its
     connections to the aggregators (TCP and TLS handshakes done once), for every
     ``submit_async`` inside the block; ``session`` (an ``aiohttp.ClientSession`` the caller
     owns and closes) shares one among many clients of one process (a simulation, a
-    benchmark). Otherwise each submission opens and closes its own connections.
+    benchmark). The blocking :meth:`submit` keeps its own event loop and session between
+    calls, until :meth:`close` (or ``with Client(...) as client:``, or the object's end).
+    Otherwise each submission opens and closes its own connections.
     """
 
     def __init__(
@@ -99,6 +128,7 @@ class Client:
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
         secret: bytes | None = None,
         session: aiohttp.ClientSession | None = None,
+        stream_above_bytes: int = STREAM_ABOVE_BYTES,
     ) -> None:
         self.topology = topology
         self.client_id = codec.check_id("client", client_id)
@@ -114,8 +144,20 @@ class Client:
         self._secret = None if secret is None else ClientSecret(secret)
         self._rng = rng if rng is not None else np.random.default_rng()
         self._random_bytes = random_bytes
+        if (
+            isinstance(stream_above_bytes, bool)
+            or not isinstance(stream_above_bytes, int)
+            or stream_above_bytes < 0
+        ):
+            raise UsageError(
+                f"stream_above_bytes must be an integer >= 0, got {stream_above_bytes!r}"
+            )
+        self.stream_above_bytes = stream_above_bytes
+        # The randomness of streamed submissions without a secret (class docstring).
+        self._stream_secret = self._secret or ClientSecret(secrets.token_bytes(32))
         self._prepared: dict[str, tuple[bytes, list[bytes | bytearray]]] = {}
         self._session = KeptSession(timeout_s, session)
+        weakref.finalize(self, self._session.close_blocking)
 
     def __repr__(self) -> str:
         return f"Client({self.client_id!r}, topology={self.topology.name!r})"
@@ -131,6 +173,16 @@ class Client:
         """Close the connections kept by ``async with`` (not a ``session`` passed in)."""
         await self._session.close()
 
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the event loop and connections the blocking :meth:`submit` keeps."""
+        self._session.close_blocking()
+
     def prepare(self, round_id: str, vector: npt.ArrayLike) -> list[bytes | bytearray]:
         """Encode and shard ``vector``: the upload body for each aggregator, in index order.
 
@@ -141,9 +193,7 @@ class Client:
         codec.check_id("round", round_id)
         m = self.topology.m
         full = full_share_index(self.client_id, m)
-        d = int(np.shape(vector)[0]) if np.ndim(vector) == 1 else -1
-        if d < 0:
-            raise EncodingError(f"vector must be 1-dimensional, got shape {np.shape(vector)}")
+        d = _dimension(vector)
         # The vector is encoded straight into the full share's upload body, and the seeds'
         # expansions are subtracted there: one vector-sized buffer, no copies.
         ring = self.topology.encoding.ring
@@ -173,6 +223,36 @@ class Client:
         )
         return [body if s.aggregator == full else codec.encode_share(s) for s in shares]
 
+    def prepare_streamed(
+        self, round_id: str, vector: npt.ArrayLike, *, block_bytes: int = DEFAULT_BLOCK_BYTES
+    ) -> StreamedShard:
+        """Encode and shard ``vector`` for sending the full share block by block, in O(block)
+        memory besides ``vector`` (which must not change until the submission ends).
+
+        With a secret, ``b"".join(result.chunks())`` and ``result.seed_bodies()`` are the
+        bytes of :meth:`prepare`. Without one, the seeds and coins come from this object's
+        own random secret (class docstring), so they differ from :meth:`prepare`'s but are
+        the same at every call with the same vector. Costs two or three passes over the
+        vector before the first byte (:mod:`mpc_agg.core.share_stream`).
+        """
+        codec.check_id("round", round_id)
+        secret = self._stream_secret
+        fp, client = self.fingerprint, self.client_id
+
+        def seed_for(aggregator: int, attempt: int, digest: bytes) -> bytes:
+            return secret.seed(fp, round_id, client, aggregator, attempt, digest)
+
+        return shard_streamed(
+            vector,
+            self.topology.encoding,
+            round_id,
+            client,
+            self.topology.m,
+            coins=functools.partial(secret.coins, fp, round_id, client),
+            seed_for=seed_for,
+            block_bytes=block_bytes,
+        )
+
     def submit(self, round_id: str, vector: npt.ArrayLike) -> SubmitReceipt:
         """Encode, share and upload ``vector`` to every aggregator (blocking).
 
@@ -180,7 +260,9 @@ class Client:
         vector already submitted for this round, wrong dimension, round not open, ...), and
         :class:`~mpc_agg.errors.AggregatorUnavailable` when one cannot be reached.
         """
-        return run_sync(self.submit_async(round_id, vector), "submit")
+        return self._session.run_blocking(
+            functools.partial(self.submit_async, round_id, vector), "submit"
+        )
 
     async def submit_async(self, round_id: str, vector: npt.ArrayLike) -> SubmitReceipt:
         """Asynchronous :meth:`submit`.
@@ -189,18 +271,50 @@ class Client:
         unreachable) resends the very same shares, so aggregators that already hold them
         answer "identical retry" and the others accept them: retries are idempotent. With a
         ``secret``, so does a new ``Client`` (after a crash, in another process).
+
+        A full share of more than ``stream_above_bytes`` is streamed (class docstring);
+        ``vector`` must not change until this returns (each retry reads it again).
         """
+        codec.check_id("round", round_id)
+        full_bytes = codec.share_body_length(
+            ShareKind.FULL, _dimension(vector), self.topology.encoding.ring
+        )
+        if full_bytes > self.stream_above_bytes:
+            return await self._submit_streamed(round_id, vector)
         # A fingerprint of the vector, not a copy of it: XXH3 at memory speed.
         key = xxhash.xxh3_128_digest(np.ascontiguousarray(vector, dtype=np.float64).data)
         cached = self._prepared.get(round_id)
         if cached is not None and cached[0] == key:
             bodies = cached[1]
         else:
-            # O(d) numpy and AES work, off the event loop: other uploads keep flowing.
-            bodies = await asyncio.to_thread(self.prepare, round_id, vector)
+            if full_bytes <= INLINE_PREPARE_BYTES:
+                bodies = self.prepare(round_id, vector)
+            else:
+                # O(d) numpy and AES work, off the event loop: other uploads keep flowing.
+                bodies = await asyncio.to_thread(self.prepare, round_id, vector)
             self._prepared.clear()  # keep only the latest round's shares (O(d) memory)
             self._prepared[round_id] = (key, bodies)
         return await self.upload(round_id, bodies)
+
+    async def _submit_streamed(self, round_id: str, vector: npt.ArrayLike) -> SubmitReceipt:
+        """:meth:`submit_async` for a large vector: the full share streamed, then the seeds.
+
+        Nothing here holds a body: each attempt of the full share's upload makes it again
+        from ``vector`` (identical bytes), and ``_prepared`` is not used.
+        """
+        # The passes that settle the seeds (O(d) numpy and AES work) run off the loop.
+        shard = await asyncio.to_thread(self.prepare_streamed, round_id, vector)
+        # An attempt may take as long as an aggregator allows for receiving one body.
+        attempt_s = self.timeout_s + self.topology.deadlines.upload_s
+        full = StreamedBody(shard.length, lambda: produce_ahead(shard.chunks()), attempt_s)
+        # The seed shares go only once the full share is accepted. Their seeds were settled
+        # (streams checked for the rejected word) before the first byte of the full share, so
+        # a seed that was sent is always the one the full share was made with; and a full
+        # share refused or cut (409, 413, a lost connection, a crash) leaves no seed share at
+        # the other aggregators either: nothing of the submission is held anywhere, and a
+        # retry starts from a clean slate. The seed uploads are tiny: the order costs one
+        # round trip.
+        return await self._send(round_id, [{shard.full_index: full}, shard.seed_bodies()])
 
     async def upload(
         self,
@@ -210,41 +324,67 @@ class Client:
     ) -> SubmitReceipt:
         """Upload prepared ``bodies`` concurrently to ``aggregators`` (default: all)."""
         targets = list(range(self.topology.m)) if aggregators is None else aggregators
+        return await self._send(round_id, [{i: bodies[i] for i in targets}])
+
+    async def _send(self, round_id: str, phases: list[Mapping[int, Body]]) -> SubmitReceipt:
+        """Upload each phase's bodies (by aggregator index) concurrently, one phase after
+        the other; a phase with a failure raises before the next starts (``accepted`` of
+        an :class:`UploadRefused` names every aggregator that accepted so far)."""
         path = f"/v1/rounds/{round_id}/shares/{self.client_id}"
+        accepted: list[int] = []
+        retries: list[int] = []
+        sent = 0
         async with self._session() as session:
-            apis = {
-                i: AggregatorAPI(
-                    session,
-                    self.topology.aggregators[i],
-                    token=self._tokens[i],
-                    fingerprint=self.fingerprint,
-                    retries=self.retries,
-                    retry_budget_s=self.retry_budget_s,
+            for phase in phases:
+                targets = list(phase)
+                outcomes = await asyncio.gather(
+                    *(self._put(session, i, path, phase[i]) for i in targets),
+                    return_exceptions=True,
                 )
-                for i in targets
-            }
-            outcomes = await asyncio.gather(
-                *(apis[i].request("PUT", path, data=bodies[i]) for i in targets),
-                return_exceptions=True,
-            )
-        accepted = tuple(i for i, o in zip(targets, outcomes, strict=True) if isinstance(o, tuple))
-        for o in outcomes:
-            if isinstance(o, TopologyMismatchError):
-                raise o
-        for o in outcomes:
-            if isinstance(o, RemoteRefusal):
-                raise UploadRefused(o.aggregator, o.status, o.code, o.detail, accepted=accepted)
-        for o in outcomes:
-            if isinstance(o, BaseException):  # AggregatorUnavailable, or a local bug
-                raise o
-        retries = tuple(
-            i
-            for i, o in zip(targets, outcomes, strict=True)
-            if isinstance(o, tuple) and o[0] == 200
+                for i, o in zip(targets, outcomes, strict=True):
+                    if isinstance(o, tuple):
+                        accepted.append(i)
+                        if o[0] == 200:
+                            retries.append(i)
+                for o in outcomes:
+                    if isinstance(o, TopologyMismatchError):
+                        raise o
+                for o in outcomes:
+                    if isinstance(o, RemoteRefusal):
+                        raise UploadRefused(
+                            o.aggregator, o.status, o.code, o.detail, accepted=tuple(accepted)
+                        )
+                for o in outcomes:
+                    if isinstance(o, BaseException):  # AggregatorUnavailable, or a local bug
+                        raise o
+                sent += sum(_length(phase[i]) for i in targets)
+        return SubmitReceipt(round_id, self.client_id, tuple(sorted(retries)), sent)
+
+    async def _put(
+        self, session: aiohttp.ClientSession, index: int, path: str, body: Body
+    ) -> tuple[int, bytes]:
+        api = AggregatorAPI(
+            session,
+            self.topology.aggregators[index],
+            token=self._tokens[index],
+            fingerprint=self.fingerprint,
+            retries=self.retries,
+            retry_budget_s=self.retry_budget_s,
         )
-        return SubmitReceipt(
-            round_id, self.client_id, retries, sum(len(bodies[i]) for i in targets)
-        )
+        if isinstance(body, StreamedBody):
+            return await api.request("PUT", path, stream=body)
+        return await api.request("PUT", path, data=body)
+
+
+def _dimension(vector: npt.ArrayLike) -> int:
+    """The length of 1-D ``vector``; :class:`EncodingError` for any other shape."""
+    if np.ndim(vector) != 1:
+        raise EncodingError(f"vector must be 1-dimensional, got shape {np.shape(vector)}")
+    return int(np.shape(vector)[0])
+
+
+def _length(body: Body) -> int:
+    return body.length if isinstance(body, StreamedBody) else len(body)
 
 
 _SECRET_PATH = "client secret"

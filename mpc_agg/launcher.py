@@ -96,8 +96,8 @@ class LaunchError(RuntimeError):
 
 PARTY_COMMAND: tuple[str, ...] = (sys.executable, "-u", "-m", "mpc_agg.party")
 """The program that runs one party; the launcher appends ``--topology``, ``--index``,
-``--party-dir``, ``--log-level`` and, for a data directory that does not exist yet (or is
-empty), ``--new-data-dir``."""
+``--party-dir``, ``--log-level``, ``--stream-above-mb`` if it was given and, for a data
+directory that does not exist yet (or is empty), ``--new-data-dir``."""
 
 
 class LocalFederation:
@@ -116,6 +116,8 @@ class LocalFederation:
     temporary directory: keys, journals and ledgers all go there). ``adopt_data_dir``
     passes ``--adopt-data-dir`` to every party whose data directory is not fresh (state of
     an older version, or of a changed template: its ledger carries over, loudly).
+    ``stream_above_mb`` passes ``--stream-above-mb`` to every party (the streaming
+    threshold, a local setting; e.g. a small one so that tests stream modest vectors).
     """
 
     def __init__(
@@ -130,8 +132,10 @@ class LocalFederation:
         party_dirs: Sequence[str | Path] | None = None,
         data_dir: str | Path | None = None,
         adopt_data_dir: bool = False,
+        stream_above_mb: float | None = None,
     ) -> None:
         self.adopt_data_dir = adopt_data_dir
+        self.stream_above_mb = stream_above_mb
         self.cwd = Path(cwd) if cwd is not None else Path.cwd()
         template = Path(config_path).resolve()
         if party_dirs is not None:
@@ -190,6 +194,8 @@ class LocalFederation:
             "--log-level",
             self.log_level,
         ]
+        if self.stream_above_mb is not None:
+            command += ["--stream-above-mb", repr(float(self.stream_above_mb))]
         directory = self.topology.aggregator_dir(index)
         if inspect_data_dir(directory).fresh:
             self._note(f"aggregator {index}: new data directory {directory} (--new-data-dir)")

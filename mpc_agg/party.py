@@ -23,7 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from mpc_agg.config.schema import Topology, host_port
+from mpc_agg.config.schema import (
+    MAX_STREAM_ABOVE_MB,
+    STREAM_ABOVE_MB,
+    Topology,
+    host_port,
+    stream_above_bytes,
+)
 from mpc_agg.errors import ConfigError, StartupError
 from mpc_agg.mpc.network import PartyNetwork
 
@@ -116,6 +122,16 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "rebind one bound to another topology, keeping its privacy ledger",
     )
     parser.add_argument(
+        "--stream-above-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="a round whose vectors take more than MB MiB (d times 8 bytes in gf_p61, 4 in "
+        "z2_32) is received as a stream: full shares block by block into spool files, "
+        f"never held whole (default {STREAM_ABOVE_MB:g}; at most {MAX_STREAM_ABOVE_MB:g} "
+        "and rounds.upload_buffer_mb; a local setting, not part of the topology)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -131,6 +147,7 @@ async def serve(
     credentials: Credentials | None = None,
     secrets: PartySecrets | None = None,
     bind: str | None = None,
+    stream_above_mb: float = STREAM_ABOVE_MB,
 ) -> None:
     """Run aggregator ``index`` of ``topology`` over ``network`` until SIGTERM/SIGINT.
 
@@ -149,7 +166,11 @@ async def serve(
     from mpc_agg.transport.upload_limits import ServerLimits
 
     aggregator = Aggregator(
-        topology, index, network, signing_key=None if secrets is None else secrets.signing_key
+        topology,
+        index,
+        network,
+        signing_key=None if secrets is None else secrets.signing_key,
+        stream_above=stream_above_bytes(stream_above_mb),
     )
     recovered = aggregator.recover()
     if recovered:
@@ -328,6 +349,29 @@ def open_data_dir(
     return lock
 
 
+def check_stream_above(topology: Topology, mb: float | None) -> float:
+    """The streaming threshold in MiB (``--stream-above-mb``, default
+    :data:`~mpc_agg.config.schema.STREAM_ABOVE_MB`): positive, at most
+    :data:`~mpc_agg.config.schema.MAX_STREAM_ABOVE_MB`, and a share at the threshold (taken
+    whole) must fit ``rounds.upload_buffer_mb``. Raises :class:`ConfigError`."""
+    value = STREAM_ABOVE_MB if mb is None else mb
+    if not 0 < value <= MAX_STREAM_ABOVE_MB:
+        raise ConfigError(
+            "--stream-above-mb", f"must be in (0, {MAX_STREAM_ABOVE_MB:g}] MiB, got {value:g}"
+        )
+    from mpc_agg.config.schema import whole_body_bytes
+
+    needed = whole_body_bytes(topology.rounds.max_dim, value)
+    if needed > topology.rounds.upload_buffer_bytes:
+        raise ConfigError(
+            "--stream-above-mb",
+            f"{value:g} MiB: a full share taken whole at that size ({needed / 2**20:.1f} MiB) "
+            f"does not fit rounds.upload_buffer_mb = {topology.rounds.upload_buffer_mb}; "
+            "lower it",
+        )
+    return value
+
+
 def _index_of(args: argparse.Namespace, topology: Topology) -> int:
     """The party's index: ``--index`` and/or its card's; raises ConfigError (exit 2)."""
     from mpc_agg.identity import CARD, read_card
@@ -385,6 +429,10 @@ def main(
             read_party_settings(Path(args.party_dir))
         )
         check_bind(topology, settings.bind)  # insecure: loopback only, bind included
+        stream_above_mb = check_stream_above(
+            topology,
+            args.stream_above_mb if args.stream_above_mb is not None else settings.stream_above_mb,
+        )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -447,7 +495,17 @@ def main(
     )
     used: PartyNetwork = network if wrap_network is None else wrap_network(network)
     try:
-        network.run(serve(topology, index, used, credentials, secrets, bind=settings.bind))
+        network.run(
+            serve(
+                topology,
+                index,
+                used,
+                credentials,
+                secrets,
+                bind=settings.bind,
+                stream_above_mb=stream_above_mb,
+            )
+        )
         del lock  # held for the life of the party
     except (StateError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)

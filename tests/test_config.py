@@ -178,9 +178,9 @@ def test_defaults_fill_optional_sections():
         (doc(aggregators__0__host="a b"), "aggregators[0].host", "host"),
         (doc(fsync="yes"), "fsync", "expected bool"),
         (
-            doc(rounds__max_dim=10_000_000, rounds__upload_buffer_mb=64),
+            doc(rounds__max_dim=1_000_000, rounds__upload_buffer_mb=4),
             "rounds.upload_buffer_mb",
-            "cannot hold one full share of max_dim = 10000000 (76.3 MiB); raise it to at least 77",
+            "cannot hold one full share of max_dim = 1000000 (7.6 MiB); raise it to at least 8",
         ),
     ],
 )

@@ -59,9 +59,9 @@ def doc(**sections: object) -> dict:
         (lambda: RoundPolicy(max_concurrent_uploads=0), "rounds.max_concurrent_uploads", ">= 1"),
         (lambda: RoundPolicy(keep_results=0), "rounds.keep_results", ">= 1"),
         (
-            lambda: RoundPolicy(max_dim=10_000_000, upload_buffer_mb=64),
+            lambda: RoundPolicy(max_dim=1_000_000, upload_buffer_mb=4),
             "rounds.upload_buffer_mb",
-            "raise it to at least 77",
+            "raise it to at least 8",
         ),
         (lambda: Deadlines(step_s=0), "deadlines.step_s", "(0, 86400]"),
         (lambda: Deadlines(upload_s=True), "deadlines.upload_s", "expected seconds"),

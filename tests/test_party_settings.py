@@ -111,6 +111,10 @@ def test_party_yaml_paths_are_relative_to_the_party_directory(tmp_path):
     assert read_party_settings(party) == PartySettings()
     (party / "party.yaml").write_text("bind: '::'\n")
     assert read_party_settings(party) == PartySettings(None, "::")
+    (party / "party.yaml").write_text("stream_above_mb: 2\n")
+    assert read_party_settings(party) == PartySettings(stream_above_mb=2.0)
+    cli = command_line_settings(None, None)
+    assert cli.over(read_party_settings(party)).stream_above_mb == 2.0
 
 
 @pytest.mark.parametrize(
@@ -118,6 +122,8 @@ def test_party_yaml_paths_are_relative_to_the_party_directory(tmp_path):
     [
         ("port: 1\n", "port", "unknown key 'port'"),
         ("bind: 1\n", "bind", "expected str"),
+        ("stream_above_mb: yes\n", "stream_above_mb", "number of MiB"),
+        ("stream_above_mb: '4'\n", "stream_above_mb", "number of MiB"),
         ("bind: '[::1]'\n", "bind", "without brackets"),
         ("bind: 'a b'\n", "bind", "not a host"),
         ("- data_dir\n", "<root>", "mapping"),

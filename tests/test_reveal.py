@@ -27,12 +27,14 @@ def test_every_party_gets_the_exact_total_across_slices(monkeypatch, d: int) -> 
     rng = np.random.default_rng(d)
     sums = [random_field(rng, d) for _ in range(3)]
     nets = memory_networks(3)
+    expected = unshard(sums)  # before the reveal, which writes the total over each share
 
     async def main() -> list[np.ndarray]:
         return await asyncio.gather(*(reveal_sum(n, s, d) for n, s in zip(nets, sums, strict=True)))
 
     totals = asyncio.run(main())
-    expected = unshard(sums)
+    for t, s in zip(totals, sums, strict=True):
+        assert t is s  # in place: no second d-vector
     for t in totals:
         assert t.dtype == np.uint64 and np.array_equal(t, expected)
     assert len(reveal_slices(d)) == max(1, -(-d // 4))

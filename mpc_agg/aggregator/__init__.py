@@ -25,7 +25,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 
 from mpc_agg.config.fingerprint import fingerprint
-from mpc_agg.config.schema import Topology
+from mpc_agg.config.schema import (
+    STREAM_ABOVE_MB,
+    STREAM_BLOCK_BYTES,
+    Topology,
+    stream_above_bytes,
+)
 from mpc_agg.core import codec
 from mpc_agg.core.ring import RingArray
 from mpc_agg.core.rounds import TERMINAL, Round, RoundState
@@ -44,6 +49,7 @@ from mpc_agg.errors import (
 )
 from mpc_agg.mpc.network import PartyNetwork
 from mpc_agg.storage.round_index import RoundIndex
+from mpc_agg.transport.upload_limits import UploadBody
 
 from .commands import DEADLINE_TICK_S, LEADER, Driver
 from .ingest import INGEST_THREADS, Ingest, expected_kind
@@ -69,6 +75,9 @@ class Aggregator:
     noise is drawn from (default: a fresh
     :class:`~mpc_agg.dp.discrete_gaussian.NoiseStream` keyed from the OS per round);
     ``signing_key`` signs result statements (without one, :meth:`statement` refuses).
+    ``stream_above`` (bytes; a party-local setting, ``mpc-agg party --stream-above-mb``):
+    rounds whose vectors take more are large, their full shares streamed block by block of
+    ``stream_block`` bytes (docs/design.md, "Streamed uploads").
     Raises :class:`~mpc_agg.errors.StateError` if its durable state is inconsistent.
     """
 
@@ -82,6 +91,8 @@ class Aggregator:
         wall_clock: Callable[[], float] = time.time,
         noise_stream: Callable[[], NoiseStream] | None = None,
         signing_key: Ed25519PrivateKey | None = None,
+        stream_above: int = stream_above_bytes(STREAM_ABOVE_MB),
+        stream_block: int = STREAM_BLOCK_BYTES,
     ) -> None:
         self.topology = topology
         self.index = index
@@ -92,6 +103,7 @@ class Aggregator:
         self._statements: dict[str, dict[str, Any]] = {}
         self.metrics: dict[str, int] = {
             "uploads_accepted": 0,
+            "uploads_streamed": 0,
             "uploads_retried": 0,
             "uploads_refused": 0,
             "bytes_accepted": 0,
@@ -99,7 +111,14 @@ class Aggregator:
             "rounds_done": 0,
             "rounds_failed": 0,
         }
-        self.store = RoundStore(topology, index, clock, wall_clock)
+        self.store = RoundStore(
+            topology,
+            index,
+            clock,
+            wall_clock,
+            stream_above=stream_above,
+            stream_block=stream_block,
+        )
         self.privacy = Privacy(topology, index, self.store.round_index, noise_stream)
         self.ingest = Ingest(self.store, self.metrics)
         self.driver = Driver(self.store, self.ingest, self.privacy, network, self.metrics, clock)
@@ -214,6 +233,17 @@ class Aggregator:
         """:meth:`receive_share` with the O(d) work on the ingest threads, so the event
         loop, shared with MPyC, keeps serving requests and the party network meanwhile."""
         return await self.ingest.receive_share_async(round_id, client_id, body)
+
+    def upload_block(self, round_id: str, client_id: str) -> int | None:
+        """How ``client_id``'s upload to ``round_id`` is read: None to take its body whole
+        (:meth:`receive_share_async`), else the bytes of each block of a body received as a
+        stream (:meth:`receive_stream_async`: a full share of a large round)."""
+        return self.ingest.stream_block(round_id, client_id)
+
+    async def receive_stream_async(self, round_id: str, client_id: str, body: UploadBody) -> bool:
+        """:meth:`receive_share_async` for a body read block by block as it arrives, never
+        held whole (see :meth:`mpc_agg.aggregator.ingest.Ingest.receive_stream_async`)."""
+        return await self.ingest.receive_stream_async(round_id, client_id, body)
 
     def round_status(self, round_id: str) -> dict[str, Any]:
         """JSON-ready status of a round."""
@@ -332,19 +362,29 @@ class Aggregator:
         return rnd, rnd.total
 
     def result(self, round_id: str) -> bytes:
-        """The encoded result of a DONE round (see :func:`mpc_agg.core.codec.encode_result`)."""
+        """The encoded result of a DONE round (see :func:`mpc_agg.core.codec.encode_result`),
+        whole: for small totals (the HTTP API streams long ones, :meth:`result_parts`)."""
         rnd, total = self._done_round(round_id)
-        meta = {
-            "round": round_id,
+        return codec.encode_result(total, self._result_meta(rnd))
+
+    def result_parts(self, round_id: str) -> codec.ResultParts:
+        """The result of a DONE round as header + metadata and the total itself (not a
+        copy: the revealed total the round holds), to be sent a slice at a time; the same
+        bytes as :meth:`result`."""
+        rnd, total = self._done_round(round_id)
+        return codec.result_parts(total, self._result_meta(rnd))
+
+    def _result_meta(self, rnd: Round) -> dict[str, Any]:
+        return {
+            "round": rnd.round_id,
             "num_clients": rnd.num_clients,
             "dropped_clients": len(rnd.dropped_clients),
             "epsilon": None,
             "delta": None,
-            **self.privacy.result_fields.get(round_id, {}),
+            **self.privacy.result_fields.get(rnd.round_id, {}),
             "frac_bits": self.topology.encoding.frac_bits,
             "timings": rnd.timings,
         }
-        return codec.encode_result(total, meta)
 
     def statement(self, round_id: str) -> dict[str, Any]:
         """This aggregator's signed statement of a DONE round (README, "Security model"):

@@ -12,7 +12,11 @@ there; local steps (durable marks, the sum share, noise) come from the store and
 
 Everything between "the sums are fixed" and the reveal happens in :meth:`Driver.sum_share`,
 whose *return value* is the only array the reveal ever sends: a share with its noise added,
-or an exception, after which the party votes "not ready".
+or an exception, after which the party votes "not ready". It takes the running sum in place
+(no second d-vector) and, in a large round (docs/design.md, "Streamed uploads"), subtracts
+dropped clients block by block and runs on an ingest thread, off the event loop. A round
+whose running sum was damaged (a share that could not be added whole) refuses to agree
+(``storage_failure``): it fails closed.
 
 The leader also broadcasts :class:`~mpc_agg.core.protocol.AbortCommand`: a round past its
 deadline (``expired``) or aborted by the collector (``cancelled``) fails at every party that
@@ -30,7 +34,6 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from mpc_agg.core import codec
 from mpc_agg.core.protocol import (
     AbortCommand,
     CloseCommand,
@@ -50,7 +53,6 @@ from mpc_agg.core.protocol import (
 )
 from mpc_agg.core.ring import RingArray
 from mpc_agg.core.rounds import TERMINAL, Agreement, Round, RoundState
-from mpc_agg.core.sharing import Share, ShareKind
 from mpc_agg.core.statement import clients_digest
 from mpc_agg.errors import AgreementFailed, PartyLinkLost, ProtocolViolation
 from mpc_agg.mpc.network import PartyNetwork
@@ -303,7 +305,10 @@ class Driver:
             assert rnd is not None  # decide_views fails if any party lacks the round
             share: RingArray | None = None
             try:
-                share = self.sum_share(rnd, agreement)
+                if self.store.streamed(rnd.dim, rnd.ring):  # O(d) work off the loop
+                    share = await self.ingest.run(self.sum_share, rnd, agreement)
+                else:
+                    share = self.sum_share(rnd, agreement)
             except Exception:  # noqa: BLE001 - announced to all parties in exchange 2
                 log.exception("round %s: cannot compute this aggregator's sum share", round_id)
             t_agreed = self.clock()
@@ -354,8 +359,17 @@ class Driver:
 
     def refusal(self, round_id: str) -> Refusal | None:
         """Why this aggregator refuses to aggregate ``round_id`` (sent in exchange 1), or
-        None: its privacy refuses (plan, budget), or the ``closing`` mark cannot be made
-        durable (after a restart this round must only come back failed)."""
+        None: its running sum is damaged (a share could not be added whole), its privacy
+        refuses (plan, budget), or the ``closing`` mark cannot be made durable (after a
+        restart this round must only come back failed)."""
+        rnd = self.store.rounds.get(round_id)
+        damaged = None if rnd is None else rnd.sum_damaged
+        if damaged is not None:
+            return Refusal(
+                "storage_failure",
+                f"aggregator {self.index} cannot trust its running sum of round "
+                f"{round_id!r} ({damaged}); nothing is revealed",
+            )
         refusal = self.privacy.refusal(round_id)
         if refusal is not None:
             return refusal
@@ -375,29 +389,18 @@ class Driver:
         with this aggregator's noise added when the round has DP. Raises on any failure,
         and then nothing of the share leaves the party.
 
-        In order, each step complete or raising: subtract dropped clients; mark the round
-        ``revealing`` in its journal (durable); with DP, charge the release in the ledger
-        (durable) and add the noise (docs/design.md, "Fail closed").
+        In order, each step complete or raising: subtract dropped clients (block by block
+        for streamed shares and in large rounds: read back from the spool, re-expanded);
+        mark the round ``revealing`` in its journal (durable); take the running sum in place
+        (refused if damaged); with DP, charge the release in the ledger (durable) and add
+        the noise (docs/design.md, "Fail closed"). Any thread (an ingest thread for a large
+        round).
         """
         gone = sorted(rnd.accepted.keys() - agreement.clients)
-        dropped = [self._share_vector(rnd, c) for c in gone]
+        dropped = [self.store.share_blocks(rnd, c, rnd.accepted[c]) for c in gone]
         rnd.agree(agreement.clients, dropped, agreement.dropped)
         self.store.journals[rnd.round_id].append_mark("revealing")
-        return self.privacy.noisy(rnd.round_id, rnd.local_sum())
-
-    def _share_vector(self, rnd: Round, client_id: str) -> RingArray:
-        """The expanded share of an accepted client (re-read from the journal if FULL)."""
-        accepted = rnd.accepted[client_id]
-        if accepted.kind is ShareKind.SEED:
-            assert accepted.seed is not None
-            return Share(
-                self.index, ShareKind.SEED, rnd.dim, seed=accepted.seed, ring=rnd.ring
-            ).expand(rnd.round_id, client_id)
-        assert isinstance(accepted.ref, tuple)
-        body = self.store.journals[rnd.round_id].read(accepted.ref)
-        return codec.decode_share(body, aggregator=self.index, dim=rnd.dim, ring=rnd.ring).expand(
-            rnd.round_id, client_id
-        )
+        return self.privacy.noisy(rnd.round_id, rnd.take_sum())
 
     # -- ending ---------------------------------------------------------------------------
 

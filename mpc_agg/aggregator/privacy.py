@@ -6,6 +6,13 @@ the ledger (checked at agreement, charged before any noise is drawn), and the me
 that turns this aggregator's share of the total into what it reveals. Each mechanism is a
 class with the same three steps (:class:`DiscreteGaussianNoise`, :class:`BinomialNoise`);
 nothing else branches on the mechanism.
+
+Flat memory (README, "Cost model and performance"): the share is noised in place, the noise
+drawn :data:`NOISE_BLOCK` coordinates at a time from the round's one sequential keystream,
+so neither the noise vector nor the sampler's temporaries are ever d long; the additive
+reveal writes the total into the same buffer (:func:`~mpc_agg.mpc.reveal.reveal_sum`).
+Joint binomial noise is the exception: MPyC takes and returns whole vectors (it is only
+feasible for small d anyway).
 """
 
 from __future__ import annotations
@@ -31,16 +38,23 @@ from mpc_agg.storage.round_index import RoundIndex
 log = logging.getLogger("mpc_agg.aggregator")
 
 
+NOISE_BLOCK = 1 << 18
+"""Coordinates of local noise drawn and added at a time: the exact sampler's temporaries
+take about 150 bytes per coordinate of a draw (some 40 MB here), whatever d is."""
+
+
 class NoiseMechanism(Protocol):
     """How one mechanism's noise reaches the revealed total."""
 
     plan: NoisePlan
 
     def add_local(self, share: RingArray, stream: NoiseStream) -> RingArray:
-        """This aggregator's share as it goes to the reveal (a new array)."""
+        """This aggregator's share as it goes to the reveal: ``share`` itself, its noise
+        added in place (or raising, the share then partly noised and never sent)."""
 
     async def reveal(self, network: PartyNetwork, share: RingArray, d: int) -> RingArray:
-        """Open the total from every party's share (every party calls this alike)."""
+        """Open the total from every party's share (every party calls this alike); the
+        additive reveal returns it in ``share``'s buffer."""
 
     def status(self) -> dict[str, Any]:
         """What ``GET /v1/rounds/{round}`` shows of the noise."""
@@ -55,22 +69,38 @@ class DiscreteGaussianNoise:
         self.ring = ring
 
     def add_local(self, share: RingArray, stream: NoiseStream) -> RingArray:
-        noise = sample_discrete_gaussian(self.plan.sigma2, self.plan.d, stream)
-        if noise.shape != share.shape:
+        """Add ``N_Z(0, sigma2)`` to each coordinate of ``share`` in place, drawing
+        :data:`NOISE_BLOCK` coordinates at a time in order from ``stream`` (independent
+        draws, so the same distribution as one draw of d); returns ``share``."""
+        d = self.plan.d
+        if share.shape != (d,) or share.dtype != self.ring.dtype:
             raise AgreementFailed(
-                f"noise of shape {noise.shape} for a share of {share.shape}", code="aborted"
-            )
-        # The headroom check bounds the total noise by the plan's tail (< the ring's limit)
-        # except with probability 2^-64; a sample beyond the ring's signed range itself
-        # would be added wrongly, so it aborts the round instead (like an int64 overflow).
-        peak = int(np.abs(noise).max()) if noise.size else 0
-        if peak >= self.ring.limit:
-            raise AgreementFailed(
-                f"a noise sample of magnitude {peak} is beyond the signed range of ring "
-                f"{self.ring.name} ({self.ring.limit_text}); nothing is revealed",
+                f"noise of shape ({d},) for a share of {share.shape} ({share.dtype})",
                 code="aborted",
             )
-        return self.ring.add(share, self.ring.from_signed(noise))
+        for start in range(0, d, NOISE_BLOCK):
+            stop = min(start + NOISE_BLOCK, d)
+            noise = sample_discrete_gaussian(self.plan.sigma2, stop - start, stream)
+            if noise.shape != (stop - start,):
+                raise AgreementFailed(
+                    f"noise of shape {noise.shape} for {stop - start} coordinates",
+                    code="aborted",
+                )
+            # The headroom check bounds the total noise by the plan's tail (< the ring's
+            # limit) except with probability 2^-64; a sample beyond the ring's signed range
+            # itself would be added wrongly, so it aborts the round instead (like an int64
+            # overflow). Checked before this block is added.
+            peak = int(np.abs(noise).max()) if noise.size else 0
+            if peak >= self.ring.limit:
+                raise AgreementFailed(
+                    f"a noise sample of magnitude {peak} is beyond the signed range of ring "
+                    f"{self.ring.name} ({self.ring.limit_text}); nothing is revealed",
+                    code="aborted",
+                )
+            part = share[start:stop]
+            np.add(part, self.ring.from_signed(noise), out=part)  # < 2p: no uint64 overflow
+            self.ring.canonical(part, out=part)
+        return share
 
     async def reveal(self, network: PartyNetwork, share: RingArray, d: int) -> RingArray:
         return await reveal_sum(network, share, d, self.ring)
@@ -81,7 +111,8 @@ class DiscreteGaussianNoise:
 
 class BinomialNoise:
     """No local noise: the shares enter MPyC as secrets and total + joint binomial noise is
-    opened (docs/design.md, "Differential privacy", ``binomial``)."""
+    opened (docs/design.md, "Differential privacy", ``binomial``). The total comes back as
+    a new array from MPyC (d-sized secure arrays: small d only), not in ``share``."""
 
     def __init__(self, plan: NoisePlan, ring: Ring = GF_P61) -> None:
         self.plan = plan  # GF(p) only: a topology with binomial noise and z2_32 is refused
@@ -262,9 +293,10 @@ class Privacy:
 
     def noisy(self, round_id: str, share: RingArray) -> RingArray:
         """Charge the release in the ledger durably, then return ``share`` as it goes to the
-        reveal (with this aggregator's noise, for a mechanism that adds noise locally).
-        Every release attempt is charged, before any noisy share leaves the party; raises
-        on any failure. Without DP, returns ``share``."""
+        reveal: the same array, with this aggregator's noise added in place for a mechanism
+        that adds noise locally (block by block, no d-sized temporary). Every release
+        attempt is charged, before any noise is drawn; raises on any failure, ``share``
+        then possibly partly noised and never revealed. Without DP, returns ``share``."""
         if not self.enabled:
             return share
         mechanism = self.mechanisms.get(round_id)
@@ -291,7 +323,8 @@ class Privacy:
     async def reveal(
         self, network: PartyNetwork, round_id: str, share: RingArray, d: int
     ) -> RingArray:
-        """Open the total of the round (every party calls this alike)."""
+        """Open the total of the round (every party calls this alike); the additive reveal
+        writes it into ``share``'s buffer slice by slice and returns ``share``."""
         mechanism = self.mechanisms.get(round_id)
         if mechanism is None:
             return await reveal_sum(network, share, d, self.topology.encoding.ring)

@@ -7,19 +7,36 @@ journals after a restart (a round whose journal says it was closing or revealing
 failed, never open; so does one past its deadline, and any beyond ``rounds.max_open``),
 ends a round's journal when it ends, and keeps the totals of the last
 ``rounds.keep_results`` ended rounds only.
+
+Large rounds (docs/design.md, "Streamed uploads"): a round whose vectors take more than the
+party's streaming threshold (:attr:`RoundStore.stream_above`) keeps a spool directory beside
+its journal; its shares are read back, re-expanded and replayed block by block
+(:meth:`RoundStore.share_blocks`), never as whole vectors, and a spool file that is missing
+or damaged at recovery fails its round (fail closed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mpc_agg.config.schema import Topology
+from mpc_agg.config.schema import (
+    STREAM_ABOVE_MB,
+    STREAM_BLOCK_BYTES,
+    Topology,
+    stream_above_bytes,
+)
 from mpc_agg.core import codec
-from mpc_agg.core.rounds import TERMINAL, Round, RoundState, upload_digest
+from mpc_agg.core.ring import Ring, RingArray
+from mpc_agg.core.rounds import TERMINAL, AcceptedShare, Round, RoundState, upload_digest
+from mpc_agg.core.sharing import ShareKind
+from mpc_agg.core.xof import share_context
 from mpc_agg.errors import (
+    MalformedUpload,
     ResultExpired,
     RoundConflict,
     RoundEnded,
@@ -31,6 +48,7 @@ from mpc_agg.errors import (
 from mpc_agg.storage.durable import fsync_directory
 from mpc_agg.storage.journal import JournalContents, RoundJournal
 from mpc_agg.storage.round_index import RoundIndex
+from mpc_agg.storage.spool import SPOOL_SUFFIX, RoundSpool, SpoolRef
 
 log = logging.getLogger("mpc_agg.aggregator")
 
@@ -44,7 +62,9 @@ class RoundStore:
     ``clock`` (monotonic seconds) times rounds and their deadlines while the process runs;
     ``wall_clock`` (Unix seconds) is what a journal records as the round's opening time, so
     that a restarted aggregator knows how much of each round's ``rounds.max_open_s`` is
-    left.
+    left. ``stream_above`` (bytes, a party-local setting) is the streaming threshold: a
+    round whose vectors take more is large (:meth:`streamed`); ``stream_block`` is the bytes
+    of a large round's share handled at a time (rounded down to whole elements).
     """
 
     def __init__(
@@ -53,7 +73,17 @@ class RoundStore:
         index: int,
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
+        *,
+        stream_above: int = stream_above_bytes(STREAM_ABOVE_MB),
+        stream_block: int = STREAM_BLOCK_BYTES,
     ) -> None:
+        if stream_above < 0 or stream_block < 1:
+            raise ValueError(
+                f"stream_above must be >= 0 and stream_block >= 1 byte, got {stream_above} "
+                f"and {stream_block}"
+            )
+        self.stream_above = stream_above
+        self.stream_block = stream_block
         self.topology = topology
         self.index = index
         self.clock = clock
@@ -68,6 +98,83 @@ class RoundStore:
     def journal_path(self, round_id: str) -> Path:
         """Where ``round_id``'s journal lives."""
         return self.directory / f"round-{round_id}.journal"
+
+    # -- large rounds ---------------------------------------------------------------------
+
+    def streamed(self, dim: int, ring: Ring) -> bool:
+        """Whether a round of dimension ``dim`` in ``ring`` is large here: its vectors take
+        more than :attr:`stream_above` bytes, so its shares are never held whole."""
+        return dim * ring.itemsize > self.stream_above
+
+    def block_elements(self, ring: Ring) -> int:
+        """Elements of ``ring`` handled at a time in a large round (>= 1)."""
+        return max(1, self.stream_block // ring.itemsize)
+
+    def spool(self, round_id: str) -> RoundSpool:
+        """The spool directory of ``round_id`` (streamed uploads of a large round)."""
+        return RoundSpool(
+            self.journal_path(round_id).with_suffix(SPOOL_SUFFIX), fsync=self.topology.fsync
+        )
+
+    def seed_blocks(self, rnd: Round, client_id: str, seed: bytes) -> Iterator[RingArray]:
+        """The expansion of ``client_id``'s seed share in ``rnd``, block by block (each a
+        view of the stream's buffer, valid until the next); raises MalformedUpload at a
+        block holding a rejected word (GF(p): a seed an honest client never sends)."""
+        ring = rnd.ring
+        n = self.block_elements(ring)
+        stream = ring.blocks(seed, share_context(rnd.round_id, client_id, self.index), n)
+        for start in range(0, rnd.dim, n):
+            words = stream.next_block(min(n, rnd.dim - start))
+            if words is None:
+                raise MalformedUpload(
+                    f"the seed's stream holds a rejected word in the block at coordinate "
+                    f"{start}: not a seed an honest client sends"
+                )
+            yield words
+
+    def spooled_blocks(self, rnd: Round, ref: SpoolRef) -> Iterator[RingArray]:
+        """The values of the streamed FULL share ``ref`` names, read back block by block
+        from the round's spool (page cache), each checked to be canonical, after its header
+        is checked; the file's length is checked first and its digest after the last block
+        (:func:`~mpc_agg.storage.spool.read_back`). Raises OSError (SpoolDamaged) or
+        MalformedUpload on any defect."""
+        ring = rnd.ring
+        block = self.block_elements(ring) * ring.itemsize
+        with contextlib.closing(
+            self.spool(rnd.round_id).read_back(ref, block, head=codec.SHARE_HEADER.size)
+        ) as pieces:
+            header = next(pieces, b"")
+            kind = codec.decode_share_header(
+                header, aggregator=self.index, dim=rnd.dim, ring=ring, length=ref.length
+            )
+            if kind is not ShareKind.FULL:
+                raise MalformedUpload(f"spool file {ref.name} holds a seed share")
+            start = 0
+            for piece in pieces:
+                values = ring.from_wire(piece, 0, len(piece) // ring.itemsize)
+                codec.check_share_block(values, ring, start)
+                start += len(values)
+                yield values
+
+    def share_blocks(
+        self, rnd: Round, client_id: str, accepted: AcceptedShare
+    ) -> Iterator[RingArray] | RingArray:
+        """The expanded share of an accepted client of ``rnd``: block by block for a
+        streamed FULL share (read back from the spool) and for a SEED share of a large
+        round (re-expanded); else the whole vector (a FULL share re-read from the journal,
+        a seed expanded)."""
+        if isinstance(accepted.ref, SpoolRef):
+            return self.spooled_blocks(rnd, accepted.ref)
+        if accepted.kind is ShareKind.SEED:
+            assert accepted.seed is not None
+            if self.streamed(rnd.dim, rnd.ring):
+                return self.seed_blocks(rnd, client_id, accepted.seed)
+            context = share_context(rnd.round_id, client_id, self.index)
+            return rnd.ring.expand(accepted.seed, context, rnd.dim)
+        assert isinstance(accepted.ref, tuple)
+        body = self.journals[rnd.round_id].read(accepted.ref)
+        share = codec.decode_share(body, aggregator=self.index, dim=rnd.dim, ring=rnd.ring)
+        return share.expand(rnd.round_id, client_id)
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -152,7 +259,11 @@ class RoundStore:
             "opened_unix": opened_unix,
         }
         path = self.journal_path(round_id)
+        ring = self.topology.encoding.ring
         try:
+            if self.streamed(dim, ring):  # before the journal, whose creation fsyncs the dir
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.spool(round_id).create()
             journal = RoundJournal.create(path, header, fsync=self.topology.fsync)
             try:
                 self.round_index.record(round_id, "open", dp=dp)
@@ -161,6 +272,8 @@ class RoundStore:
                 raise
         except OSError as exc:
             log.error("round %s: cannot open (%s)", round_id, exc)
+            with contextlib.suppress(OSError):
+                self.spool(round_id).discard()
             raise StorageFailure(
                 f"aggregator {self.index} could not record round {round_id!r} durably "
                 f"({exc.strerror or exc}); nothing was created, retry later"
@@ -175,7 +288,7 @@ class RoundStore:
             deadline_at=now + max_open_s,
             opened_unix=opened_unix,
             deadline_unix=opened_unix + max_open_s,
-            ring=self.topology.encoding.ring,
+            ring=ring,
         )
         self._register(rnd, journal)
         return rnd
@@ -194,8 +307,9 @@ class RoundStore:
             log.error("round %s: cannot record its end in the round index (%s)", round_id, exc)
 
     def forget_journal(self, round_id: str, journal: RoundJournal, state: str) -> None:
-        """End ``round_id``'s journal: an END record, then the file goes. If the record cannot
-        be written (disk full), the file goes anyway, so it can never be read as open."""
+        """End ``round_id``'s journal: an END record, then its spool files and the file go.
+        If the record cannot be written (disk full), the files go anyway, so the round can
+        never be read as open."""
         try:
             journal.append_end(state)
         except OSError as exc:
@@ -336,7 +450,18 @@ class RoundStore:
                     self.round_index.record(round_id, "open")
                 except OSError as exc:  # the journal itself still keeps the id from reuse
                     log.error("round %s: cannot add it to the round index (%s)", round_id, exc)
-            rnd = self._replay(round_id, int(h["dim"]), int(h["min_clients"]), journal, contents)
+            rnd = Round(
+                round_id,
+                int(h["dim"]),
+                int(h["min_clients"]),
+                opened_at=self.clock(),
+                ring=self.topology.encoding.ring,
+            )
+            try:
+                self._replay(rnd, journal, contents)
+            except (OSError, ValueError, MalformedUpload) as exc:
+                self._fail_unreplayable(rnd, journal, exc)
+                continue
             rnd.opened_unix = opened_unix
             rnd.deadline_unix = opened_unix + policy.max_open_s
             rnd.deadline_at = now + (rnd.deadline_unix - now_wall)
@@ -349,7 +474,31 @@ class RoundStore:
                 rnd.dim,
                 rnd.deadline_at - now,
             )
+        self._sweep_spools()
         return recovered
+
+    def _fail_unreplayable(self, rnd: Round, journal: RoundJournal, exc: BaseException) -> None:
+        """Recovery: a share of ``rnd`` cannot be replayed (a spool file missing or damaged,
+        a body that no longer decodes): the round fails here, nothing of it is revealed
+        (reconciliation fails it at the others), its journal and spool go."""
+        reason = (
+            f"a share of round {rnd.round_id!r} could not be read back at recovery "
+            f"({type(exc).__name__}: {exc}); nothing is revealed"
+        )
+        log.error("round %s failed: %s", rnd.round_id, reason)
+        rnd.fail(reason, "storage_failure")
+        rnd.free_sum()
+        self.rounds[rnd.round_id] = rnd  # known here as failed, not live
+        self.forget_journal(rnd.round_id, journal, "failed")
+
+    def _sweep_spools(self) -> None:
+        """Recovery: delete spool directories whose journal is gone (their round ended, or a
+        crash came between deleting a journal and its spool)."""
+        for spool in self.directory.glob(f"round-*{SPOOL_SUFFIX}"):
+            if spool.with_suffix(".journal").exists():
+                continue
+            log.warning("%s: no journal refers to it; deleted", spool)
+            shutil.rmtree(spool, ignore_errors=True)
 
     def _end_many(self, ended: list[tuple[str, str]], doomed: list[RoundJournal]) -> None:
         """Recovery: record every ended round in the round index (one write, one fsync),
@@ -372,14 +521,30 @@ class RoundStore:
             except OSError as exc:
                 log.error("cannot fsync %s (%s)", self.directory, exc)
 
-    def _replay(
-        self, round_id: str, dim: int, min_clients: int, journal: RoundJournal, contents: Any
-    ) -> Round:
-        ring = self.topology.encoding.ring
-        rnd = Round(round_id, dim, min_clients, opened_at=self.clock(), ring=ring)
-        for rec in contents.shares:  # one body in memory at a time
-            body = journal.read(rec.ref)
-            share = codec.decode_share(body, aggregator=self.index, dim=dim, ring=ring)
+    def _replay(self, rnd: Round, journal: RoundJournal, contents: JournalContents) -> None:
+        """Rebuild ``rnd``'s running sum and accepted clients from its journal's records, one
+        body in memory at a time; a streamed share (a spool file) and, in a large round, a
+        seed's expansion are added block by block. Spool files no record refers to (uploads
+        cut by the crash) are deleted. Raises OSError, ValueError or MalformedUpload if a
+        share cannot be read back (the caller fails the round)."""
+        round_id, dim, ring = rnd.round_id, rnd.dim, rnd.ring
+        large = self.streamed(dim, ring)
+        spool = self.spool(round_id)
+        referenced = {r.ref.name for r in contents.shares if isinstance(r.ref, SpoolRef)}
+        if large or referenced:
+            if not spool.directory.exists():
+                spool.create()
+                if self.topology.fsync:
+                    fsync_directory(self.directory)
+            cut = spool.names() - referenced
+            if cut:
+                log.warning(
+                    "round %s: %d spool file(s) of uploads cut by the restart deleted",
+                    round_id,
+                    len(cut),
+                )
+                spool.remove(cut)
+        for rec in contents.shares:
             if rec.client_id in rnd.accepted:
                 # A record written whose fsync then failed (the upload was refused and
                 # retried): the first record of the client is the one acknowledged.
@@ -387,6 +552,21 @@ class RoundStore:
                     "round %s: second journal record of client %s ignored",
                     round_id,
                     rec.client_id,
+                )
+                continue
+            if isinstance(rec.ref, SpoolRef):
+                rnd.reserve(rec.client_id)
+                rnd.sum.add_blocks(self.spooled_blocks(rnd, rec.ref))
+                rnd.accept_summed(rec.client_id, ShareKind.FULL, rec.ref.digest, ref=rec.ref)
+                continue
+            body = journal.read(rec.ref)
+            share = codec.decode_share(body, aggregator=self.index, dim=dim, ring=ring)
+            if large and share.kind is ShareKind.SEED:
+                assert share.seed is not None
+                rnd.reserve(rec.client_id)
+                rnd.sum.add_blocks(self.seed_blocks(rnd, rec.client_id, share.seed))
+                rnd.accept_summed(
+                    rec.client_id, share.kind, upload_digest(body), share.seed, ref=rec.ref
                 )
                 continue
             rnd.reserve(rec.client_id)
@@ -397,7 +577,6 @@ class RoundStore:
                 share.expand(round_id, rec.client_id),
                 ref=rec.ref,
             )
-        return rnd
 
     def close(self) -> None:
         """Close every open journal file (on shutdown; files stay for recovery)."""

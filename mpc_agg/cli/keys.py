@@ -217,7 +217,7 @@ def _token(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from mpc_agg.assembly import card_differences
-    from mpc_agg.collector import load_and_verify
+    from mpc_agg.collector import verify_saved
     from mpc_agg.config.fingerprint import fingerprint
     from mpc_agg.identity import read_card
 
@@ -243,7 +243,7 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"fingerprint {fingerprint(topology)}")
     for path in args.results:
         try:
-            result = load_and_verify(topology, path)
+            statement = verify_saved(topology, path)  # block by block: any d in flat memory
         except ConfigError:
             raise
         except (MpcAggError, OSError, ValueError, KeyError) as exc:
@@ -251,7 +251,7 @@ def _verify(args: argparse.Namespace) -> int:
             status = common.EXIT_FAILED
             continue
         print(
-            f"ok: {path}: round {result.round_id}, {result.num_clients} clients, "
-            f"d = {result.total.shape[0]}, vouched for by all {topology.m} aggregators"
+            f"ok: {path}: round {statement.round_id}, {statement.num_clients} clients, "
+            f"d = {statement.dim}, vouched for by all {topology.m} aggregators"
         )
     return status

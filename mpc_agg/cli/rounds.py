@@ -130,8 +130,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         f"{POLL_S:g} s), then close round R at the leader, wait for the reveal, check every "
         "aggregator's signed statement of the total, and write the total (--output) and "
         "the signed result (--result, which `mpc-agg verify -t T RESULT` re-checks). Output "
-        "paths are checked before the round is closed. A round that fails (e.g. fewer than "
-        "min_clients complete uploads) reveals nothing: exit 1 with its failure code. "
+        "paths are checked before the round is closed. A .npy --output is written as the "
+        "total streams in, memory-mapped (flat memory for any d), and appears only once "
+        "every statement verified; nothing is left on any failure. A round that fails "
+        "(e.g. fewer than min_clients complete uploads) reveals nothing: exit 1 with its "
+        "failure code. "
         "Collecting a round already revealed fetches its result again while the aggregators "
         "keep it (rounds.keep_results).",
         _collect,
@@ -161,18 +164,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--output",
+        "--out",
         "-o",
         metavar="FILE",
         default=None,
-        help="write the total here: .npy (numpy), .csv (one value per line) or - (standard "
-        "output, one value per line; the report then goes to standard error)",
+        help="write the total here: .npy (numpy; streamed into a memory-mapped file that "
+        "appears only once verified, so any d fits in flat memory), .csv (one value per "
+        "line) or - (standard output, one value per line; the report then goes to "
+        "standard error)",
     )
     p.add_argument(
         "--result",
         metavar="FILE.npz",
         default=None,
         help="save the exact total with every aggregator's signed statement (.npz) for "
-        "`mpc-agg verify`",
+        "`mpc-agg verify`; with a .npy --output it is copied from disk a block at a time",
     )
     p.add_argument("--force", action="store_true", help="replace existing output files")
 
@@ -439,8 +445,11 @@ def _collect(args: argparse.Namespace) -> int:
     if args.wait_clients is not None:
         _wait_for_clients(collector, args.round, args.wait_clients, args.wait_timeout)
     started = time.monotonic()
+    streamed = vectors.is_npy_output(args.output)
     try:
-        result = collector.aggregate(args.round, timeout=args.timeout)
+        result = collector.aggregate(
+            args.round, timeout=args.timeout, out=args.output if streamed else None
+        )
     except RoundFailed as exc:
         print(
             f"error: round {exc.round_id} failed ({exc.code}): {exc.reason}; nothing was revealed",
@@ -448,7 +457,7 @@ def _collect(args: argparse.Namespace) -> int:
         )
         return common.EXIT_FAILED
     elapsed = time.monotonic() - started
-    if args.output is not None:
+    if args.output is not None and not streamed:  # a .npy was written by the collector
         vectors.write_vector(args.output, result.total)
     if args.result is not None:
         result.save(args.result)

@@ -200,6 +200,13 @@ def check_output(path: str | None, what: str, suffixes: tuple[str, ...], force: 
         raise UsageError(f"{what} {path!r} already exists; pass --force to replace it")
 
 
+def is_npy_output(path: str | None) -> bool:
+    """True when ``path`` names a ``.npy`` file to write (not ``-``): ``collect`` then
+    streams the total into it as a memory map (:meth:`mpc_agg.collector.Collector.aggregate`
+    ``out=``) instead of :func:`write_vector`."""
+    return path is not None and path != STDIN and Path(path).suffix.lower() == ".npy"
+
+
 def write_vector(path: str, vector: npt.NDArray[np.float64], stdout: TextIO | None = None) -> None:
     """Write ``vector``: ``.npy`` (``np.save``), ``.csv`` (one value per line, 17 significant
     digits: float64 round-trips), or ``-`` (CSV to ``stdout``). Files are replaced

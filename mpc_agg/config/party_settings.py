@@ -7,7 +7,7 @@ They come from three places, highest precedence first:
 1. the party's command line: ``--data-dir DIR`` (relative to the current directory, like
    any path on a command line) and ``--bind ADDRESS``;
 2. ``party.yaml`` in the party directory (optional): ``data_dir`` (relative to the party
-   directory) and ``bind``;
+   directory), ``bind`` and ``stream_above_mb`` (``--stream-above-mb``);
 3. the topology: its ``data_dir`` (relative to the topology file) and the aggregator's own
    ``host`` as the listening address.
 
@@ -28,7 +28,7 @@ from mpc_agg.config.schema import Topology, check_host, is_loopback
 from mpc_agg.errors import ConfigError
 
 PARTY_SETTINGS = "party.yaml"
-KEYS = ("bind", "data_dir")
+KEYS = ("bind", "data_dir", "stream_above_mb")
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,18 @@ class PartySettings:
 
     data_dir: Path | None = None
     bind: str | None = None
+    stream_above_mb: float | None = None
+    """Vectors whose full share is larger than this many MiB are received as a stream
+    (``--stream-above-mb``), or None for the default."""
 
     def over(self, other: PartySettings) -> PartySettings:
         """These settings, with ``other``'s where these have none (``self`` wins)."""
         return PartySettings(
             data_dir=self.data_dir if self.data_dir is not None else other.data_dir,
             bind=self.bind if self.bind is not None else other.bind,
+            stream_above_mb=self.stream_above_mb
+            if self.stream_above_mb is not None
+            else other.stream_above_mb,
         )
 
 
@@ -67,11 +73,17 @@ def read_party_settings(party_dir: Path) -> PartySettings:
         section = Section(document, "", KEYS)
         data_dir = section.get("data_dir", str, "")
         bind = section.get("bind", str, "")
+        stream_above = section.get("stream_above_mb", object, None)
+        if stream_above is not None and (
+            isinstance(stream_above, bool) or not isinstance(stream_above, int | float)
+        ):
+            raise ConfigError("stream_above_mb", f"expected a number of MiB, got {stream_above!r}")
         return PartySettings(
             data_dir=(Path(party_dir) / _path(data_dir, "data_dir")).resolve()
             if data_dir
             else None,
             bind=check_host(bind, "bind") if bind else None,
+            stream_above_mb=None if stream_above is None else float(stream_above),
         )
     except ConfigError as exc:
         raise ConfigError(exc.path, exc.detail, source) from None

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mpc_agg.config.load import YAML, Section, expect, read_document, yaml_keys
-from mpc_agg.core.codec import MAX_DIM, share_body_length
+from mpc_agg.core.codec import MAX_DIM, SHARE_HEADER, share_body_length
 from mpc_agg.core.encoding import FixedPointEncoding
 from mpc_agg.core.ring import GF_P61, ring_named
 from mpc_agg.core.sharing import ShareKind
@@ -38,6 +38,20 @@ _LOOPBACK = "127.0.0.1"
 _LOOPBACK_NAMES = {"127.0.0.1", "localhost", "localhost.localdomain", "::1", "ip6-localhost"}
 _MAX_DEADLINE_S = 86400
 _MAX_OPEN_S = 30 * 86400
+
+STREAM_ABOVE_MB = 16.0
+"""Default of an aggregator's streaming threshold (``mpc-agg party --stream-above-mb``, a
+party-local setting, not in the topology): a round whose vectors take more than this many
+MiB (``d`` times the ring's element size) is *large*: its full shares are received block by
+block into a spool file, never held whole (docs/design.md, "Streamed uploads")."""
+
+MAX_STREAM_ABOVE_MB = 1024.0
+"""Highest streaming threshold: a body taken whole is journaled as one record, which must
+stay below the journal's 2 GiB record limit."""
+
+STREAM_BLOCK_BYTES = 1 << 20
+"""Bytes of a streamed body held at a time (a multiple of every ring's element size): what
+a streamed upload takes of the upload buffer."""
 
 
 def _positive(value: object, path: str, upper: float = math.inf) -> float:
@@ -156,6 +170,21 @@ class AggregatorAddress:
         return None not in (self.party_cert, self.http_cert, self.signing_key)
 
 
+def stream_above_bytes(mb: float) -> int:
+    """A streaming threshold of ``mb`` MiB in bytes."""
+    return int(mb * 2**20)
+
+
+def whole_body_bytes(max_dim: int, stream_above_mb: float = STREAM_ABOVE_MB) -> int:
+    """The largest upload body an aggregator takes whole (and so holds in its upload buffer
+    at once) with vectors of up to ``max_dim`` coordinates and the streaming threshold
+    ``stream_above_mb``: a full share of ``max_dim`` (8-byte coordinates, the widest ring),
+    or of the threshold if that is smaller; at least one streamed block."""
+    full = share_body_length(ShareKind.FULL, max_dim)
+    threshold = stream_above_bytes(stream_above_mb) + SHARE_HEADER.size
+    return min(full, max(threshold, STREAM_BLOCK_BYTES))
+
+
 @dataclass(frozen=True)
 class RoundPolicy:
     """Limits that apply to every round (the ``rounds`` section).
@@ -168,8 +197,11 @@ class RoundPolicy:
     ones are dropped and their result answers 410 ``result_expired``.
     ``upload_buffer_mb``: MiB of upload bodies one aggregator holds in memory at once; an
     upload that does not fit waits for room (up to ``deadlines.upload_s``, then 503). It
-    bounds an aggregator's memory whatever the number of clients; it must hold at least one
-    FULL share of ``max_dim`` (``8 * max_dim`` bytes plus the header).
+    bounds an aggregator's memory whatever the number of clients. It must hold the largest
+    body taken whole: a FULL share of ``max_dim`` (``8 * max_dim`` bytes plus the header),
+    or, when that is above the default streaming threshold (:data:`STREAM_ABOVE_MB`), a
+    share at that threshold; larger full shares are streamed and hold one block
+    (:data:`STREAM_BLOCK_BYTES`) at a time. ``max_dim`` may be up to ``2**32 - 1``.
     ``max_open``: live rounds (open, closing or aggregating) one aggregator holds at once;
     opening one more is refused (429 ``too_many_rounds``). Each round that has received an
     upload holds its running sum (``8 * dim`` bytes), so this also bounds that memory
@@ -225,13 +257,20 @@ class RoundPolicy:
             raise ConfigError(
                 "rounds.max_concurrent_uploads", f"must be >= 1, got {self.max_concurrent_uploads}"
             )
-        largest_body = share_body_length(ShareKind.FULL, self.max_dim)
+        largest_body = whole_body_bytes(self.max_dim)
         if self.upload_buffer_bytes < largest_body:
+            streamed = largest_body < share_body_length(ShareKind.FULL, self.max_dim)
+            what = (
+                f"a full share at the streaming threshold of {STREAM_ABOVE_MB:g} MiB (larger "
+                "ones are streamed)"
+                if streamed
+                else f"one full share of max_dim = {self.max_dim}"
+            )
             raise ConfigError(
                 "rounds.upload_buffer_mb",
-                f"{self.upload_buffer_mb} MiB cannot hold one full share of max_dim = "
-                f"{self.max_dim} ({largest_body / 2**20:.1f} MiB); raise it to at least "
-                f"{-(-largest_body // 2**20)} or lower max_dim",
+                f"{self.upload_buffer_mb} MiB cannot hold {what} "
+                f"({largest_body / 2**20:.1f} MiB); raise it to at least "
+                f"{-(-largest_body // 2**20)}" + ("" if streamed else " or lower max_dim"),
             )
         if self.keep_results < 1:
             raise ConfigError("rounds.keep_results", f"must be >= 1, got {self.keep_results}")

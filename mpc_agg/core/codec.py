@@ -25,7 +25,10 @@ Revealed result, version 1::
 The ring byte was a reserved zero byte before Z_(2^32) existed, so GF(p) bodies are
 unchanged. A decoder is told the ring of its topology and refuses a body in another one
 (:class:`~mpc_agg.errors.RingMismatch`). Decoders check the header, then the exact length
-*before* touching the payload, and reject any leftover byte. Ids (round, client) travel in
+*before* touching the payload, and reject any leftover byte. A long result is sent and read
+as a stream in the same layout: :class:`ResultParts` yields the head then views of the
+total; a reader checks :func:`decode_result_header` first, then the metadata, then each
+piece (:func:`decode_result_block`). Ids (round, client) travel in
 the URL and are checked by :func:`check_id`.
 """
 
@@ -34,6 +37,8 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -98,6 +103,12 @@ def full_share_body(aggregator: int, dim: int, ring: Ring = GF_P61) -> tuple[byt
     return body, vector
 
 
+def full_share_header(aggregator: int, dim: int, ring: Ring = GF_P61) -> bytes:
+    """The first :data:`SHARE_HEADER` bytes of a FULL share's upload body (what
+    :func:`full_share_body` writes), for a body sent block by block."""
+    return SHARE_HEADER.pack(SHARE_MAGIC, VERSION, int(ShareKind.FULL), aggregator, ring.code, dim)
+
+
 def _check_ring(code: int, ring: Ring, what: str) -> None:
     """Refuse a header's ring byte ``code`` unless it names ``ring``."""
     if code == ring.code:
@@ -125,11 +136,34 @@ def decode_share(
     copy). ``check_values=False`` checks the header and length only (O(1)); the caller must
     then run :func:`check_share_values` (a no-op in Z_(2^32), where every word is valid).
     """
-    if len(body) < SHARE_HEADER.size:
+    kind = decode_share_header(body, aggregator=aggregator, dim=dim, ring=ring, length=len(body))
+    if kind is ShareKind.SEED:
+        return Share(aggregator, kind, dim, seed=bytes(body[SHARE_HEADER.size :]), ring=ring)
+    vector = ring.from_wire(body, SHARE_HEADER.size, dim)
+    share = Share(aggregator, kind, dim, vector=vector, ring=ring)
+    if check_values:
+        check_share_values(share)
+    return share
+
+
+def decode_share_header(
+    prefix: bytes | bytearray | memoryview,
+    *,
+    aggregator: int,
+    dim: int,
+    ring: Ring = GF_P61,
+    length: int,
+) -> ShareKind:
+    """Check the header of an upload meant for ``aggregator`` in a round of dimension
+    ``dim`` in ``ring`` from the body's first :data:`SHARE_HEADER` ``.size`` bytes (or
+    more), and that the whole body, ``length`` bytes (for a streamed body: its announced
+    Content-Length), has exactly the length its kind needs; returns the kind. The same
+    checks and errors as :func:`decode_share`, before any value is read."""
+    if len(prefix) < SHARE_HEADER.size:
         raise MalformedUpload(
-            f"body has {len(body)} bytes, shorter than the {SHARE_HEADER.size}-byte header"
+            f"body has {len(prefix)} bytes, shorter than the {SHARE_HEADER.size}-byte header"
         )
-    magic, version, kind_byte, index, ring_code, hdr_dim = SHARE_HEADER.unpack_from(body)
+    magic, version, kind_byte, index, ring_code, hdr_dim = SHARE_HEADER.unpack_from(prefix)
     if magic != SHARE_MAGIC:
         raise MalformedUpload(f"bad magic {magic!r}: expected {SHARE_MAGIC!r}")
     if version != VERSION:
@@ -150,17 +184,11 @@ def decode_share(
             f"share has dimension {hdr_dim}, but the round's dimension is {dim}"
         )
     expected = share_body_length(kind, dim, ring)
-    if len(body) != expected:
+    if length != expected:
         raise MalformedUpload(
-            f"a {kind.name.lower()} share of dimension {dim} is {expected} bytes, got {len(body)}"
+            f"a {kind.name.lower()} share of dimension {dim} is {expected} bytes, got {length}"
         )
-    if kind is ShareKind.SEED:
-        return Share(aggregator, kind, dim, seed=bytes(body[SHARE_HEADER.size :]), ring=ring)
-    vector = ring.from_wire(body, SHARE_HEADER.size, dim)
-    share = Share(aggregator, kind, dim, vector=vector, ring=ring)
-    if check_values:
-        check_share_values(share)
-    return share
+    return kind
 
 
 def check_share_values(share: Share) -> None:
@@ -168,43 +196,132 @@ def check_share_values(share: Share) -> None:
     its ring: below p in GF(p) (O(d)); nothing to check in Z_(2^32) (O(1))."""
     if share.vector is None:
         return
-    bad = share.ring.noncanonical_index(share.vector)
+    check_share_block(share.vector, share.ring)
+
+
+def check_share_block(values: RingArray, ring: Ring, start: int = 0) -> None:
+    """Raise :class:`MalformedUpload` unless every value of ``values``, the coordinates of a
+    FULL share from ``start`` on (a block of a streamed body), is an element of ``ring``;
+    the message names the coordinate."""
+    bad = ring.noncanonical_index(values)
     if bad is not None:
-        raise MalformedUpload(f"value at index {bad} is not below p = 2**61 - 1")
+        raise MalformedUpload(f"value at index {start + bad} is not below p = 2**61 - 1")
+
+
+RESULT_SLICE = 1 << 20
+"""Elements per piece of a result sent or read as a stream (8 MiB of a GF(p) total)."""
+
+RESULT_STREAM_BYTES = 1 << 20
+"""A result body longer than this is sent as a stream (:meth:`ResultParts.chunks`); a
+shorter one as one body, as before streaming existed."""
+
+MAX_RESULT_META = 1 << 20
+"""Longest metadata a streamed result may announce, in bytes (checked before it is read;
+an aggregator's is a few hundred)."""
+
+
+@dataclass(frozen=True)
+class ResultParts:
+    """A result body as its two parts: ``head``, the header and metadata
+    (:func:`result_head`), and ``total``, the canonical total the header announces, held as
+    is (no copy), so it can be sent a slice at a time (:meth:`chunks`)."""
+
+    head: bytes
+    total: RingArray
+
+    def __repr__(self) -> str:
+        return f"ResultParts({len(self.head)}-byte head, total of {self.total.shape[0]})"
+
+    @property
+    def length(self) -> int:
+        """Bytes of the whole body (its ``Content-Length``)."""
+        return len(self.head) + ring_of(self.total).itemsize * int(self.total.shape[0])
+
+    def chunks(self, elements: int = RESULT_SLICE) -> Iterator[bytes | memoryview]:
+        """The body in order: the head, then the total ``elements`` at a time as views of
+        its memory (copies only on a big-endian machine or for a strided total)."""
+        yield self.head
+        ring = ring_of(self.total)
+        for start in range(0, self.total.shape[0], elements):
+            part = self.total[start : start + elements]
+            if part.flags.c_contiguous and part.dtype == np.dtype(ring.wire):
+                yield part.view(np.uint8).data
+            else:
+                yield ring.to_wire(part)
+
+
+def result_head(ring: Ring, dim: int, meta: dict[str, Any]) -> bytes:
+    """The bytes of a result body before its total: header (naming ``ring`` and ``dim``),
+    then ``meta`` as compact JSON with sorted keys."""
+    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header = RESULT_HEADER.pack(RESULT_MAGIC, VERSION, ring.code, bytes(2), dim, len(meta_bytes))
+    return header + meta_bytes
+
+
+def result_parts(total: RingArray, meta: dict[str, Any]) -> ResultParts:
+    """The body of :func:`encode_result` as its parts, ``total`` not copied."""
+    return ResultParts(result_head(ring_of(total), total.shape[0], meta), total)
 
 
 def encode_result(total: RingArray, meta: dict[str, Any]) -> bytes:
     """The result body: header (naming the ring of ``total``'s dtype), JSON ``meta``, then
     the canonical ``total``."""
-    ring = ring_of(total)
-    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    header = RESULT_HEADER.pack(
-        RESULT_MAGIC, VERSION, ring.code, bytes(2), total.shape[0], len(meta_bytes)
-    )
-    return header + meta_bytes + ring.to_wire(total)
+    return result_head(ring_of(total), total.shape[0], meta) + ring_of(total).to_wire(total)
+
+
+def result_body_length(ring: Ring, dim: int, meta_len: int) -> int:
+    """Exact byte length of a result of dimension ``dim`` in ``ring`` whose metadata is
+    ``meta_len`` bytes."""
+    return RESULT_HEADER.size + meta_len + ring.itemsize * dim
+
+
+def decode_result_header(prefix: bytes | bytearray, ring: Ring = GF_P61) -> tuple[int, int]:
+    """``(dim, meta_len)`` from the first :data:`RESULT_HEADER` ``.size`` bytes of a result
+    (more may follow); raises :class:`MalformedUpload` (:class:`RingMismatch` for a result
+    in another ring than ``ring``). What a streaming reader checks before anything else."""
+    if len(prefix) < RESULT_HEADER.size:
+        raise MalformedUpload(f"result has {len(prefix)} bytes, shorter than its header")
+    magic, version, ring_code, reserved, dim, meta_len = RESULT_HEADER.unpack_from(prefix)
+    if magic != RESULT_MAGIC or version != VERSION or reserved != bytes(2):
+        raise MalformedUpload("result header is not an mpc_agg v1 result")
+    _check_ring(ring_code, ring, "result")
+    return int(dim), int(meta_len)
+
+
+def decode_result_meta(raw: bytes | bytearray) -> dict[str, Any]:
+    """The metadata of a result from its ``meta_len`` bytes (a JSON object)."""
+    try:
+        meta = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MalformedUpload(f"result metadata is not JSON: {type(exc).__name__}") from None
+    if not isinstance(meta, dict):
+        raise MalformedUpload("result metadata is not a JSON object")
+    return meta
+
+
+def decode_result_block(raw: Any, ring: Ring = GF_P61) -> RingArray:
+    """Elements of a result's total from ``raw`` (a whole number of ``ring`` elements), as
+    a view of ``raw`` where the byte order allows; raises :class:`MalformedUpload` for a
+    value that is not an element of ``ring``."""
+    if len(raw) % ring.itemsize:
+        raise MalformedUpload(f"a piece of a {ring.name} total of {len(raw)} bytes")
+    block = ring.from_wire(raw, 0, len(raw) // ring.itemsize)
+    if not ring.is_canonical(block):
+        raise MalformedUpload("result holds a value not below p")
+    return block
 
 
 def decode_result(body: bytes, ring: Ring = GF_P61) -> tuple[RingArray, dict[str, Any]]:
     """Inverse of :func:`encode_result` for a total in ``ring``; raises
     :class:`MalformedUpload` on any defect (:class:`RingMismatch` for another ring)."""
-    if len(body) < RESULT_HEADER.size:
-        raise MalformedUpload(f"result has {len(body)} bytes, shorter than its header")
-    magic, version, ring_code, reserved, dim, meta_len = RESULT_HEADER.unpack_from(body)
-    if magic != RESULT_MAGIC or version != VERSION or reserved != bytes(2):
-        raise MalformedUpload("result header is not an mpc_agg v1 result")
-    _check_ring(ring_code, ring, "result")
-    expected = RESULT_HEADER.size + meta_len + ring.itemsize * dim
+    dim, meta_len = decode_result_header(body, ring)
+    expected = result_body_length(ring, dim, meta_len)
     if len(body) != expected:
         raise MalformedUpload(
             f"result of dimension {dim} should be {expected} bytes, got {len(body)}"
         )
     meta_end = RESULT_HEADER.size + meta_len
-    try:
-        meta = json.loads(body[RESULT_HEADER.size : meta_end].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise MalformedUpload(f"result metadata is not JSON: {type(exc).__name__}") from None
-    if not isinstance(meta, dict):
-        raise MalformedUpload("result metadata is not a JSON object")
+    meta = decode_result_meta(body[RESULT_HEADER.size : meta_end])
     total = ring.from_wire(body, meta_end, dim).astype(ring.dtype)  # a writable copy
     if not ring.is_canonical(total):
         raise MalformedUpload("result holds a value not below p")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +36,16 @@ class UniformSource(Protocol):
 
 
 _FLOAT_EXACT = 2**52  # integers up to 2**53 are exact in float64; keep a bit of margin
+
+
+def _check_finite(x: npt.NDArray[Any], start: int = 0) -> None:
+    """Raise :class:`EncodingError` naming the first non-finite value of ``x`` (real
+    dtype), at its index in the whole vector (``x[0]`` being coordinate ``start``)."""
+    if x.dtype.kind not in "biuf":
+        raise EncodingError(f"vector must hold real numbers, got dtype {x.dtype}")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x))[0])
+        raise EncodingError(f"vector has a non-finite value {x[bad]} at index {start + bad}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,7 @@ class FixedPointEncoding:
         if not np.all(np.isfinite(x)):
             bad = int(np.flatnonzero(~np.isfinite(x))[0])
             raise EncodingError(f"vector has a non-finite value {x[bad]} at index {bad}")
-        factor = self._l2_factor(x)
+        factor = self.l2_factor(x)
         if factor is not None:
             x *= factor
         # The L2 scaling may overshoot by one ulp; clipping every coordinate to the bound the
@@ -148,23 +158,60 @@ class FixedPointEncoding:
         :class:`~mpc_agg.core.xof.CoinStream` outside tests. ``out`` (the ring's dtype, length
         ``len(x)``) receives the result, e.g. the payload of an upload body. Works in blocks of
         :data:`~mpc_agg.core.field.BLOCK` elements, in cache, with the same floating-point
-        operations and coins as :meth:`clip` followed by rounding of the whole vector.
+        operations and coins as :meth:`clip` followed by rounding of the whole vector; equal
+        to :meth:`l2_factor` then :meth:`encode_block` over consecutive blocks of any sizes.
         """
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 1:
             raise EncodingError(f"vector must be 1-dimensional, got shape {x.shape}")
-        if not np.isfinite(x).all():
-            bad = int(np.flatnonzero(~np.isfinite(x))[0])
-            raise EncodingError(f"vector has a non-finite value {x[bad]} at index {bad}")
+        _check_finite(x)
         d = x.shape[0]
         if out is None:
             out = self.ring.empty(d)
-        elif out.shape != (d,) or out.dtype != self.ring.dtype:
+        else:
+            self._check_out(out, d)
+        return self._encode_into(x, rng, self.l2_factor(x), out)
+
+    def encode_block(
+        self,
+        x: npt.NDArray[np.floating[Any] | np.integer[Any]],
+        coins: UniformSource,
+        factor: float | None,
+        out: RingArray,
+        *,
+        start: int = 0,
+    ) -> RingArray:
+        """Encode one block ``x`` of a vector into ``out`` (the ring's dtype, ``len(x)``).
+
+        ``factor`` is :meth:`l2_factor` of the *whole* vector; ``coins`` gives exactly
+        ``len(x)`` coins, those of this block's coordinates. ``x`` may be of any real dtype
+        (converted to float64 block by block, exactly). ``start``, the index of ``x[0]`` in
+        the vector, only names the coordinate of a non-finite value in the error. Blocks
+        encoded one after another with one coin stream give the bytes of :meth:`encode`.
+        """
+        x = np.asarray(x)
+        if x.ndim != 1:
+            raise EncodingError(f"vector must be 1-dimensional, got shape {x.shape}")
+        _check_finite(x, start)
+        self._check_out(out, x.shape[0])
+        return self._encode_into(x, coins, factor, out)
+
+    def _check_out(self, out: RingArray, d: int) -> None:
+        if out.shape != (d,) or out.dtype != self.ring.dtype:
             raise ValueError(
                 f"out must be {np.dtype(self.ring.dtype)} of shape ({d},), got {out.dtype} "
                 f"{out.shape}"
             )
-        factor = self._l2_factor(x)
+
+    def _encode_into(
+        self,
+        x: npt.NDArray[Any],
+        rng: UniformSource,
+        factor: float | None,
+        out: RingArray,
+    ) -> RingArray:
+        """The loop of :meth:`encode` for checked, finite, real 1-D ``x``."""
+        d = x.shape[0]
         bound, scale = self.max_abs_coordinate, self.scale
         y = np.empty(min(d, field.BLOCK), dtype=np.float64)
         v = np.empty(min(d, field.BLOCK), dtype=np.int64)
@@ -172,9 +219,11 @@ class FixedPointEncoding:
             stop = min(start + field.BLOCK, d)
             yb, vb = y[: stop - start], v[: stop - start]
             if factor is None:
-                yb[:] = x[start:stop]
+                yb[:] = x[start:stop]  # exact for any real dtype (float32 widens exactly)
             else:
-                np.multiply(x[start:stop], factor, out=yb)
+                # In float64 whatever x's dtype (a float32 block times a Python float would
+                # otherwise be computed in float32).
+                np.multiply(x[start:stop], factor, out=yb, dtype=np.float64)
             np.clip(yb, -bound, bound, out=yb)
             yb *= scale
             np.floor(yb, out=vb, casting="unsafe")  # exact: |y| < 2**52
@@ -183,13 +232,42 @@ class FixedPointEncoding:
             self.ring.from_signed(vb, out=out[start:stop])
         return out
 
-    def _l2_factor(self, x: npt.NDArray[np.float64]) -> float | None:
-        """The factor that brings ``x``'s L2 norm under ``l2_clip``, or None if it is under."""
+    def l2_factor(self, x: npt.ArrayLike) -> float | None:
+        """The factor that brings ``x``'s L2 norm under ``l2_clip``, or None if it is under
+        (or no ``l2_clip`` is set).
+
+        Two passes over ``x`` in blocks of :data:`~mpc_agg.core.field.BLOCK` elements, with
+        block-sized temporaries only (``x`` may be of any real dtype, e.g. a float32 model):
+        the peak ``max |x_i|``, then ``sum (x_i / peak)**2`` as numpy's pairwise sum within
+        each block and an exactly rounded sum (``math.fsum``) of the block sums. The result
+        depends on ``x`` alone, not on BLAS or its thread count (a BLAS dot product does: its
+        threads split the vector differently), so a client secret's resubmission reproduces
+        it on any machine; it may differ by an ulp from ``np.linalg.norm``.
+        Raises :class:`EncodingError` for a non-finite value.
+        """
+        x = np.asarray(x)
+        if x.ndim != 1:
+            raise EncodingError(f"vector must be 1-dimensional, got shape {x.shape}")
         if self.l2_clip is None or not x.size:
             return None
-        # Norm of x / max|x|, times max|x|: no overflow for finite entries near 1e308.
-        peak = float(np.max(np.abs(x)))
-        norm = peak * float(np.linalg.norm(x / peak)) if peak > 0 else 0.0
+        d = x.shape[0]
+        peak = 0.0
+        for start in range(0, d, field.BLOCK):
+            block = x[start : start + field.BLOCK]
+            _check_finite(block, start)
+            peak = max(peak, float(np.max(np.abs(block))))
+        if peak == 0.0:
+            return None
+        # Norm of x / peak, times peak: no overflow for finite entries near 1e308.
+        q = np.empty(min(d, field.BLOCK), dtype=np.float64)
+        sums = []
+        for start in range(0, d, field.BLOCK):
+            stop = min(start + field.BLOCK, d)
+            qb = q[: stop - start]
+            np.divide(x[start:stop], peak, out=qb, dtype=np.float64)
+            np.multiply(qb, qb, out=qb)
+            sums.append(float(np.add.reduce(qb)))
+        norm = peak * math.sqrt(math.fsum(sums))
         if norm <= self.l2_clip:
             return None
         # A hair under l2_clip / norm, so float rounding cannot leave the norm above the

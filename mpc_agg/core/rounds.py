@@ -23,17 +23,23 @@ refused upload, also one finishing after a failure), ``request_close`` / ``withd
 An illegal event raises :class:`IllegalTransition` and changes nothing. The caller does the
 I/O (journal, network) and feeds decisions back in; nothing here blocks or reads a clock
 (times are passed in).
+
+Large vectors (docs/design.md, "Streamed uploads"): an upload may be added to the running sum
+block by block on an ingest thread (``sum.add_blocks``) before it is settled with
+:meth:`Round.accept_summed`; the reveal takes the sum in place (:meth:`Round.take_sum`), and a
+sum an addition left part-done is *poisoned*: the round refuses to agree (fails closed).
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Protocol
 
+import numpy as np
 import xxhash
 
 from mpc_agg.core.accumulator import Accumulator
@@ -158,9 +164,11 @@ class Round:
     failure_code: str | None = None
     """One of :data:`mpc_agg.errors.FAILURE_CODES` once FAILED."""
     expired: bool = False
+    """DONE, and its total was dropped to bound memory (see :meth:`expire`)."""
     close_requested: bool = False
     """OPEN, and a close command is queued at the leader."""
-    """DONE, and its total was dropped to bound memory (see :meth:`expire`)."""
+    poisoned: str | None = None
+    """Why the running sum can no longer be trusted (see :meth:`poison`), or None."""
     total: RingArray | None = None
     num_clients: int | None = None
     dropped_clients: tuple[str, ...] = ()
@@ -195,8 +203,15 @@ class Round:
         over, :class:`UploadInProgress` while the same client's upload is being processed,
         :class:`DimensionMismatch` or :class:`ConflictingShare`.
         """
+        return self.check_arrival(client_id, share.dim, digest)
+
+    def check_arrival(self, client_id: str, dim: int, digest: bytes | None) -> bool:
+        """:meth:`check_upload` of an upload of dimension ``dim``; ``digest`` None when its
+        body has not arrived yet (a streamed upload, decided on its header): then False
+        means only "this client has an accepted share", and the caller decides retry or
+        conflict once it has the digest (calling this again)."""
         previous = self.accepted.get(client_id)
-        if previous is not None and previous.digest == digest:
+        if previous is not None and (digest is None or previous.digest == digest):
             return False  # an identical retry, whatever the state: the share is held
         if self.state in TERMINAL:
             raise RoundEnded(f"round {self.round_id!r} has ended ({self.state.value})")
@@ -207,9 +222,9 @@ class Round:
             )
         if self.state is not RoundState.OPEN:
             raise RoundNotOpen(f"round {self.round_id!r} is {self.state.value}: uploads are closed")
-        if share.dim != self.dim:
+        if dim != self.dim:
             raise DimensionMismatch(
-                f"share has dimension {share.dim}, but round {self.round_id!r} has {self.dim}"
+                f"share has dimension {dim}, but round {self.round_id!r} has {self.dim}"
             )
         if client_id in self.pending:
             raise UploadInProgress(
@@ -252,6 +267,43 @@ class Round:
         self.accepted[client_id] = AcceptedShare(share.kind, digest, share.seed, ref)
         self.pending.discard(client_id)
 
+    def accept_summed(
+        self,
+        client_id: str,
+        kind: ShareKind,
+        digest: bytes,
+        seed: bytes | None = None,
+        ref: object = None,
+    ) -> None:
+        """Settle a reservation whose vector the caller already added to :attr:`sum` block
+        by block (``sum.add_blocks``, on an ingest thread, while it was reserved).
+
+        Legal where :meth:`accept` is. The addition came first, so an illegal call leaves
+        it in the sum: it is only ever so in FAILED, whose sum is never revealed.
+        """
+        self._check(RoundEvent.ACCEPT)
+        if client_id not in self.pending:
+            raise IllegalTransition(f"client {client_id!r} was not reserved")
+        self._apply(RoundEvent.ACCEPT)
+        self.accepted[client_id] = AcceptedShare(kind, digest, seed, ref)
+        self.pending.discard(client_id)
+
+    def poison(self, reason: str) -> None:
+        """Mark the running sum as wrong (a block-wise addition stopped part way): the
+        round will refuse to agree, so nothing of it is revealed. The first reason stays."""
+        if self.poisoned is None:
+            self.poisoned = reason
+
+    @property
+    def sum_damaged(self) -> str | None:
+        """Why the running sum must not be revealed (:attr:`poisoned`, or an addition the
+        accumulator saw stop part way), or None."""
+        if self.poisoned is not None:
+            return self.poisoned
+        if self.sum is not None and self.sum.damaged:
+            return "an addition to the running sum stopped part way"
+        return None
+
     @property
     def occupancy(self) -> int:
         """Clients accepted or being processed: what ``max_clients`` limits."""
@@ -280,12 +332,15 @@ class Round:
     def agree(
         self,
         clients: frozenset[str],
-        dropped_vectors: Sequence[RingArray],
+        dropped_vectors: Sequence[RingArray | Iterable[RingArray]],
         dropped_elsewhere: frozenset[str] = frozenset(),
     ) -> None:
         """CLOSING -> AGGREGATING: keep ``clients``; subtract the shares of those dropped.
 
-        ``dropped_vectors`` are the expanded shares of ``accepted - clients``, in any order.
+        ``dropped_vectors`` are the expanded shares of ``accepted - clients``, in any order,
+        each a vector or (large vectors) an iterable of its consecutive blocks, subtracted
+        block by block; if such blocks fail part way, the error propagates with the round
+        AGGREGATING and its sum damaged (:meth:`take_sum` refuses it).
         ``dropped_elsewhere`` names partial uploads this aggregator never saw, so that
         ``dropped_clients`` lists every client left out, at every aggregator alike.
         """
@@ -300,11 +355,14 @@ class Round:
             raise IllegalTransition(
                 f"{expected} dropped shares to subtract, got {len(dropped_vectors)}"
             )
-        if any(v.shape != (self.dim,) for v in dropped_vectors):
+        if any(isinstance(v, np.ndarray) and v.shape != (self.dim,) for v in dropped_vectors):
             raise IllegalTransition(f"every dropped share must have shape ({self.dim},)")
         self._apply(RoundEvent.AGREE)
         for v in dropped_vectors:
-            self.sum.subtract(v)
+            if isinstance(v, np.ndarray):
+                self.sum.subtract(v)
+            else:
+                self.sum.add_blocks(v, subtract=True)
         self.dropped_clients = tuple(sorted((self.accepted.keys() - clients) | dropped_elsewhere))
         self.num_clients = len(clients)
 
@@ -333,10 +391,30 @@ class Round:
         return self.state is RoundState.OPEN and now >= self.deadline_at + grace
 
     def local_sum(self) -> RingArray:
-        """This aggregator's share of the total (canonical)."""
+        """This aggregator's share of the total (canonical; a copy)."""
         if self.sum is None:
             raise IllegalTransition(f"round {self.round_id!r} ended and freed its running sum")
         return self.sum.value()
+
+    def take_sum(self) -> RingArray:
+        """This aggregator's share of the total, canonical, in the running sum's own buffer
+        (no copy: the reveal works in it); the round holds no running sum afterwards.
+
+        Only once AGGREGATING; raises :class:`IllegalTransition` before, after the sum was
+        taken or freed, or if the sum is damaged (:attr:`sum_damaged`): a wrong sum is
+        never revealed.
+        """
+        if self.state is not RoundState.AGGREGATING:
+            raise IllegalTransition(
+                f"round {self.round_id!r} is {self.state.value}: its sum is taken once agreed"
+            )
+        if self.sum is None:
+            raise IllegalTransition(f"round {self.round_id!r} holds no running sum any more")
+        damaged = self.sum_damaged
+        if damaged is not None:
+            raise IllegalTransition(f"round {self.round_id!r}: {damaged}; nothing is revealed")
+        total, self.sum = self.sum.take(), None  # type: ignore[assignment]
+        return total
 
     def free_sum(self) -> None:
         """Drop the running sum of an ended round (8·d bytes); the total, if any, stays."""

@@ -45,6 +45,9 @@ aggregator 2's; the label keeps these signatures apart from any other use of the
 ``b"mpc_agg/total/z2_32/u4/v1\\x00"`` and uint32 values. :func:`clients_digest` is SHA-256 over
 ``b"mpc_agg/client-set/v1\\x00"``, the number ``k`` of distinct ids (uint64), then each id,
 sorted by its UTF-8 bytes, as its byte length (uint32) and its UTF-8 bytes.
+:class:`TotalDigest` computes the total's digest block by block, so a total that streams
+past (the collector's ``out=``) or lies in a memory-mapped file is checked in flat memory
+(:func:`verify_result_digest`).
 
 JSON (:meth:`SignedStatement.to_json`, for the HTTP API and saved results): one flat object
 with ``"version": 1``, every field of :class:`ResultStatement` under its own name (digests
@@ -70,7 +73,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mpc_agg.core.codec import check_id
-from mpc_agg.core.ring import GF_P61, Z2_32, RingArray, ring_of
+from mpc_agg.core.ring import GF_P61, Z2_32, Ring, RingArray, ring_of
 from mpc_agg.errors import EncodingError, InvalidRequest, MpcAggError
 
 STATEMENT_LABEL = b"mpc_agg/result-statement/v1\x00"
@@ -240,14 +243,74 @@ def statement_bytes(st: ResultStatement) -> bytes:
 # --------------------------------------------------------------------------- digests
 
 
+DIGEST_BLOCK = 1 << 20
+"""Elements :func:`total_digest` hashes at a time (8 MiB of a GF(p) total)."""
+
+
+class TotalDigest:
+    """:func:`total_digest` computed block by block, for a total that is never whole in
+    memory (a streamed result, a memory-mapped file).
+
+    ``ring`` names the label and the width; ``d`` is the total's length, hashed first.
+    :meth:`update` takes the next block of canonical elements (any split of the vector
+    gives the digest of the whole); :meth:`hexdigest` refuses until exactly ``d`` elements
+    were given. A block with a value that is not an element of ``ring``, or more elements
+    than announced, raises :class:`EncodingError` and the digest is then unusable.
+    """
+
+    __slots__ = ("ring", "d", "done", "_h")
+
+    def __init__(self, ring: Ring, d: int) -> None:
+        if not (_is_int(d) and 0 <= d < _UINT64):
+            raise EncodingError(f"a total's length must be an integer in [0, 2**64), got {d!r}")
+        self.ring = ring
+        self.d = d
+        self.done = 0
+        """Elements hashed so far."""
+        self._h = hashlib.sha256(TOTAL_LABELS[ring.name])
+        self._h.update(struct.pack("<Q", d))
+
+    def __repr__(self) -> str:
+        return f"TotalDigest({self.ring.name}, {self.done} of {self.d} elements)"
+
+    def update(self, block: RingArray) -> None:
+        """Hash the next ``len(block)`` elements (1-D, ``ring``'s element type)."""
+        if (
+            not isinstance(block, np.ndarray)
+            or block.ndim != 1
+            or block.dtype.kind != "u"
+            or block.dtype.itemsize != self.ring.itemsize
+        ):
+            got = f"{block.ndim}-D {block.dtype}" if isinstance(block, np.ndarray) else _show(block)
+            raise EncodingError(
+                f"a block of a {self.ring.name} total is a 1-D "
+                f"{np.dtype(self.ring.dtype)} vector, got {got}"
+            )
+        if self.done + block.shape[0] > self.d:
+            raise EncodingError(
+                f"the total has {self.d} elements, got {self.done + block.shape[0]} or more"
+            )
+        if not self.ring.is_canonical(block):
+            raise EncodingError("total holds a value not below p = 2**61 - 1")
+        self._h.update(np.ascontiguousarray(block, dtype=self.ring.wire).data)
+        self.done += block.shape[0]
+
+    def hexdigest(self) -> str:
+        """The hex SHA-256 of the whole total, once all ``d`` elements were hashed."""
+        if self.done != self.d:
+            raise EncodingError(f"the total has {self.d} elements, only {self.done} were hashed")
+        return self._h.hexdigest()
+
+
 def total_digest(total: RingArray) -> str:
     """Hex SHA-256 of a revealed total: its ring's label, ``d`` (uint64 LE), values.
 
     ``total`` must be a 1-D vector of canonical ring elements, as
     :func:`mpc_agg.core.codec.decode_result` returns: ``uint64`` (each < p), hashed as
     ``'<u8'`` under :data:`TOTAL_LABEL`, or ``uint32`` (Z_(2^32)), hashed as ``'<u4'`` under
-    :data:`TOTAL_LABEL_Z2_32`; else :class:`EncodingError`. O(d), no copy on a
-    little-endian machine.
+    :data:`TOTAL_LABEL_Z2_32`; else :class:`EncodingError`. O(d) time, hashed
+    :data:`DIGEST_BLOCK` elements at a time (:class:`TotalDigest`), so a memory-mapped
+    total is never read whole and a strided or big-endian one is copied a block at a time.
     """
     if not isinstance(total, np.ndarray) or total.ndim != 1 or total.dtype.kind != "u":
         raise EncodingError(
@@ -260,13 +323,11 @@ def total_digest(total: RingArray) -> str:
         raise EncodingError(
             f"total must have dtype uint64 (gf_p61) or uint32 (z2_32), got {total.dtype}"
         ) from None
-    if not ring.is_canonical(total):
-        raise EncodingError("total holds a value not below p = 2**61 - 1")
-    values = np.ascontiguousarray(total, dtype=ring.wire)
-    h = hashlib.sha256(TOTAL_LABELS[ring.name])
-    h.update(struct.pack("<Q", values.shape[0]))
-    h.update(values.data)
-    return h.hexdigest()
+    d = total.shape[0]
+    digest = TotalDigest(ring, d)
+    for start in range(0, d, DIGEST_BLOCK):
+        digest.update(total[start : start + DIGEST_BLOCK])
+    return digest.hexdigest()
 
 
 def clients_digest(client_ids: Iterable[str]) -> str:
@@ -470,6 +531,56 @@ def verify_result(
     canonical uint64 vector :class:`EncodingError`. Cost: m signature checks and one
     SHA-256 pass over the ``8 d`` bytes of the total.
     """
+    st = _agreed_statement(statements, public_keys, fingerprint, round_id)
+    d = total.shape[0] if isinstance(total, np.ndarray) and total.ndim == 1 else None
+    if d is not None:
+        _check_dim(st, d, len(public_keys))
+    _check_digest(st, total_digest(total), len(public_keys))
+    return st
+
+
+def verify_result_digest(
+    digest: str,
+    dim: int,
+    statements: Sequence[SignedStatement],
+    public_keys: Sequence[bytes],
+    fingerprint: str,
+    round_id: str,
+) -> ResultStatement:
+    """:func:`verify_result` for a total known by its length ``dim`` and its
+    :func:`total_digest` (hex), e.g. computed with :class:`TotalDigest` while the total
+    streamed past: the same checks in the same order, with the same errors."""
+    st = _agreed_statement(statements, public_keys, fingerprint, round_id)
+    _check_dim(st, dim, len(public_keys))
+    _check_digest(st, digest, len(public_keys))
+    return st
+
+
+def _check_dim(st: ResultStatement, d: int, m: int) -> None:
+    if d != st.dim:
+        raise ResultMismatch(
+            f"the total has dimension {d}, but all {m} aggregators signed dimension {st.dim}",
+            fields=("dim",),
+        )
+
+
+def _check_digest(st: ResultStatement, digest: str, m: int) -> None:
+    if digest != st.total_digest:
+        raise ResultMismatch(
+            f"the total's digest {_value('total_digest', digest)} differs from the "
+            f"total_digest all {m} aggregators signed ({_value('total_digest', st.total_digest)})",
+            fields=("total_digest",),
+        )
+
+
+def _agreed_statement(
+    statements: Sequence[SignedStatement],
+    public_keys: Sequence[bytes],
+    fingerprint: str,
+    round_id: str,
+) -> ResultStatement:
+    """The statement every aggregator signed alike for ``round_id`` under ``fingerprint``
+    (all checks of :func:`verify_result` but those of the total)."""
     m = len(public_keys)
     if m == 0:
         raise MalformedStatement("verify_result needs the public key of every aggregator")
@@ -539,7 +650,7 @@ def verify_result(
             fields=differing,
         )
 
-    # The agreed statement describes this round, topology and total.
+    # The agreed statement describes this round and topology.
     st = agreed[0]
     if st.round_id != round_id:
         raise ResultMismatch(
@@ -551,18 +662,5 @@ def verify_result(
             f"the statements name topology fingerprint {st.topology_fingerprint[:12]}..., "
             f"expected {fingerprint[:12]}...",
             fields=("topology_fingerprint",),
-        )
-    d = total.shape[0] if isinstance(total, np.ndarray) and total.ndim == 1 else None
-    if d is not None and d != st.dim:
-        raise ResultMismatch(
-            f"the total has dimension {d}, but all {m} aggregators signed dimension {st.dim}",
-            fields=("dim",),
-        )
-    digest = total_digest(total)
-    if digest != st.total_digest:
-        raise ResultMismatch(
-            f"the total's digest {_value('total_digest', digest)} differs from the "
-            f"total_digest all {m} aggregators signed ({_value('total_digest', st.total_digest)})",
-            fields=("total_digest",),
         )
     return st

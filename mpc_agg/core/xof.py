@@ -131,6 +131,20 @@ def _fill_keystream(key: bytes, out: memoryview) -> None:
         enc.update_into(_ZEROS[: stop - start], out[start : stop + 15])
 
 
+def _encryptor_at(key: bytes, offset: int) -> Any:
+    """An AES-128-CTR encryptor under ``key`` positioned at byte ``offset`` of the stream
+    that starts from a zero counter block: the counter block is ``offset // 16`` (the
+    128-bit big-endian counter OpenSSL increments), and the ``offset % 16`` bytes before
+    ``offset`` in that block are produced and dropped."""
+    if offset < 0:
+        raise ValueError(f"stream offset must be >= 0, got {offset}")
+    counter, skip = divmod(offset, 16)
+    enc = Cipher(algorithms.AES(key), modes.CTR(counter.to_bytes(16, "big"))).encryptor()
+    if skip:
+        enc.update(bytes(skip))
+    return enc
+
+
 def _stream_into(enc: Any, out: memoryview, n: int) -> None:
     """The next ``n`` bytes of the keystream of ``enc`` into ``out[:n]`` (which has 15
     spare bytes after them), in steps of at most :data:`_CHUNK_BYTES` (the zeros buffer)."""
@@ -167,14 +181,20 @@ class BlockStream:
     rejected value p: only :func:`expand` (rejection sampling over the whole stream) defines
     the elements then, and the caller must start over with another seed or fall back. A
     block is a view into this object's scratch buffer, valid until the next call.
+    ``start`` seeks: the first block begins at word ``start`` of the stream (AES-CTR from
+    counter block ``start // 2``), which is element ``start`` when no earlier word was
+    rejected. ``block`` bounds ``n`` only for the scratch buffer, which grows if needed.
     """
 
-    def __init__(self, key: bytes, block: int) -> None:
-        self._enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor()
+    def __init__(self, key: bytes, block: int, start: int = 0) -> None:
+        self._enc = _encryptor_at(key, 8 * start)
         self._buf = np.empty(block + 2, dtype=np.uint64)  # 16 spare bytes for OpenSSL
         self._bytes = memoryview(self._buf.data).cast("B")
 
     def next_block(self, n: int) -> FieldArray | None:
+        if n + 2 > self._buf.size:
+            self._buf = np.empty(n + 2, dtype=np.uint64)
+            self._bytes = memoryview(self._buf.data).cast("B")
         _stream_into(self._enc, self._bytes, 8 * n)
         out = self._buf[:n]
         if sys.byteorder == "big":  # pragma: no cover
@@ -206,15 +226,19 @@ class WordStream:
     """The expansion of one Z_(2^32) key, block by block (what :func:`expand_u32` gives).
 
     :meth:`next_block` returns the next ``n`` words (never None: no word is rejected), a
-    view into this object's scratch buffer, valid until the next call.
+    view into this object's scratch buffer, valid until the next call. ``start`` seeks: the
+    first block begins at element ``start`` (AES-CTR from counter block ``start // 4``).
     """
 
-    def __init__(self, key: bytes, block: int) -> None:
-        self._enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor()
+    def __init__(self, key: bytes, block: int, start: int = 0) -> None:
+        self._enc = _encryptor_at(key, 4 * start)
         self._buf = np.empty(block + 4, dtype=np.uint32)  # 16 spare bytes for OpenSSL
         self._bytes = memoryview(self._buf.data).cast("B")
 
     def next_block(self, n: int) -> npt.NDArray[np.uint32]:
+        if n + 4 > self._buf.size:
+            self._buf = np.empty(n + 4, dtype=np.uint32)
+            self._bytes = memoryview(self._buf.data).cast("B")
         _stream_into(self._enc, self._bytes, 4 * n)
         out = self._buf[:n]
         if sys.byteorder == "big":  # pragma: no cover
@@ -316,9 +340,11 @@ class ClientSecret:
         tail = struct.pack("<HI", aggregator, attempt) + vector_digest
         return self._derive(derivation_info(_SEED, fingerprint, round_id, client_id, tail))
 
-    def coins(self, fingerprint: str, round_id: str, client_id: str) -> CoinStream:
-        """The rounding coins of this client's submissions to ``round_id``."""
-        return CoinStream(self._derive(derivation_info(_COINS, fingerprint, round_id, client_id)))
+    def coins(self, fingerprint: str, round_id: str, client_id: str, start: int = 0) -> CoinStream:
+        """The rounding coins of this client's submissions to ``round_id``, from the coin
+        of coordinate ``start`` on."""
+        key = self._derive(derivation_info(_COINS, fingerprint, round_id, client_id))
+        return CoinStream(key, start)
 
 
 def vector_digest(x: npt.NDArray[np.unsignedinteger[Any]]) -> bytes:
@@ -342,12 +368,14 @@ class CoinStream:
     IEEE 754 alone: the same on every machine and numpy version. Successive calls continue
     the stream. Only :meth:`random` is offered: what
     :meth:`~mpc_agg.core.encoding.FixedPointEncoding.encode` draws its coins with.
+    ``start`` seeks: the first double is the one of word ``start`` (the coin of coordinate
+    ``start``), from AES-CTR counter block ``start // 2``.
     """
 
     __slots__ = ("_enc", "_words")
 
-    def __init__(self, key: bytes) -> None:
-        self._enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor()
+    def __init__(self, key: bytes, start: int = 0) -> None:
+        self._enc = _encryptor_at(key, 8 * start)
         self._words = np.empty(0, dtype=np.uint64)
 
     def __repr__(self) -> str:

@@ -15,9 +15,17 @@ Long vectors go in slices of :data:`REVEAL_SLICE` elements, one exchange each (t
 of slices depends only on ``d``, which every party agreed on): MPyC pickles and frames each
 message whole, several copies of it at once, so one 80 MB message would cost an aggregator
 about 1 GB of memory at d = 10^7; 8 MB slices keep that flat, at a few ms of latency each.
+
+The reveal is *in place*: each slice of the total is written over the same slice of the
+party's own ``S_j`` once that slice has been exchanged (what was sent is a copy, the wire
+bytes), so the reveal holds no second d-vector; ``S_j`` is gone afterwards, and after an
+abort its buffer holds part of the total and part of ``S_j``: it is never sent again, the
+round has failed.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from mpc_agg.core.ring import GF_P61, Ring, RingArray
 from mpc_agg.core.sharing import unshard
@@ -31,9 +39,12 @@ def sum_share_payload(local_sum: RingArray | None, ring: Ring = GF_P61) -> bytes
     return None if local_sum is None else ring.to_wire(local_sum)
 
 
-def combine_sum_shares(payloads: list[bytes | None], d: int, ring: Ring = GF_P61) -> RingArray:
-    """The total in ``ring`` from every party's payload; raises AgreementFailed on an abort
-    or a bad size."""
+def combine_sum_shares(
+    payloads: list[bytes | None], d: int, ring: Ring = GF_P61, out: RingArray | None = None
+) -> RingArray:
+    """The total in ``ring`` from every party's payload, written into ``out`` (length ``d``)
+    when given; raises AgreementFailed on an abort or a bad size, before ``out`` is
+    touched."""
     aborted = [j for j, raw in enumerate(payloads) if raw is None]
     if aborted:
         raise AgreementFailed(
@@ -53,7 +64,23 @@ def combine_sum_shares(payloads: list[bytes | None], d: int, ring: Ring = GF_P61
                 f"aggregator {j} sent a sum share with a value not below p", code="bad_share"
             )
         parts.append(part)
-    return unshard(parts, ring)
+    if out is None:
+        return unshard(parts, ring)
+    if out.shape != (d,) or out.dtype != ring.dtype:
+        raise AgreementFailed(
+            f"no room for a total of {d} {ring.name} elements in a {out.dtype} array of "
+            f"shape {out.shape}",
+            code="aborted",
+        )
+    np.copyto(out, parts[0])
+    pending = 0
+    for part in parts[1:]:
+        if pending >= ring.lazy_adds:
+            ring.reduce(out, out=out)
+            pending = 0
+        np.add(out, part, out=out)
+        pending += 1
+    return ring.canonical(out, out=out)
 
 
 REVEAL_SLICE: int = 1 << 20
@@ -68,15 +95,20 @@ def reveal_slices(d: int) -> list[tuple[int, int]]:
 async def reveal_sum(
     network: PartyNetwork, local_sum: RingArray | None, d: int, ring: Ring = GF_P61
 ) -> RingArray:
-    """Open ``sum_j S_j`` in ``ring``; every party gets the total, or AgreementFailed if any
-    aborted.
+    """Open ``sum_j S_j`` in ``ring`` in place: every party gets the total in ``local_sum``'s
+    own buffer (returned), or AgreementFailed if any aborted.
 
-    Every party makes ``len(reveal_slices(d))`` exchanges unless a slice shows an abort or a
-    bad payload, which every party sees alike, so all stop at the same slice.
+    ``local_sum`` is this party's canonical ``S_j`` (a writable vector of length ``d``), or
+    None to abort. Every party makes ``len(reveal_slices(d))`` exchanges unless a slice
+    shows an abort or a bad payload, which every party sees alike, so all stop at the same
+    slice. Slice ``k`` of ``local_sum`` is overwritten with the total's slice ``k`` only
+    after it was sent; the slices after it still hold ``S_j``.
     """
-    total = ring.empty(d)
     for start, stop in reveal_slices(d):
         mine = None if local_sum is None else local_sum[start:stop]
         payloads = await network.exchange(sum_share_payload(mine, ring))
-        total[start:stop] = combine_sum_shares(payloads, stop - start, ring)
-    return total
+        # Raises, at every party alike, on an abort (this party's own included) or a bad
+        # payload; otherwise writes the total's slice over ``mine``, already sent.
+        combine_sum_shares(payloads, stop - start, ring, out=mine)
+    assert local_sum is not None  # an abort raised at the first exchange
+    return local_sum

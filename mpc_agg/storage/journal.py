@@ -18,6 +18,10 @@ client must be dropped at agreement time, so memory stays O(d). Record layout
   ``revealing`` (written before this aggregator's share of the total is computed). A round
   whose journal holds a MARK but no END was mid-aggregation when the party stopped: recovery
   fails it, so it never comes back open (docs/design.md, "Durable state").
+* type 5, SPOOL: ``u16 len(client_id) || client_id || u16 len(name) || name || u64 length
+  || 16-byte XXH3-128 digest``: a streamed upload whose body is the file ``name`` of the
+  round's spool (:mod:`mpc_agg.storage.spool`), written and fsync'd before this record, so
+  no record is ever limited by :data:`MAX_RECORD` (docs/design.md, "Streamed uploads").
 
 A record is valid only if it is complete and its checksum matches (XXH3-64 rather than
 CRC-32: it runs at memory speed, 20x faster than zlib's CRC-32 here, and detects torn or
@@ -40,29 +44,34 @@ from typing import Any
 import xxhash
 
 from mpc_agg.storage.durable import fsync_directory
+from mpc_agg.storage.spool import DIGEST_BYTES, SPOOL_SUFFIX, RoundSpool, SpoolRef
 
 RECORD_OPEN = 1
 RECORD_SHARE = 2
 RECORD_END = 3
 RECORD_MARK = 4
+RECORD_SPOOL = 5
 MARKS = ("closing", "revealing")
 _LEN = struct.Struct("<I")
 _CHECK = struct.Struct("<Q")
 _CID = struct.Struct("<H")
+_SPOOLED = struct.Struct("<Q16s")
 MAX_RECORD = 1 << 31
 
 
 @dataclass(frozen=True, repr=False)
 class JournalShare:
-    """A SHARE record: the client and where its upload body lies in the file (the body is
-    read back one record at a time with :meth:`RoundJournal.read`, so recovering a round
-    costs O(d) memory, not O(clients x d))."""
+    """A SHARE or SPOOL record: the client and where its upload body lies, ``(offset,
+    length)`` in the journal file or a :class:`~mpc_agg.storage.spool.SpoolRef` (the body is
+    read back one record at a time with :meth:`RoundJournal.read`, or block by block from
+    the spool, so recovering a round costs O(d) memory, not O(clients x d))."""
 
     client_id: str
-    ref: tuple[int, int]
+    ref: tuple[int, int] | SpoolRef
 
     def __repr__(self) -> str:
-        return f"JournalShare({self.client_id!r}, {self.ref[1]} bytes)"
+        size = self.ref.length if isinstance(self.ref, SpoolRef) else self.ref[1]
+        return f"JournalShare({self.client_id!r}, {size} bytes)"
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,12 @@ def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalCont
             cid = bytes(payload[_CID.size : _CID.size + n]).decode("utf-8")
             body_start = pos + _LEN.size + 1 + _CID.size + n
             shares.append(JournalShare(cid, (body_start, length - 1 - _CID.size - n)))
+        elif rtype == RECORD_SPOOL:
+            try:
+                shares.append(_spool_record(payload))
+            except (ValueError, struct.error, UnicodeDecodeError):
+                torn = f"malformed spool record at byte {pos}"
+                break
         elif rtype == RECORD_END:
             end_state = json.loads(bytes(payload))["state"]
         elif rtype == RECORD_MARK:
@@ -140,6 +155,22 @@ def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalCont
     if header is None:
         raise ValueError(f"journal has no valid OPEN record ({torn or 'empty file'})")
     return JournalContents(header, shares, end_state, pos, torn, mark)
+
+
+def _spool_record(payload: memoryview) -> JournalShare:
+    """A SPOOL record's payload (see the module docstring); ValueError if malformed."""
+    (n,) = _CID.unpack_from(payload)
+    pos = _CID.size
+    cid = bytes(payload[pos : pos + n]).decode("utf-8")
+    pos += n
+    (k,) = _CID.unpack_from(payload, pos)
+    pos += _CID.size
+    name = bytes(payload[pos : pos + k]).decode("ascii")
+    pos += k
+    length, digest = _SPOOLED.unpack_from(payload, pos)
+    if pos + _SPOOLED.size != len(payload) or not cid or len(name) != k:
+        raise ValueError("spool record of the wrong length")
+    return JournalShare(cid, SpoolRef(name, length, digest))
 
 
 def _write_all(fd: int, parts: list[bytes | bytearray], total: int) -> int:
@@ -334,6 +365,33 @@ class RoundJournal:
         start, seq = self._write(RECORD_SHARE, [_CID.pack(len(cid)), cid, body])
         return (start + _LEN.size + 1 + _CID.size + len(cid), len(body)), seq
 
+    def write_spool(self, client_id: str, ref: SpoolRef) -> int:
+        """Write the SPOOL record of a streamed upload whose body ``ref`` names (already
+        durable in the spool), not yet durable itself: its record number, to
+        :meth:`commit` before the upload is acknowledged."""
+        cid = client_id.encode("utf-8")
+        name = ref.name.encode("ascii")
+        if len(ref.digest) != DIGEST_BYTES:
+            raise ValueError(f"a spool digest is {DIGEST_BYTES} bytes")
+        parts: list[bytes | bytearray] = [
+            _CID.pack(len(cid)),
+            cid,
+            _CID.pack(len(name)),
+            name,
+            _SPOOLED.pack(ref.length, ref.digest),
+        ]
+        _, seq = self._write(RECORD_SPOOL, parts)
+        return seq
+
+    def append_spool(self, client_id: str, ref: SpoolRef) -> None:
+        """:meth:`write_spool`, then :meth:`commit`."""
+        self.commit(self.write_spool(client_id, ref))
+
+    @property
+    def spool(self) -> RoundSpool:
+        """The round's spool directory (``round-{id}.spool`` beside this file)."""
+        return RoundSpool(self.path.with_suffix(SPOOL_SUFFIX), fsync=self.fsync)
+
     def append_end(self, state: str) -> None:
         """Record that the round ended (before the file is deleted)."""
         self._append(RECORD_END, [json.dumps({"state": state}).encode()])
@@ -362,11 +420,22 @@ class RoundJournal:
         callers written for a journal that did need not change)."""
 
     def discard(self, *, sync_directory: bool = True) -> None:
-        """Delete the file, once its round has ended. ``sync_directory=False`` leaves the
-        directory fsync to the caller (one for many deletions, at recovery)."""
+        """Delete the round's spool, then the file, once its round has ended (in this
+        order: a crash in between leaves a journal whose spool files are gone, never spool
+        files nothing references). ``sync_directory=False`` leaves the directory fsync to
+        the caller (one for many deletions, at recovery). Raises OSError if the spool
+        cannot be deleted whole (the journal goes all the same)."""
+        spool_error: OSError | None = None
+        try:
+            self.spool.discard()
+        except OSError as exc:
+            spool_error = exc
         try:
             self.path.unlink()
         except FileNotFoundError:
-            return
-        if self.fsync and sync_directory:
-            fsync_directory(self.path.parent)
+            pass
+        else:
+            if self.fsync and sync_directory:
+                fsync_directory(self.path.parent)
+        if spool_error is not None:
+            raise spool_error

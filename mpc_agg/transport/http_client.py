@@ -15,6 +15,11 @@ answers 200 to an identical share it already holds). Two kinds (README, "HTTP AP
 
 Every other answer (4xx, 507 ``storage_failure``) is final and raises
 :class:`RemoteRefusal`.
+
+A large upload may be sent as it is produced (:class:`StreamedBody`): with its exact
+``Content-Length`` (aggregators refuse an upload without one), its chunks made in a worker
+thread one ahead of the one being sent (:func:`produce_ahead`), and made again from the
+start for each retry.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import contextlib
 import errno
 import json
 import random
+import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -80,6 +87,40 @@ def _reset_by_peer(exc: BaseException) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class StreamedBody:
+    """A request body sent as it is produced: exactly ``length`` bytes, and ``open()`` a
+    new async iterator of its chunks from the start. Each attempt of
+    :meth:`AggregatorAPI.request` opens it again, so every retry must yield the same bytes
+    for a retried upload to be idempotent. ``timeout_s``, if set, bounds each attempt
+    instead of the session's timeout (a long body takes longer than a short answer)."""
+
+    length: int
+    open: Callable[[], AsyncIterator[bytes]]
+    timeout_s: float | None = None
+
+    def __repr__(self) -> str:
+        return f"StreamedBody({self.length} bytes)"
+
+
+async def produce_ahead(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """The items of ``chunks``, each computed in a worker thread while the previous one is
+    being sent: the event loop never runs the O(block) work, and producing overlaps sending.
+    At most two chunks exist at a time (one sent, one made). Closed early (a failed send), it
+    cancels the chunk not yet started; one already being made is dropped when done."""
+    loop = asyncio.get_running_loop()
+    pending = loop.run_in_executor(None, next, chunks, None)
+    try:
+        while True:
+            chunk = await pending
+            if chunk is None:
+                return
+            pending = loop.run_in_executor(None, next, chunks, None)
+            yield chunk
+    finally:
+        pending.cancel()
+
+
 class AggregatorAPI:
     """Requests to the aggregator at ``address`` through a shared ``session``."""
 
@@ -118,20 +159,29 @@ class AggregatorAPI:
         data: bytes | bytearray | None = None,
         json_body: Any = None,
         deadline: float | None = None,
+        stream: StreamedBody | None = None,
     ) -> tuple[int, bytes]:
         """Send a request; return ``(status, body)`` for 2xx, raise otherwise (see the
         module docstring for what is retried).
 
         ``deadline`` (``time.monotonic()`` seconds) bounds all attempts together; past it,
-        :class:`AggregationTimeout` is raised.
+        :class:`AggregationTimeout` is raised. ``stream`` (instead of ``data``) is a body
+        sent as it is produced, with its ``Content-Length``, opened anew for each attempt.
         """
+        if stream is not None and (data is not None or json_body is not None):
+            raise UsageError("pass a request body as data, json_body or stream, not two")
         url = self.address.url + path
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         if self.fingerprint is not None:
             headers[TOPOLOGY_HEADER] = self.fingerprint
         extra: dict[str, Any] = {} if self._ssl is None else {"ssl": self._ssl}
-        if data is not None:
+        if data is not None or stream is not None:
             headers["Content-Type"] = "application/octet-stream"
+        if stream is not None:
+            headers["Content-Length"] = str(stream.length)
+        per_attempt = self.session.timeout
+        if stream is not None and stream.timeout_s is not None:
+            per_attempt = aiohttp.ClientTimeout(total=stream.timeout_s)
         started = time.monotonic()
         budget_end = started + self.retry_budget_s
         last = "no attempt made"
@@ -141,9 +191,9 @@ class AggregatorAPI:
             if delay:
                 await asyncio.sleep(delay)
             attempts += 1
-            # The session's own timeout applies unless the deadline is nearer (passing None
-            # to aiohttp would mean "no timeout at all").
-            timeout = self.session.timeout
+            # The session's own timeout (or the stream's) applies unless the deadline is
+            # nearer (passing None to aiohttp would mean "no timeout at all").
+            timeout = per_attempt
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -151,13 +201,14 @@ class AggregatorAPI:
                         f"no answer from aggregator {self.address.index} ({last})"
                     )
                 timeout = aiohttp.ClientTimeout(
-                    total=min(remaining, self.session.timeout.total or remaining)
+                    total=min(remaining, per_attempt.total or remaining)
                 )
+            body: Any = data if stream is None else stream.open()
             try:
                 async with self.session.request(
                     method,
                     url,
-                    data=data,
+                    data=body,
                     json=json_body,
                     headers=headers,
                     timeout=timeout,
@@ -207,6 +258,10 @@ class AggregatorAPI:
                 if failures > self.retries:
                     break
                 delay = self.backoff_s * 2 ** (failures - 1)
+            finally:
+                close = getattr(body, "aclose", None) if stream is not None else None
+                if close is not None:
+                    await close()  # an attempt cut short leaves no producer behind
         raise AggregatorUnavailable(self.address.index, url, f"{last} (after {attempts} attempts)")
 
     def _busy_delay(self, busy: int, retry_after: float | None) -> float:
@@ -255,7 +310,10 @@ class KeptSession:
     """The HTTP session of a :class:`~mpc_agg.client.Client` or
     :class:`~mpc_agg.collector.Collector`: one given by the caller (shared by many objects,
     the caller closes it), one kept between ``async with obj:`` and its end (connections,
-    TCP and TLS handshakes included, reused across calls), or else a new one per call.
+    TCP and TLS handshakes included, reused across calls), one kept in the object's own
+    event loop for its blocking calls (:meth:`run_blocking`, until :meth:`close_blocking`),
+    or else a new one per call. A kept session is used only in the event loop it was made
+    in (an aiohttp session belongs to one loop).
 
     The stdlib's asyncio cannot resume a TLS session on a new connection (``create_connection``
     takes no saved session), so keeping connections open is what saves handshakes."""
@@ -264,29 +322,120 @@ class KeptSession:
         self.timeout_s = timeout_s
         self._shared = shared
         self._kept: aiohttp.ClientSession | None = None
+        self._kept_loop: asyncio.AbstractEventLoop | None = None
+        # The blocking calls' own loop and session; the lock admits one thread at a time.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._blocking: aiohttp.ClientSession | None = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        kind = "shared" if self._shared else "kept" if self._kept else "per call"
+        kind = (
+            "shared"
+            if self._shared
+            else "kept"
+            if self._kept
+            else "kept for blocking calls"
+            if self._blocking
+            else "per call"
+        )
         return f"KeptSession({kind})"
 
     def keep(self) -> None:
         """Keep one session from now until :meth:`close` (in the running event loop)."""
         if self._shared is None and self._kept is None:
             self._kept = new_session(self.timeout_s)
+            self._kept_loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
-        """Close the kept session, if any (never a shared one)."""
+        """Close the kept session, if any (never a shared one, nor the blocking calls')."""
         kept, self._kept = self._kept, None
         if kept is not None:
             await kept.close()
 
     def __call__(self) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientSession]:
-        """``async with kept() as session``: the shared or kept session, else a new one
-        closed at the end of the block."""
-        session = self._shared or self._kept
+        """``async with kept() as session``: the shared session, or the one kept for the
+        running loop, else a new one closed at the end of the block."""
+        loop = asyncio.get_running_loop()
+        session = self._shared
+        if session is None and self._loop is loop:
+            session = self._blocking
+        if session is None and self._kept_loop is loop:
+            session = self._kept
         if session is not None and not session.closed:
             return contextlib.nullcontext(session)
         return new_session(self.timeout_s)
+
+    def run_blocking(self, call: Callable[[], Coroutine[Any, Any, T]], what: str) -> T:
+        """Run ``call()`` for a blocking API call (refused inside a running event loop).
+
+        It runs in an event loop this object keeps between calls, with a session kept in
+        that loop, so a second call reuses the connections (and TLS handshakes) of the
+        first, as ``async with`` does. A call made while another thread's call is running
+        there, or with a shared session (which belongs to the caller's loop), runs in a new
+        loop instead (:func:`run_sync`). A call interrupted before it ends (KeyboardInterrupt)
+        leaves nothing running: the loop and its session are closed, and the next call makes
+        new ones.
+        """
+        if self._shared is not None or not self._lock.acquire(blocking=False):
+            return run_sync(call(), what)
+        try:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                raise RuntimeError(
+                    f"{what} was called inside a running event loop; await {what}_async instead"
+                )
+            if self._loop is None or self._loop.is_closed():
+                self._loop = asyncio.new_event_loop()
+            task = self._loop.create_task(self._in_blocking_loop(call))
+            try:
+                return self._loop.run_until_complete(task)
+            finally:
+                if not task.done():
+                    self._shut_blocking()
+        finally:
+            self._lock.release()
+
+    async def _in_blocking_loop(self, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        if self._blocking is None or self._blocking.closed:
+            self._blocking = new_session(self.timeout_s)
+        return await call()
+
+    def close_blocking(self) -> None:
+        """Close the blocking calls' session and event loop, if any (the next blocking call
+        makes new ones). Called inside a running event loop (as a finalizer may be: the
+        object collected while another loop runs), a short-lived thread does it, since no
+        loop can run in a thread where one is running."""
+        if self._loop is None:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            with self._lock:
+                self._shut_blocking()
+        else:
+            threading.Thread(target=self.close_blocking, name="close-kept-loop").start()
+
+    def _shut_blocking(self) -> None:
+        """Cancel what still runs in the blocking loop, close its session, then the loop."""
+        loop, self._loop = self._loop, None
+        session, self._blocking = self._blocking, None
+        if loop is None or loop.is_closed():
+            return
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:  # (gather() of nothing would look for a current loop)
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            if session is not None:
+                loop.run_until_complete(session.close())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
 
 
 def run_sync(coro: Coroutine[Any, Any, T], what: str) -> T:

@@ -31,11 +31,12 @@ resistance"): :func:`serve` runs the application on a listening socket of its ow
 :class:`~mpc_agg.transport.connections.ConnectionGate` (connections bounded below the
 descriptor limit, idle ones and slow request heads cut after ``idle_timeout_s``), with a
 request handler (:class:`_Handler`) that answers aiohttp's parser errors with the JSON error
-body too. Bodies are read as they arrive (:func:`_receive`): within
+body too. Bodies are read as they arrive (:class:`_Body`): within
 ``deadlines.upload_s``, at a minimum rate after a grace period, taking upload-buffer bytes
-as they come. Every refusal is counted in ``/metrics`` (``mpc_agg_refusals_total``) and
-logged at a bounded rate with at most ~100 characters of the peer's text
-(:mod:`mpc_agg.transport.quiet_log`).
+as they come; a full share of a large round goes to the aggregator block by block, never
+held whole (docs/design.md, "Streamed uploads"). Every refusal is counted in
+``/metrics`` (``mpc_agg_refusals_total``) and logged at a bounded rate with at most ~100
+characters of the peer's text (:mod:`mpc_agg.transport.quiet_log`).
 """
 
 from __future__ import annotations
@@ -307,6 +308,111 @@ def _refuse(request: web.Request, exc: PeerError) -> web.Response:
     return error_response(status, exc.body(), retry_after_s=retry_after)
 
 
+class _Body:
+    """A request body read as it arrives: the :class:`UploadBody` a streamed upload is
+    given, and what :func:`_receive` reads whole.
+
+    ``length``: the announced length (None: read to the end, :meth:`read_to_end`). The body
+    must arrive within ``limits.upload_s`` and, after ``limits.grace_s``, at
+    ``limits.min_rate_bps`` on average, else :class:`RequestTimeout`;
+    :class:`ClientDisconnected` if the peer goes away; :class:`MalformedUpload` if it ends
+    early. With a ``ticket``, the bytes of the piece being read are taken on the upload
+    buffer as they arrive (in :data:`~mpc_agg.transport.upload_limits.GRANULE` steps; the
+    ticket keeps the most any piece needed: one block of a streamed body); time spent
+    waiting for room there does not count against the sender.
+    """
+
+    def __init__(
+        self,
+        request: web.Request,
+        limits: ServerLimits,
+        *,
+        length: int | None,
+        ticket: BufferTicket | None = None,
+    ) -> None:
+        self._content = request.content
+        self._limits = limits
+        self._announced = length
+        self._ticket = ticket
+        self._loop = asyncio.get_running_loop()
+        self._start = self._loop.time()
+        self._paused = 0.0
+        self.received = 0
+        """Bytes of the body read so far."""
+
+    @property
+    def length(self) -> int:
+        """The announced length (``Content-Length``)."""
+        if self._announced is None:
+            raise LengthRequired("an upload must announce its Content-Length")
+        return self._announced
+
+    async def _chunk(self, n: int) -> bytes:
+        """At most ``n`` bytes of what has arrived (empty at the end), within the limits."""
+        limits = self._limits
+        now = self._loop.time()
+        since = self._start + self._paused
+        rate_due = since + max(limits.grace_s, self.received / limits.min_rate_bps)
+        total_due = since + limits.upload_s
+        due = min(rate_due, total_due)
+        try:
+            if due <= now:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(self._content.read(n), due - now)
+        except asyncio.TimeoutError:
+            elapsed = self._loop.time() - since
+            if rate_due < total_due:
+                raise RequestTimeout(
+                    f"body arrived at {self.received / max(elapsed, 1e-9):.0f} bytes/s "
+                    f"({self.received} bytes in {elapsed:.1f} s), below the minimum of "
+                    f"{limits.min_rate_bps:.0f} bytes/s after the first {limits.grace_s:g} s"
+                ) from None
+            raise RequestTimeout(f"body not received within {limits.upload_s:g} s") from None
+        except ConnectionError:
+            raise ClientDisconnected(_DISCONNECTED) from None
+        except (RequestPayloadError, HttpProcessingError) as exc:
+            raise MalformedUpload(f"the request body could not be read: {clip(exc)}") from None
+
+    async def _hold(self, nbytes: int, want: int) -> None:
+        """Take the first ``nbytes`` of a piece of ``want`` bytes on the ticket."""
+        if self._ticket is not None:
+            held = min(want, -(-nbytes // GRANULE) * GRANULE)
+            self._paused += await self._ticket.need(held, self._limits.upload_s)
+
+    async def read(self, n: int) -> bytearray:
+        """The next ``n`` bytes, exactly (:class:`MalformedUpload` if the body ends first)."""
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await self._chunk(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise MalformedUpload(
+                    f"body ended after {self.received} of {self._announced} announced bytes"
+                )
+            await self._hold(len(buf) + len(chunk), n)
+            buf += chunk
+            self.received += len(chunk)
+        return buf
+
+    async def read_to_end(self, max_bytes: int) -> bytearray:
+        """The rest of a body of unannounced length; :class:`PayloadTooLarge` past
+        ``max_bytes``."""
+        buf = bytearray()
+        while True:
+            chunk = await self._chunk(min(max_bytes + 1 - len(buf), 1 << 20))
+            if not chunk:
+                return buf
+            if len(buf) + len(chunk) > max_bytes:
+                raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+            await self._hold(len(buf) + len(chunk), max_bytes + 1)
+            buf += chunk
+            self.received += len(chunk)
+
+    async def finish(self) -> None:
+        """Once the announced length is read: :class:`MalformedUpload` if more follows."""
+        if await self._content.read(1):
+            raise MalformedUpload(f"body is longer than the {self._announced} announced bytes")
+
+
 async def _receive(
     request: web.Request,
     limits: ServerLimits,
@@ -315,7 +421,7 @@ async def _receive(
     max_bytes: int,
     ticket: BufferTicket | None = None,
 ) -> bytearray:
-    """The request body, read as it arrives.
+    """The request body, read whole as it arrives (:class:`_Body`).
 
     ``length``: the announced length (the body must be exactly that long); None reads until
     the end of the body, :class:`PayloadTooLarge` past ``max_bytes``. Raises
@@ -326,48 +432,11 @@ async def _receive(
     :data:`~mpc_agg.transport.upload_limits.GRANULE` steps); time spent waiting for room
     there does not count against the sender.
     """
-    loop = asyncio.get_running_loop()
-    buf = bytearray()
-    start = loop.time()
-    paused = 0.0
-    want = max_bytes + 1 if length is None else length
-    while len(buf) < want:
-        now = loop.time()
-        since = start + paused
-        rate_due = since + max(limits.grace_s, len(buf) / limits.min_rate_bps)
-        total_due = since + limits.upload_s
-        due = min(rate_due, total_due)
-        try:
-            if due <= now:
-                raise asyncio.TimeoutError
-            chunk = await asyncio.wait_for(
-                request.content.read(min(want - len(buf), 1 << 20)), due - now
-            )
-        except asyncio.TimeoutError:
-            elapsed = loop.time() - since
-            if rate_due < total_due:
-                raise RequestTimeout(
-                    f"body arrived at {len(buf) / max(elapsed, 1e-9):.0f} bytes/s "
-                    f"({len(buf)} bytes in {elapsed:.1f} s), below the minimum of "
-                    f"{limits.min_rate_bps:.0f} bytes/s after the first {limits.grace_s:g} s"
-                ) from None
-            raise RequestTimeout(f"body not received within {limits.upload_s:g} s") from None
-        except ConnectionError:
-            raise ClientDisconnected(_DISCONNECTED) from None
-        except (RequestPayloadError, HttpProcessingError) as exc:
-            raise MalformedUpload(f"the request body could not be read: {clip(exc)}") from None
-        if not chunk:
-            if length is None:
-                return buf
-            raise MalformedUpload(f"body ended after {len(buf)} of {length} announced bytes")
-        if length is None and len(buf) + len(chunk) > max_bytes:
-            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
-        if ticket is not None:
-            held = min(want, -(-(len(buf) + len(chunk)) // GRANULE) * GRANULE)
-            paused += await ticket.need(held, limits.upload_s)
-        buf += chunk
-    if length is not None and await request.content.read(1):
-        raise MalformedUpload(f"body is longer than the {length} announced bytes")
+    body = _Body(request, limits, length=length, ticket=ticket)
+    if length is None:
+        return await body.read_to_end(max_bytes)
+    buf = await body.read(length)
+    await body.finish()
     return buf
 
 
@@ -619,11 +688,17 @@ def build_app(
         if length > limit:
             raise PayloadTooLarge(f"body of {length} bytes exceeds the limit of {limit}")
         fair_share = max(limit, aggregator.full_share_bytes(round_id))
-        async with uploads.admit(client_id, length, fair_share) as ticket:
-            body = await _receive(
-                request, server_limits, length=length, max_bytes=length, ticket=ticket
-            )
-            created = await aggregator.receive_share_async(round_id, client_id, body)
+        block = aggregator.upload_block(round_id, client_id)
+        if block is None:
+            async with uploads.admit(client_id, length, fair_share) as ticket:
+                body = await _receive(
+                    request, server_limits, length=length, max_bytes=length, ticket=ticket
+                )
+                created = await aggregator.receive_share_async(round_id, client_id, body)
+        else:  # a full share of a large round: block by block, never held whole
+            async with uploads.admit(client_id, length, fair_share, hold=block) as ticket:
+                stream = _Body(request, server_limits, length=length, ticket=ticket)
+                created = await aggregator.receive_stream_async(round_id, client_id, stream)
         http_metrics.upload_seconds.observe(asyncio.get_running_loop().time() - started)
         return web.json_response(
             {"accepted": True, "retry": not created}, status=201 if created else 200
@@ -635,10 +710,25 @@ def build_app(
         aggregator.request_close(round_id)
         return web.json_response(aggregator.round_status(round_id), status=202)
 
-    async def result(request: web.Request) -> web.Response:
+    async def result(request: web.Request) -> web.StreamResponse:
         check_collector(request)
-        body = aggregator.result(request.match_info["round"])
-        return web.Response(body=body, content_type="application/octet-stream")
+        round_id = request.match_info["round"]
+        parts = aggregator.result_parts(round_id)
+        if parts.length <= codec.RESULT_STREAM_BYTES:  # small: one body
+            body = aggregator.result(round_id)
+            return web.Response(body=body, content_type="application/octet-stream")
+        # Long: the head, then the total slice by slice straight from the round's memory
+        # (no copy of the whole, no concatenation), Content-Length announced first.
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = parts.length
+        await response.prepare(request)
+        try:
+            for chunk in parts.chunks():
+                await response.write(chunk)  # waits while the transport's buffer is full
+            await response.write_eof()
+        except ConnectionError:  # the collector went away mid-body; it may ask again
+            log.info("round %s: the result's reader left mid-body", round_id)
+        return response
 
     async def statement(request: web.Request) -> web.Response:
         check_collector(request)

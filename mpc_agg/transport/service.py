@@ -13,6 +13,8 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from mpc_agg.config.schema import Topology
+from mpc_agg.core.codec import ResultParts
+from mpc_agg.transport.upload_limits import UploadBody
 
 __all__ = ["AggregatorService", "PartyLinks"]
 
@@ -94,6 +96,15 @@ class AggregatorService(Protocol):
         identical retry."""
         ...
 
+    def upload_block(self, round_id: str, client_id: str) -> int | None:
+        """None to read this upload's body whole, else the block size of a body received
+        as a stream (a full share of a large round)."""
+        ...
+
+    async def receive_stream_async(self, round_id: str, client_id: str, body: UploadBody) -> bool:
+        """:meth:`receive_share_async` for a body read block by block as it arrives."""
+        ...
+
     def request_close(self, round_id: str) -> None:
         """Ask the leader to close and aggregate a round (idempotent)."""
         ...
@@ -108,6 +119,10 @@ class AggregatorService(Protocol):
 
     def result(self, round_id: str) -> bytes:
         """The encoded result of a DONE round (:func:`mpc_agg.core.codec.encode_result`)."""
+        ...
+
+    def result_parts(self, round_id: str) -> ResultParts:
+        """The same result as header + metadata and the total, to stream it."""
         ...
 
     def statement(self, round_id: str) -> dict[str, Any]:

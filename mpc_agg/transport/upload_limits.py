@@ -8,7 +8,9 @@ README, "HTTP API (per aggregator)" (limits) and "Security model" (hostile input
   announced lengths, summed over its uploads in flight); the bodies held in memory at once
   stay within ``rounds.upload_buffer_mb``, and a body takes its part of that buffer *as its
   bytes arrive* (in :data:`GRANULE` steps), not when it is announced, so an upload that
-  announced 8 MB and sent 4 bytes holds one granule;
+  announced 8 MB and sent 4 bytes holds one granule. A streamed body (a full share of a
+  large round, read block by block: :class:`UploadBody`) holds one block at most, never its
+  whole length (docs/design.md, "Streamed uploads");
 * **rates**: a body must arrive within ``deadlines.upload_s`` and, after a grace period, at
   :attr:`ServerLimits.min_rate_bps` at least (enforced by the HTTP server's body reader).
 
@@ -30,15 +32,45 @@ import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from mpc_agg.config.schema import Topology
 from mpc_agg.errors import Busy, PayloadTooLarge
 
-__all__ = ["GRANULE", "BufferTicket", "ServerLimits", "UploadBuffer", "UploadLimits"]
+__all__ = [
+    "GRANULE",
+    "BufferTicket",
+    "ServerLimits",
+    "UploadBody",
+    "UploadBuffer",
+    "UploadLimits",
+]
 
 GRANULE = 64 * 1024
 """Bytes of the upload buffer a body takes at a time as it arrives (aiohttp reads in
 chunks of this size too)."""
+
+
+class UploadBody(Protocol):
+    """An upload body read as it arrives, piece by piece (the HTTP server's reader, with its
+    deadlines and buffer ticket): what a streamed upload is given instead of its bytes."""
+
+    @property
+    def length(self) -> int:
+        """The announced length in bytes (``Content-Length``): the body is exactly that."""
+        ...
+
+    async def read(self, n: int) -> bytearray:
+        """The next ``n`` bytes of the body, exactly; raises
+        :class:`~mpc_agg.errors.RequestTimeout` (too slow),
+        :class:`~mpc_agg.errors.ClientDisconnected` or :class:`~mpc_agg.errors.MalformedUpload`
+        (it ends first)."""
+        ...
+
+    async def finish(self) -> None:
+        """Once ``length`` bytes were read: :class:`~mpc_agg.errors.MalformedUpload` if more
+        follow."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -216,21 +248,24 @@ class UploadLimits:
 
     @asynccontextmanager
     async def admit(
-        self, client_id: str, nbytes: int, client_bytes: int
+        self, client_id: str, nbytes: int, client_bytes: int, *, hold: int | None = None
     ) -> AsyncIterator[BufferTicket]:
         """Hold one upload slot of ``client_id`` for an announced body of ``nbytes`` for
         the body of the ``with``; yields the :class:`BufferTicket` the body's bytes are
-        taken on as they arrive.
+        taken on as they arrive. ``hold``: the most of the body held in memory at once
+        (one block of a streamed body; default ``nbytes``, the body taken whole).
 
-        :class:`PayloadTooLarge` if ``nbytes`` could never fit in the buffer;
+        :class:`PayloadTooLarge` if ``hold`` could never fit in the buffer;
         :class:`Busy` at once when ``max_uploads`` are in flight, when ``client_id`` has
         ``client_uploads`` in flight, or when its announced bytes would exceed
         ``client_bytes`` (one full share of the round). Everything is released however the
         body ends, cancellation included.
         """
-        if nbytes > self.buffer.capacity:
+        held = nbytes if hold is None else min(hold, nbytes)
+        if held > self.buffer.capacity:
+            what = "body" if held == nbytes else "block of a streamed body"
             raise PayloadTooLarge(
-                f"body of {nbytes} bytes exceeds the upload buffer of {self.buffer.capacity} bytes"
+                f"{what} of {held} bytes exceeds the upload buffer of {self.buffer.capacity} bytes"
             )
         if self.inflight >= self.max_uploads:
             raise Busy(
