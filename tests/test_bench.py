@@ -295,7 +295,7 @@ def test_tables_render_skipped_and_failed_cells():
     ]
     text = grid_table(grid)
     assert "10 x 1e4" in text and "8.30x" in text
-    assert "1000 x 1e7: skipped: journals need 80 GB" in text
+    assert "1000 x 1e7 [gf_p61]: skipped: journals need 80 GB" in text
     flower = [
         {"clients": 100, "dim": 10**6, "status": "skipped", "reason": "timed out after 300 s"},
         {

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpc_agg.core.sharing import full_share_index
 from mpc_agg.client import Client
+from mpc_agg.core.sharing import full_share_index
 from mpc_agg.launcher import LocalFederation
 
 from .test_cli_rounds import local3

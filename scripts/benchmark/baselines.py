@@ -1,5 +1,6 @@
-"""Plaintext baselines over the very same vectors: numpy adds, and a plaintext HTTP
-aggregation (one aiohttp server process adding raw float64 bodies, :mod:`.plain_server`)."""
+"""Plaintext baselines over the very same vectors: numpy adds, a plaintext HTTP aggregation
+(one aiohttp server process adding raw float64 bodies, :mod:`.plain_server`), and a raw TCP
+stream of float32 vectors one after another (one asyncio server process, :mod:`.tcp_server`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,33 +73,21 @@ def self_signed_tls(directory: Path) -> tuple[Path, Path, ssl.SSLContext]:
     return cert_path, key_path, context
 
 
-class PlainServer:
-    """The plaintext HTTP server process (``python -m scripts.benchmark.plain_server``, run
-    from the checkout's root); stopped by its pid. ``tls``: (certificate, key, client
-    context) to serve HTTPS instead (:func:`self_signed_tls`)."""
+class ServerProcess:
+    """A baseline server in its own process (``python -m <module> <args>``, run from the
+    checkout's root), which prints ``PORT <n>`` once listening on 127.0.0.1; stopped by its
+    pid."""
 
-    def __init__(self, tls: tuple[Path, Path, ssl.SSLContext] | None = None) -> None:
+    def __init__(self, module: str, args: list[str]) -> None:
+        self.module = module
+        self.args = args
         self.proc: subprocess.Popen[str] | None = None
-        self.url = ""
+        self.port = 0
         self.started_pids: list[int] = []
-        self.tls = tls
-
-    @property
-    def client_ssl(self) -> ssl.SSLContext | None:
-        """The client context for this server (None: plain HTTP)."""
-        return None if self.tls is None else self.tls[2]
 
     def start(self, timeout_s: float = 30.0) -> None:
-        tls_args = [] if self.tls is None else ["--tls", str(self.tls[0]), str(self.tls[1])]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "scripts.benchmark.plain_server",
-                "--max-dim",
-                str(max(FULL_DIMS)),
-                *tls_args,
-            ],
+            [sys.executable, "-m", self.module, *self.args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -113,9 +103,8 @@ class PlainServer:
         reader.join(timeout_s)
         if not lines or not lines[0].startswith("PORT "):
             self.stop()
-            raise RuntimeError("the plaintext HTTP server did not start")
-        scheme = "http" if self.tls is None else "https"
-        self.url = f"{scheme}://127.0.0.1:{int(lines[0].split()[1])}"
+            raise RuntimeError(f"the baseline server {self.module} did not start")
+        self.port = int(lines[0].split()[1])
 
     @property
     def pid(self) -> int:
@@ -128,6 +117,36 @@ class PlainServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
+
+
+class PlainServer(ServerProcess):
+    """The plaintext HTTP server process (:mod:`.plain_server`). ``tls``: (certificate,
+    key, client context) to serve HTTPS instead (:func:`self_signed_tls`)."""
+
+    def __init__(self, tls: tuple[Path, Path, ssl.SSLContext] | None = None) -> None:
+        tls_args = [] if tls is None else ["--tls", str(tls[0]), str(tls[1])]
+        super().__init__(
+            "scripts.benchmark.plain_server", ["--max-dim", str(max(FULL_DIMS)), *tls_args]
+        )
+        self.tls = tls
+        self.url = ""
+
+    @property
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """The client context for this server (None: plain HTTP)."""
+        return None if self.tls is None else self.tls[2]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        super().start(timeout_s)
+        scheme = "http" if self.tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+
+
+class TcpServer(ServerProcess):
+    """The raw TCP float32 aggregation server process (:mod:`.tcp_server`)."""
+
+    def __init__(self) -> None:
+        super().__init__("scripts.benchmark.tcp_server", [])
 
 
 async def plain_round(
@@ -186,4 +205,48 @@ async def plain_round(
         elapsed = time.perf_counter() - t0
     if count != clients:
         raise RuntimeError(f"plaintext server summed {count} vectors, expected {clients}")
+    return elapsed, np.frombuffer(raw, dtype="<f8")
+
+
+async def tcp_sequential_round(
+    port: int, vectors: Sequence[np.ndarray], *, timeout_s: float
+) -> tuple[float, np.ndarray]:
+    """The raw TCP baseline of one-after-another uploads: open a round, then each vector
+    (as float32, over its own connection: one client each) once the previous one was
+    acknowledged (added), then the total. Wall time (s) and the float64 sum."""
+    from .tcp_server import COUNT, HEAD
+
+    dim = vectors[0].shape[0]
+
+    async def request(op: bytes, body: bytes | None = None) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(HEAD.pack(op, dim))
+            if body is not None:
+                writer.write(body)
+            await writer.drain()
+            if op == b"T":
+                (count,) = COUNT.unpack(await reader.readexactly(COUNT.size))
+                if count != len(vectors):
+                    raise RuntimeError(
+                        f"the TCP baseline added {count} vectors, not {len(vectors)}"
+                    )
+                return await reader.readexactly(8 * dim)
+            answer = await reader.readexactly(1)
+            if answer != b"K":
+                raise RuntimeError(f"the TCP baseline refused {op!r}: {answer!r}")
+            return answer
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def run() -> bytes:
+        await request(b"O")
+        for x in vectors:
+            await request(b"V", x.astype("<f4").tobytes())
+        return await request(b"T")
+
+    t0 = time.perf_counter()
+    raw = await asyncio.wait_for(run(), timeout_s)
+    elapsed = time.perf_counter() - t0
     return elapsed, np.frombuffer(raw, dtype="<f8")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import yaml
 
 from mpc_agg import Client, Collector, Topology
@@ -28,12 +30,17 @@ from .workload import client_name, client_vector, topology_document
 
 
 class Federation:
-    """One local federation for the reveal and grid sections, restarted if a party dies."""
+    """One local federation of the base topology ``base`` (a parsed document: one ring of
+    the run), for the sections that run rounds; restarted if a party dies. ``name`` names
+    its run directories (``<workdir>/<name>-<n>``), so several may share ``workdir``."""
 
-    def __init__(self, base: dict[str, Any], workdir: Path, progress: Progress) -> None:
+    def __init__(
+        self, base: dict[str, Any], workdir: Path, progress: Progress, name: str = "federation"
+    ) -> None:
         self.base = base
         self.workdir = workdir
         self.progress = progress
+        self.name = name
         self.fed: LocalFederation | None = None
         self.log: IO[str] | None = None
         self.starts = 0
@@ -69,7 +76,7 @@ class Federation:
             self.progress.line("a party exited: restarting the federation")
             self.stop()
         self.starts += 1
-        run_dir = self.workdir / f"federation-{self.starts}"
+        run_dir = self.workdir / f"{self.name}-{self.starts}"
         run_dir.mkdir(parents=True)
         config = run_dir / "bench.yaml"
         config.write_text(yaml.safe_dump(topology_document(self.base, run_dir / "data")))
@@ -84,7 +91,7 @@ class Federation:
             raise
         self.started_pids += self.pids
         self.progress.line(
-            f"federation of {self.fed.topology.m} parties ready in "
+            f"{self.name}: {self.fed.topology.m} parties ready in "
             f"{time.perf_counter() - t:.1f} s (pids {self.pids}, fsync "
             f"{'on' if self.fed.topology.fsync else 'off'}, log {run_dir / 'parties.log'})"
         )
@@ -119,6 +126,7 @@ async def mpc_round(
     label: str,
     timeout_s: float,
     separate: bool = False,
+    vector_of: Callable[[int], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """One mpc_agg round on ``deployment``'s aggregators: open, upload ``clients`` vectors
     (``concurrency`` in flight), then aggregate (the collector checks every aggregator's
@@ -130,7 +138,10 @@ async def mpc_round(
     processes would. The collector keeps its connections for the round (``async with``).
 
     The topology and the aggregators' token keys are read once, before the clock starts;
-    each client's tokens are derived from them as it uploads (one HMAC per aggregator)."""
+    each client's tokens are derived from them as it uploads (one HMAC per aggregator).
+    Client ``i``'s vector is :func:`~.workload.client_vector` of ``(seed, i)``, generated
+    as it uploads (inside the clock), or ``vector_of(i)`` when given (e.g. vectors made
+    before the clock starts)."""
     topology = deployment.topology()
     secure = not topology.insecure
     collector = Collector(
@@ -159,7 +170,7 @@ async def mpc_round(
         async def one(i: int) -> None:
             nonlocal done, sent
             async with gate:
-                x = client_vector(seed, i, dim)
+                x = client_vector(seed, i, dim) if vector_of is None else vector_of(i)
                 receipt = await client(i).submit_async(round_id, x)
                 del x
             done += 1

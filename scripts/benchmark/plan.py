@@ -10,13 +10,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .report import MB, fmt_bytes
+from .report import MB, fmt_bytes, fmt_dim
 
 ROOT = Path(__file__).resolve().parents[2]
 """The checkout the benchmark runs from."""
 
 
-SECTIONS = ("client", "ingest", "reveal", "uploads", "grid", "flower")
+SECTIONS = (
+    "client",
+    "ingest",
+    "reveal",
+    "uploads",
+    "sequential",
+    "grid",
+    "rss",
+    "flower",
+    "large",
+    "cost1e9",
+)
+
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "large")
+"""What runs without ``--only``: ``large`` needs about 10 GB of memory and 5 GB of disk."""
+
+LARGE_SECTIONS = ("large", "cost1e9")
+"""Sections that take dimensions above :data:`FULL_DIMS` (up to :data:`MAX_LARGE_DIM`):
+the others run only at the given dimensions up to max(FULL_DIMS)."""
+
+MAX_LARGE_DIM = 10**9
 
 FULL_DIMS = (10**4, 10**5, 10**6, 10**7)
 
@@ -29,6 +49,21 @@ QUICK_CLIENTS = (10,)
 MUST_RUN = ((10, 10**7), (1000, 10**5))
 """Grid cells that must complete on this machine (README, "Cost model and performance"):
 never skipped for time."""
+
+SEQUENTIAL_CELL = (20, 10**6)
+"""Clients x d of the sequential section, unless ``--clients``/``--dims`` say otherwise."""
+
+RSS_CELL = (100, 10**6)
+"""Clients x d of the rss section, unless ``--clients``/``--dims`` say otherwise."""
+
+LARGE_CELL = (3, 10**8)
+"""Clients x d of the large section, unless ``--clients``/``--dims`` say otherwise."""
+
+QUICK_CELLS = {"sequential": (5, 10**5), "rss": (10, 10**5), "large": (3, 10**5)}
+"""The same with ``--quick``."""
+
+SECTION_REPEATS = {"uploads": 3, "sequential": 3, "grid": 1}
+"""Interleaved repeats of each section, unless ``--repeats`` says otherwise."""
 
 FLOWER_CLIENTS = (10, 100)
 
@@ -47,6 +82,9 @@ RSS_TARGET_WORDS = 4
 """Target: an aggregator's peak RSS <= RSS_TARGET_WORDS x d x 8 bytes + RSS_TARGET_BASE."""
 
 RSS_TARGET_BASE = 200 * MB
+
+LARGE_RSS_TARGET_WORDS = 2
+"""Target of the large section: peak RSS <= LARGE_RSS_TARGET_WORDS x d x 8 B + RSS_TARGET_BASE."""
 
 MEMORY_HEADROOM = 0.8
 """Fraction of the available memory (or free disk) a grid cell may plan to use."""
@@ -70,6 +108,49 @@ def parse_sections(text: str) -> tuple[str, ...]:
 def rss_target_bytes(dim: int) -> int:
     """The aggregator peak-RSS target for vectors of length ``dim``: 4 x d x 8 B + 200 MB."""
     return RSS_TARGET_WORDS * dim * 8 + RSS_TARGET_BASE
+
+
+def large_rss_target_bytes(dim: int) -> int:
+    """The aggregator peak-RSS target of the large section: 2 x d x 8 B + 200 MB."""
+    return LARGE_RSS_TARGET_WORDS * dim * 8 + RSS_TARGET_BASE
+
+
+def section_cells(
+    section: str,
+    clients: Sequence[int] | None,
+    dims: Sequence[int] | None,
+    quick: bool = False,
+) -> list[tuple[int, int]]:
+    """The (clients, d) cells of a fixed-shape section (sequential, rss, large): its
+    default cell (:data:`QUICK_CELLS` with ``quick``), or every combination of the given
+    client counts and dimensions, each replacing the default's, in run order."""
+    default = {"sequential": SEQUENTIAL_CELL, "rss": RSS_CELL, "large": LARGE_CELL}[section]
+    if quick:
+        default = QUICK_CELLS[section]
+    cs = sorted(set(clients)) if clients else [default[0]]
+    ds = sorted(set(dims)) if dims else [default[1]]
+    return [(c, d) for d in ds for c in cs]
+
+
+def check_dims(sections: Sequence[str], dims: Sequence[int]) -> None:
+    """ValueError unless the dimensions suit the selected sections: none above
+    MAX_LARGE_DIM, and at least one up to max(FULL_DIMS) when a section other than the
+    large ones is selected (those sections use only such d, see :func:`small_dims`)."""
+    if max(dims) > MAX_LARGE_DIM:
+        raise ValueError(f"--dims above {fmt_dim(MAX_LARGE_DIM)} are not supported")
+    others = [s for s in sections if s not in LARGE_SECTIONS]
+    if others and not small_dims(dims):
+        raise ValueError(
+            f"--dims above {fmt_dim(max(FULL_DIMS))} are for the sections "
+            f"{', '.join(LARGE_SECTIONS)} only; give one up to {fmt_dim(max(FULL_DIMS))} "
+            f"too for {', '.join(others)}"
+        )
+
+
+def small_dims(dims: Sequence[int]) -> list[int]:
+    """The dimensions every section takes (up to max(FULL_DIMS)): the large section alone
+    takes the others."""
+    return [d for d in dims if d <= max(FULL_DIMS)]
 
 
 def cell_memory_bytes(dim: int, m: int, concurrency: int) -> int:

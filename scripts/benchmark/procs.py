@@ -1,5 +1,7 @@
 """The processes the benchmark starts and the machine it runs on: stopping children, peak
-memory of a process, available memory, versions and the checkout's commit."""
+memory of a process (over an interval, or over its whole life: ``VmHWM``), disk used under a
+directory (sampled while a round runs), available memory, versions and the checkout's
+commit."""
 
 from __future__ import annotations
 
@@ -98,6 +100,80 @@ class PeakRss:
         if self._thread is not None:
             self._thread.join(timeout=1.0)
         return max(self._samples) if self._samples else None
+
+
+def process_memory(pid: int | str = "self") -> dict[str, int]:
+    """``VmHWM`` (peak resident set over the process's life so far, unless
+    :meth:`PeakRss.reset` cleared it) and ``VmRSS`` (now) of process ``pid`` in bytes, from
+    ``/proc/<pid>/status``; empty if the process is gone or the platform has no /proc."""
+    try:
+        fields = parse_proc_status(Path(f"/proc/{pid}/status").read_text())
+    except OSError:
+        return {}
+    return {k: v for k, v in fields.items() if k in ("VmHWM", "VmRSS")}
+
+
+def process_io(pid: int | str = "self") -> dict[str, int]:
+    """Counters of ``/proc/<pid>/io`` (``write_bytes``: bytes this process caused to be
+    written to storage; ``rchar``/``wchar``: bytes through read/write calls, files and
+    sockets alike); empty where unreadable."""
+    out: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().isdigit():
+            out[key.strip()] = int(value)
+    return out
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of disk allocated to the files under ``path`` (``st_blocks``, so sparse files
+    count what they hold); files that vanish while it walks are skipped."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+class DiskWatch:
+    """Peak bytes on disk under each of ``paths`` (:func:`dir_bytes`), sampled every
+    ``interval_s`` on a thread between :meth:`start` and :meth:`stop`: spool files and
+    journals live only while their round does."""
+
+    def __init__(self, paths: list[Path], interval_s: float = 0.25) -> None:
+        self.paths = paths
+        self.interval_s = interval_s
+        self.peaks = [0] * len(paths)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        """Take one sample now."""
+        for i, path in enumerate(self.paths):
+            self.peaks[i] = max(self.peaks[i], dir_bytes(path))
+
+    def start(self) -> None:
+        self.sample()
+
+        def run() -> None:
+            while not self._stop.wait(self.interval_s):
+                self.sample()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[int]:
+        """Stop sampling (after a last sample); the peak bytes under each path."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+        self.sample()
+        return list(self.peaks)
 
 
 def available_memory_bytes() -> int | None:

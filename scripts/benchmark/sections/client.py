@@ -1,16 +1,16 @@
 """Section ``client``: ``Client.prepare`` per vector (clip + encode + shard + serialise) and
-its parts, against numpy adding the same float64 vector."""
+its parts, per ring, against numpy adding the same float64 vector."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from mpc_agg import Client, Topology
 from mpc_agg.core import codec
-from mpc_agg.core.sharing import shard
+from mpc_agg.core.sharing import ShareKind, shard
 
 from ..baselines import numpy_add_seconds
 from ..report import GB, Progress, fmt_dim, fmt_ratio, fmt_seconds, format_table, median, ratio
@@ -30,9 +30,10 @@ def client_row(topology: Topology, dim: int, min_total_s: float) -> dict[str, An
     encode = repeat_timed(
         lambda: topology.encoding.encode(x, rng), min_total_s=min_total_s / 3, min_reps=reps
     )
-    shares = shard(encoded, "bench-round", "bench-client", topology.m)
+    ring = topology.encoding.ring
+    shares = shard(encoded, "bench-round", "bench-client", topology.m, ring=ring)
     sharding = repeat_timed(
-        lambda: shard(encoded, "bench-round", "bench-client", topology.m),
+        lambda: shard(encoded, "bench-round", "bench-client", topology.m, ring=ring),
         min_total_s=min_total_s / 3,
         min_reps=reps,
     )
@@ -44,6 +45,7 @@ def client_row(topology: Topology, dim: int, min_total_s: float) -> dict[str, An
     base = numpy_add_seconds(dim, min_total_s / 3)
     t = median(prepare)
     return {
+        "ring": ring.name,
         "dim": dim,
         "reps": len(prepare),
         "prepare_s": t,
@@ -53,18 +55,25 @@ def client_row(topology: Topology, dim: int, min_total_s: float) -> dict[str, An
         "numpy_add_s": base,
         "ratio_vs_numpy": ratio(t, base),
         "vector_gbps": 8 * dim / t / GB,
+        "ns_per_coordinate": t / dim * 1e9,
+        "full_share_bytes": codec.share_body_length(ShareKind.FULL, dim, ring),
     }
 
 
 def bench_client(
-    topology: Topology, dims: Sequence[int], min_total_s: float, progress: Progress
+    topologies: Mapping[str, Topology],
+    dims: Sequence[int],
+    min_total_s: float,
+    progress: Progress,
 ) -> list[dict[str, Any]]:
-    """Per d: ``Client.prepare`` time per vector and its parts (clip+encode, shard,
-    serialise), against the numpy add of the same float64 vector."""
+    """Per d and ring (``topologies``: one per ring): ``Client.prepare`` time per vector and
+    its parts (clip+encode, shard, serialise), against the numpy add of the same float64
+    vector."""
     rows = []
     for dim in dims:
-        progress.line(f"client: d = {fmt_dim(dim)}")
-        rows.append(client_row(topology, dim, min_total_s))
+        for ring, topology in topologies.items():
+            progress.line(f"client: d = {fmt_dim(dim)} [{ring}]")
+            rows.append(client_row(topology, dim, min_total_s))
     return rows
 
 
@@ -72,11 +81,24 @@ def client_table(rows: Sequence[dict[str, Any]]) -> str:
     """The client section's rows as a table."""
     return format_table(
         "client: encode + shard per vector (Client.prepare), vs numpy float64 add",
-        ["d", "prepare", "clip+encode", "shard", "serialise", "GB/s", "numpy add", "ratio"],
+        [
+            "d",
+            "ring",
+            "prepare",
+            "ns/coord",
+            "clip+encode",
+            "shard",
+            "serialise",
+            "GB/s",
+            "numpy add",
+            "ratio",
+        ],
         [
             [
                 fmt_dim(r["dim"]),
+                r.get("ring", "gf_p61"),
                 fmt_seconds(r["prepare_s"]),
+                f"{r['prepare_s'] / r['dim'] * 1e9:.1f}",
                 fmt_seconds(r["encode_s"]),
                 fmt_seconds(r["shard_s"]),
                 fmt_seconds(r["serialise_s"]),

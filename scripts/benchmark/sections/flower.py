@@ -80,7 +80,9 @@ def bench_flower(
         reason = "flwr is not installed (pip install -e '.[bench]')"
     elif not script.is_file():
         reason = f"{script} not found"
-    by_cell = {(r["clients"], r["dim"]): r for r in grid_rows}
+    by_cell: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in grid_rows:  # one row per ring of the run
+        by_cell.setdefault((r["clients"], r["dim"]), []).append(r)
     for n, (clients, dim) in enumerate(cells, 1):
         tag = f"flower {n}/{len(cells)}: {clients} clients x d = {fmt_dim(dim)}"
         row: dict[str, Any] = {"clients": clients, "dim": dim}
@@ -96,14 +98,19 @@ def bench_flower(
             else:
                 row.update(status="ok", **{k: obj.get(k) for k in FLOWER_KEYS})
                 row["flower"] = obj  # everything the script reported (stages, memory, ...)
-        cell = by_cell.get((clients, dim))
-        mpc_s = cell.get("round_s") if cell and cell.get("status") == "ok" else None
+        matching = by_cell.get((clients, dim), [])
+        done = [c for c in matching if c.get("status") == "ok"]
+        mpc_s = done[0].get("round_s") if done else None  # the run's first ring
         row["mpc_agg_s"] = mpc_s
         row["ratio"] = ratio(row.get("seconds"), mpc_s) if row["status"] == "ok" else None
-        if cell is not None:
+        for cell in matching:
             if row["status"] == "ok":
                 cell["flower_s"] = row["seconds"]
-                cell["flower_ratio"] = row["ratio"]
+                cell["flower_ratio"] = (
+                    ratio(row["seconds"], cell.get("round_s"))
+                    if cell.get("status") == "ok"
+                    else None
+                )
             else:
                 cell["flower_note"] = "skipped"
         progress.line(

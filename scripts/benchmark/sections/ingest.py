@@ -9,14 +9,15 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mpc_agg import Topology
-from mpc_agg.core import codec, field, xof
+from mpc_agg.core import codec, xof
+from mpc_agg.core.ring import ring_named
 from mpc_agg.core.sharing import Share, ShareKind, full_share_index
 from mpc_agg.mpc.memory import memory_networks
 
@@ -33,6 +34,7 @@ from ..report import (
     median,
     ratio,
 )
+from ..rings import base_ring
 from ..workload import client_name, repeat_timed, topology_document
 
 MAX_UPLOADS = 300
@@ -86,7 +88,9 @@ async def ingest_times(
                 body = full_bodies[i % len(full_bodies)]
             else:
                 seed = os.urandom(xof.SEED_BYTES)
-                body = codec.encode_share(Share(0, ShareKind.SEED, dim, seed=seed))
+                body = codec.encode_share(
+                    Share(0, ShareKind.SEED, dim, seed=seed, ring=topology.encoding.ring)
+                )
             t = time.perf_counter()
             accepted = await agg.receive_share_async("ingest", clients[i], body)
             latencies.append(time.perf_counter() - t)
@@ -104,13 +108,20 @@ async def ingest_times(
 def ingest_rows(
     base: dict[str, Any], workdir: Path, dim: int, min_total_s: float, progress: Progress
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One d of the ingest section: rows per (fsync, in flight, kind), and the seed
-    expansion alone."""
+    """One d of the ingest section in the ring of ``base``: rows per (fsync, in flight,
+    kind), and the seed expansion alone."""
+    ring = ring_named(base_ring(base))
     base_add = numpy_add_seconds(dim, min_total_s / 3)
     rng = np.random.default_rng(dim)
     full_bodies = [
         codec.encode_share(
-            Share(0, ShareKind.FULL, dim, vector=rng.integers(0, field.P, dim, dtype=np.uint64))
+            Share(
+                0,
+                ShareKind.FULL,
+                dim,
+                vector=ring.from_signed(rng.integers(-(2**30), 2**30, dim)),
+                ring=ring,
+            )
         )
         for _ in range(2)
     ]
@@ -118,10 +129,10 @@ def ingest_rows(
     for fsync, inflight in INGEST_CASES:
         for kind in ("full", "seed"):
             progress.line(
-                f"ingest: d = {fmt_dim(dim)}, {kind} shares, fsync {'on' if fsync else 'off'}, "
-                f"{inflight} in flight"
+                f"ingest: d = {fmt_dim(dim)} [{ring.name}], {kind} shares, fsync "
+                f"{'on' if fsync else 'off'}, {inflight} in flight"
             )
-            data = workdir / f"ingest-{dim}-{kind}-{int(fsync)}-{inflight}"
+            data = workdir / f"ingest-{ring.name}-{dim}-{kind}-{int(fsync)}-{inflight}"
             topo = Topology.from_dict(topology_document(base, data, fsync=fsync))
             bodies = full_bodies if kind == "full" else None
             try:
@@ -130,10 +141,11 @@ def ingest_rows(
                 shutil.rmtree(data, ignore_errors=True)
             per_client = wall / len(times)  # amortised: what throughput costs per client
             body_len = codec.share_body_length(
-                ShareKind.FULL if kind == "full" else ShareKind.SEED, dim
+                ShareKind.FULL if kind == "full" else ShareKind.SEED, dim, ring
             )
             rows.append(
                 {
+                    "ring": ring.name,
                     "dim": dim,
                     "kind": kind,
                     "fsync": fsync,
@@ -151,22 +163,29 @@ def ingest_rows(
                 }
             )
     seed, context = os.urandom(xof.SEED_BYTES), xof.share_context("r", "c", 1)
-    t = median(repeat_timed(lambda: xof.expand(seed, context, dim), min_total_s=min_total_s / 3))
-    return rows, {"dim": dim, "seconds": t, "gbps": 8 * dim / t / GB}
+    t = median(repeat_timed(lambda: ring.expand(seed, context, dim), min_total_s=min_total_s / 3))
+    out_bytes = ring.itemsize * dim
+    return rows, {"ring": ring.name, "dim": dim, "seconds": t, "gbps": out_bytes / t / GB}
 
 
 def bench_ingest(
-    base: dict[str, Any], workdir: Path, dims: Sequence[int], min_total_s: float, progress: Progress
+    bases: Mapping[str, dict[str, Any]],
+    workdir: Path,
+    dims: Sequence[int],
+    min_total_s: float,
+    progress: Progress,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per d: aggregator 0's upload path (``receive_share_async``) for full and seed bodies
-    of distinct clients, fsync on and off, one or several in flight (clients/s, body GB/s, vs
-    numpy add); and ``xof.expand`` alone (GB/s)."""
+    """Per d and ring (``bases``: one topology document per ring): aggregator 0's upload
+    path (``receive_share_async``) for full and seed bodies of distinct clients, fsync on
+    and off, one or several in flight (clients/s, body GB/s, vs numpy add); and the ring's
+    seed expansion alone (GB/s)."""
     rows: list[dict[str, Any]] = []
     expansion: list[dict[str, Any]] = []
     for dim in dims:
-        more, expand = ingest_rows(base, workdir, dim, min_total_s, progress)
-        rows += more
-        expansion.append(expand)
+        for base in bases.values():
+            more, expand = ingest_rows(base, workdir, dim, min_total_s, progress)
+            rows += more
+            expansion.append(expand)
     return rows, expansion
 
 
@@ -178,6 +197,7 @@ def ingest_table(rows: Sequence[dict[str, Any]], expansion: Sequence[dict[str, A
         "vector added; ratio = per client / numpy float64 add",
         [
             "d",
+            "ring",
             "share",
             "fsync",
             "in flight",
@@ -193,6 +213,7 @@ def ingest_table(rows: Sequence[dict[str, Any]], expansion: Sequence[dict[str, A
         [
             [
                 fmt_dim(r["dim"]),
+                r.get("ring", "gf_p61"),
                 r["kind"],
                 "on" if r["fsync"] else "off",
                 str(r["inflight"]),
@@ -209,8 +230,17 @@ def ingest_table(rows: Sequence[dict[str, Any]], expansion: Sequence[dict[str, A
         ],
     )
     expand = format_table(
-        "seed expansion alone: mpc_agg.core.xof.expand (one core; output 8 d bytes)",
-        ["d", "time", "GB/s"],
-        [[fmt_dim(e["dim"]), fmt_seconds(e["seconds"]), f"{e['gbps']:.2f}"] for e in expansion],
+        "seed expansion alone: the ring's expand (one core; output d elements of 8 bytes in "
+        "gf_p61, 4 in z2_32)",
+        ["d", "ring", "time", "GB/s"],
+        [
+            [
+                fmt_dim(e["dim"]),
+                e.get("ring", "gf_p61"),
+                fmt_seconds(e["seconds"]),
+                f"{e['gbps']:.2f}",
+            ]
+            for e in expansion
+        ],
     )
     return table + "\n\n" + expand
