@@ -47,7 +47,7 @@ from mpc_agg.errors import (
     TopologyMismatchError,
     UsageError,
 )
-from mpc_agg.transport.tls import https_client_context
+from mpc_agg.transport.tls import SEND_CHUNK, https_client_context
 
 T = TypeVar("T")
 
@@ -121,6 +121,17 @@ async def produce_ahead(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
         pending.cancel()
 
 
+def in_pieces(body: bytes | bytearray) -> StreamedBody:
+    """``body`` as a :class:`StreamedBody` of :data:`SEND_CHUNK`-byte views (no copy)."""
+    view = memoryview(body)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(view), SEND_CHUNK):
+            yield view[start : start + SEND_CHUNK]  # type: ignore[misc]
+
+    return StreamedBody(len(view), pieces)
+
+
 class AggregatorAPI:
     """Requests to the aggregator at ``address`` through a shared ``session``."""
 
@@ -170,6 +181,8 @@ class AggregatorAPI:
         """
         if stream is not None and (data is not None or json_body is not None):
             raise UsageError("pass a request body as data, json_body or stream, not two")
+        if data is not None and len(data) > SEND_CHUNK:
+            stream, data = in_pieces(data), None
         url = self.address.url + path
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         if self.fingerprint is not None:
