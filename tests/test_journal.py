@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mpc_agg.storage.journal import RoundJournal, read_journal
+from mpc_agg.storage.journal import RECORD_SHARE, RoundJournal, read_journal
 
 HEADER = {"round": "r", "dim": 3, "min_clients": 2}
 
@@ -154,3 +154,21 @@ def test_without_fsync_no_sync_is_called(tmp_path: Path) -> None:
     journal = RoundJournal.create(tmp_path / "r.journal", HEADER, fsync=False, sync=sync)
     journal.append_share("c1", b"x")
     assert sync.calls == []
+
+
+def test_a_whole_record_that_does_not_parse_is_corrupt_not_a_torn_tail(tmp_path: Path) -> None:
+    """A SHARE record whose checksum is valid but whose client id is not UTF-8 was written
+    so: the scan reports the journal corrupt and goes on past it, and recovery truncates
+    nothing (the records acknowledged after it stay)."""
+    path = tmp_path / "round-r.journal"
+    journal = RoundJournal.create(path, HEADER, fsync=False)
+    journal.append_share("alice", b"A" * 10)
+    cid = b"\xff\xfe"
+    journal._append(RECORD_SHARE, [len(cid).to_bytes(2, "little"), cid, b"x"])  # noqa: SLF001
+    journal.append_share("bob", b"B" * 10)
+    size = path.stat().st_size
+    _, contents = RoundJournal.recover(path, fsync=False)
+    assert contents.torn is None
+    assert contents.corrupt is not None and "malformed share record at byte" in contents.corrupt
+    assert [s.client_id for s in contents.shares] == ["alice", "bob"]
+    assert path.stat().st_size == size == contents.valid_bytes

@@ -373,7 +373,8 @@ def test_the_journal_references_a_spool_file_in_a_small_record(tmp_path) -> None
     assert len(data) < 200
     assert journal.spool.directory == tmp_path / "round-r.spool"
 
-    # A SPOOL record with a name that is a path is treated as a torn tail.
+    # A SPOOL record with a name that is a path, whole and with its checksum, was written
+    # so: the journal is corrupt (the round must fail), not torn; nothing after it is cut.
     cid, bad = b"x", b"../etc"
     payload = (
         b"".join([len(cid).to_bytes(2, "little"), cid, len(bad).to_bytes(2, "little"), bad])
@@ -381,9 +382,15 @@ def test_the_journal_references_a_spool_file_in_a_small_record(tmp_path) -> None
         + digest
     )
     journal._append(RECORD_SPOOL, [payload])  # noqa: SLF001
+    journal.append_share("b", b"acknowledged after it")
+    size = journal.path.stat().st_size
     tail = read_journal(journal.path.read_bytes())
-    assert tail.torn is not None and "malformed spool record" in tail.torn
-    assert len(tail.shares) == 2
+    assert tail.torn is None
+    assert tail.corrupt is not None and "malformed spool record at byte" in tail.corrupt
+    assert [s.client_id for s in tail.shares] == ["a", "client.1", "b"]
+    _, recovered = RoundJournal.recover(journal.path, fsync=False)
+    assert recovered.corrupt == tail.corrupt
+    assert journal.path.stat().st_size == size == tail.valid_bytes  # not truncated
 
 
 def test_discarding_a_journal_deletes_its_spool_first(tmp_path) -> None:

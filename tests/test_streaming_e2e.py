@@ -1,5 +1,5 @@
-"""Every streamed path at once, among three real aggregator processes (README, "Models of
-10^8 parameters and more"): clients build and send their full shares block by block, the
+"""Every streamed path at once, among three real aggregator processes (README, "Long vectors
+(10^8 parameters and more)"): clients build and send their full shares block by block, the
 aggregators receive them block by block into spool files (a small ``--stream-above-mb``,
 so a modest d takes the large-vector path), a partial client's streamed share is
 subtracted, the parties reveal in place, and the collector writes the verified total into

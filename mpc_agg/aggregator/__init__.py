@@ -224,7 +224,8 @@ class Aggregator:
         """Validate, journal and accumulate one upload in the calling thread: True when
         accepted (201), False for an identical retry (200); raises a
         :class:`~mpc_agg.errors.PeerError` otherwise (nothing changes). The party serves
-        uploads with :meth:`receive_share_async`; this is its blocking twin."""
+        uploads with :meth:`receive_share_async`; this is its blocking twin, block-wise in
+        a large round as that is (a full share spooled, a seed added block by block)."""
         return self.ingest.receive_share(round_id, client_id, body)
 
     async def receive_share_async(

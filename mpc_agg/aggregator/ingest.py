@@ -15,7 +15,14 @@ ingest thread; once the body is whole and durable the upload is reserved, a smal
 record referencing the file is committed, and only then is the share added to the running
 sum, read back block by block. A SEED share's stream is validated block by block before it
 is journaled and added block by block after. Nothing in the path holds a d-vector, and a cut
-upload changes nothing.
+upload changes nothing. Block-wise additions to running sums run on one thread of their own
+(they serialise on the sum's lock anyway), so they never hold up the ingest threads.
+
+A journal record written whose upload is then refused (its commit failed) may be durable
+all the same: a restart would replay it, though the client was told otherwise and may have
+sent a different share since. The round is then *poisoned* (it fails at its close with
+``storage_failure``, nothing revealed), and recovery fails a round whose journal holds two
+different shares of one client.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from mpc_agg.errors import (
     PeerError,
     RoundEnded,
     RoundFull,
+    RoundNotOpen,
     StorageFailure,
     UploadInProgress,
 )
@@ -76,11 +84,22 @@ COMMIT_THREADS = 32
 as wait at once share one fsync."""
 
 
+def _reason(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
 def _storage_failure(exc: OSError) -> StorageFailure:
-    reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
     return StorageFailure(
-        f"this aggregator could not journal the upload durably ({reason}); nothing was "
-        "accepted, retry later"
+        f"this aggregator could not journal the upload durably ({_reason(exc)}); nothing "
+        "was accepted, retry later"
+    )
+
+
+def _commit_failure(exc: OSError) -> StorageFailure:
+    return StorageFailure(
+        f"this aggregator wrote the upload's journal record but could not make it durable "
+        f"({_reason(exc)}); the record may survive, so this round can no longer reveal a "
+        "total: it will fail at its close"
     )
 
 
@@ -95,6 +114,18 @@ def _ended(rnd: Round) -> RoundEnded:
         f"round {rnd.round_id!r} ended ({rnd.state.value}) while this upload was "
         "being processed; it was not counted"
     )
+
+
+def _check_open(rnd: Round) -> None:
+    """Raise unless ``rnd`` is OPEN (before each block of a streamed body): RoundEnded once
+    it ended, RoundNotOpen once it closed. A body still arriving then is not counted."""
+    if rnd.state in _ENDED:
+        raise _ended(rnd)
+    if rnd.state is not RoundState.OPEN:
+        raise RoundNotOpen(
+            f"round {rnd.round_id!r} is {rnd.state.value}: uploads closed while this one "
+            "was arriving; it was not counted"
+        )
 
 
 class _WholeBody:
@@ -139,6 +170,10 @@ class Ingest:
         self._commits = ThreadPoolExecutor(
             max_workers=COMMIT_THREADS, thread_name_prefix=f"commit-{store.index}"
         )
+        self._sums = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sum-{store.index}")
+        """Block-wise additions to running sums (:meth:`_add_blocks`): they serialise on
+        the sum's lock anyway, and on a thread of their own they never take an ingest
+        thread from spool writes."""
         self._tasks: set[asyncio.Future[Any]] = set()
         self._idle: dict[str, asyncio.Event] = {}  # round id -> set while nothing is pending
         self._arriving: dict[str, set[str]] = {}
@@ -150,33 +185,79 @@ class Ingest:
         """Validate, journal and accumulate one upload, all in the calling thread.
 
         True when accepted (201), False for an identical retry (200); raises a
-        :class:`~mpc_agg.errors.PeerError` otherwise, and a refused upload changes nothing.
+        :class:`~mpc_agg.errors.PeerError` otherwise, and a refused upload changes nothing
+        (but a record whose commit failed poisons the round: see the module docstring).
+
+        In a large round nothing is held or journaled whole, as in
+        :meth:`receive_share_async`: a FULL share is written to the spool block by block
+        (values checked) and journaled as a SPOOL record; a SEED share is validated, then
+        added, block by block.
         """
         rnd, share, digest = self._admit(round_id, client_id, body)
         if share is None:
             return False
         journal = self.store.journals[round_id]
-        if self._large_seed(rnd, share):
-            try:
-                ref, seq = self._write_seed(journal, rnd, client_id, share, body)
-                self._commit(journal, seq)
-                if rnd.state not in _LIVE:
-                    raise _ended(rnd)
-                acc = rnd.sum
-            except BaseException:
-                self._refuse(rnd, client_id)
-                raise
-            error = self._add_blocks(rnd, acc, self._seed_blocks(rnd, client_id, share))
-            self._settle_summed(
-                rnd, client_id, share.kind, digest, share.seed, ref, len(body), error
-            )
-            return True
+        if share.kind is ShareKind.FULL and self.store.streamed(rnd.dim, rnd.ring):
+            return self._receive_spooled(rnd, journal, client_id, body)
+        large_seed = self._large_seed(rnd, share)
+        vector: FieldArray | None = None
+        written = False
         try:
-            vector, ref = self._work(journal, rnd, client_id, share, body)
-        except BaseException:
+            if large_seed:
+                ref, seq = self._write_seed(journal, rnd, client_id, share, body)
+            else:
+                vector, ref, seq = self._write(journal, rnd, client_id, share, body)
+            written = True
+            self._commit(journal, seq)
+            if rnd.state not in _LIVE:
+                raise _ended(rnd)
+            acc = rnd.sum
+        except BaseException as exc:
+            if written:
+                self._poison_uncommitted(rnd, client_id, exc)
             self._refuse(rnd, client_id)
             raise
-        self._settle(rnd, client_id, share, digest, vector, ref, len(body))
+        if vector is not None:
+            self._settle(rnd, client_id, share, digest, vector, ref, len(body))
+            return True
+        error = self._add_blocks(rnd, acc, self._seed_blocks(rnd, client_id, share))
+        self._settle_summed(rnd, client_id, share.kind, digest, share.seed, ref, len(body), error)
+        return True
+
+    def _receive_spooled(
+        self, rnd: Round, journal: RoundJournal, client_id: str, body: bytes | bytearray
+    ) -> bool:
+        """:meth:`receive_share` of a FULL share of a large round, reserved (blocking): its
+        body goes to a spool file block by block (each block's values checked), then it is
+        journaled, committed and added as a streamed upload would be."""
+        ring = rnd.ring
+        head = codec.SHARE_HEADER.size
+        block = self.store.block_elements(ring) * ring.itemsize
+        spool = self.store.spool(rnd.round_id)
+        writer: SpoolWriter | None = None
+        written = False
+        try:
+            writer = self._open_spool(spool, client_id, bytes(body[:head]), len(body))
+            view = memoryview(body)
+            for pos in range(head, len(body), block):
+                piece = view[pos : pos + block]
+                self._spool_block(writer, ring, piece, (pos - head) // ring.itemsize)
+            ref = self._seal(writer)
+            seq = self._journal_spool(journal, client_id, ref)
+            written = True
+            self._commit(journal, seq)
+            if rnd.state not in _LIVE:
+                raise _ended(rnd)
+            acc = rnd.sum
+        except BaseException as exc:
+            if writer is not None and not written:
+                writer.abandon()
+            if written:
+                self._poison_uncommitted(rnd, client_id, exc)
+            self._refuse(rnd, client_id)
+            raise
+        error = self._add_blocks(rnd, acc, self.store.spooled_blocks(rnd, ref))
+        self._settle_summed(rnd, client_id, ShareKind.FULL, ref.digest, None, ref, len(body), error)
         return True
 
     async def receive_share_async(
@@ -205,6 +286,7 @@ class Ingest:
 
         async def work() -> None:
             vector: FieldArray | None = None
+            written = False
             try:
                 if large_seed:
                     ref, seq = await loop.run_in_executor(
@@ -216,19 +298,22 @@ class Ingest:
                     vector, ref, seq = await loop.run_in_executor(
                         self._pool, self._write, journal, rnd, client_id, share, body
                     )
+                written = True
                 if journal.fsync:
                     await loop.run_in_executor(self._commits, self._commit, journal, seq)
                 if rnd.state not in _LIVE:
                     raise _ended(rnd)
                 acc = rnd.sum
-            except BaseException:
+            except BaseException as exc:
+                if written:
+                    self._poison_uncommitted(rnd, client_id, exc)
                 self._refuse(rnd, client_id)
                 raise
             if vector is not None:
                 self._settle(rnd, client_id, share, digest, vector, ref, len(body))
                 return
             blocks = self._seed_blocks(rnd, client_id, share)
-            error = await loop.run_in_executor(self._pool, self._add_blocks, rnd, acc, blocks)
+            error = await loop.run_in_executor(self._sums, self._add_blocks, rnd, acc, blocks)
             self._settle_summed(
                 rnd, client_id, share.kind, digest, share.seed, ref, len(body), error
             )
@@ -262,9 +347,13 @@ class Ingest:
                 self.counters["uploads_retried"] += 1
                 return rnd, None, digest
             self._check_not_arriving(rnd, client_id)
-            if rnd.occupancy >= max_clients:
+            # A streamed body took its seat when its header was admitted: count it, or it
+            # could be refused RoundFull after its whole body arrived.
+            arriving = len(self._arriving.get(round_id, ()))
+            if rnd.occupancy + arriving >= max_clients:
                 raise RoundFull(
-                    f"round {round_id!r} already holds max_clients = {max_clients} clients"
+                    f"round {round_id!r} already holds max_clients = {max_clients} clients "
+                    "(uploads arriving included)"
                 )
         except Exception:
             self.counters["uploads_refused"] += 1
@@ -282,20 +371,6 @@ class Ingest:
                 f"{full_share_index(client_id, self.store.topology.m)})"
             )
 
-    def _work(
-        self,
-        journal: RoundJournal,
-        rnd: Round,
-        client_id: str,
-        share: Share,
-        body: bytes | bytearray,
-    ) -> tuple[FieldArray, tuple[int, int]]:
-        """The O(d) part of accepting a reserved upload (any thread): check the values,
-        expand a seed, journal the body durably. Touches no round state."""
-        vector, ref, seq = self._write(journal, rnd, client_id, share, body)
-        self._commit(journal, seq)
-        return vector, ref
-
     def _write(
         self,
         journal: RoundJournal,
@@ -304,8 +379,10 @@ class Ingest:
         share: Share,
         body: bytes | bytearray,
     ) -> tuple[FieldArray, tuple[int, int], int]:
-        """:meth:`_work` up to the journal write, not yet durable: the vector, the body's
-        place in the journal and the record's number for :meth:`_commit`."""
+        """The O(d) part of accepting a reserved upload up to the journal write (any thread;
+        touches no round state): check the values, expand a seed, write the record (not
+        yet durable). The vector, the body's place in the journal and the record's number
+        for :meth:`_commit`."""
         codec.check_share_values(share)
         vector = share.expand(rnd.round_id, client_id)
         return (vector, *self._journal_body(journal, client_id, body))
@@ -321,11 +398,29 @@ class Ingest:
 
     @staticmethod
     def _commit(journal: RoundJournal, seq: int) -> None:
-        """Wait until record ``seq`` of ``journal`` is durable (blocks: a commit thread)."""
+        """Wait until record ``seq`` of ``journal`` is durable (blocks: a commit thread).
+        StorageFailure if the fsync failed: the caller refuses the upload and poisons the
+        round (:meth:`_poison_uncommitted`), for the record may be durable all the same."""
         try:
             journal.commit(seq)
-        except OSError as exc:  # the fsync failed: the upload is not acknowledged
-            raise _storage_failure(exc) from exc
+        except OSError as exc:
+            raise _commit_failure(exc) from exc
+
+    def _poison_uncommitted(self, rnd: Round, client_id: str, exc: BaseException) -> None:
+        """``client_id``'s upload is refused after its journal record was written (its
+        commit failed, or it was stopped): the record may be durable, and a restart would
+        replay it although the client was refused (and may have sent a different share
+        since). Unless the round has ended anyway, it is poisoned: it fails at its close
+        (``storage_failure``) and reveals nothing (on the loop)."""
+        if rnd.state in _ENDED:
+            return
+        cause = exc.__cause__ if isinstance(exc, StorageFailure) else exc
+        rnd.poison(
+            f"the journal record of client {client_id!r} was written but its upload was "
+            f"refused ({type(cause).__name__}: {cause}); the journal may hold a share the "
+            "running sum does not"
+        )
+        log.error("round %s: %s; the round will fail at its close", rnd.round_id, rnd.poisoned)
 
     # -- large rounds ---------------------------------------------------------------------
 
@@ -530,19 +625,23 @@ class Ingest:
         writer: SpoolWriter | None = None
         journaled = reserved = False
         try:
-            if rnd.state in _ENDED:
-                raise _ended(rnd)
+            _check_open(rnd)
             writer = await loop.run_in_executor(
-                self._pool, self._open_spool, spool, client_id, header
+                self._pool, self._open_spool, spool, client_id, header, body.length
             )
             block = self.store.block_elements(ring) * ring.itemsize
             start, remaining = 0, body.length - len(header)
             while remaining:
+                # Before each block, and again once it arrived: a round that closed or
+                # ended meanwhile stops the upload here, its file abandoned at once.
+                _check_open(rnd)
                 data = await body.read(min(block, remaining))
+                _check_open(rnd)
                 await loop.run_in_executor(self._pool, self._spool_block, writer, ring, data, start)
                 start += len(data) // ring.itemsize
                 remaining -= len(data)
             await body.finish()
+            _check_open(rnd)
             ref = await loop.run_in_executor(self._pool, self._seal, writer)
             # The body is whole and durable: from here on, as a whole upload would be.
             if not self._reserve_arrived(rnd, client_id, ref.digest):
@@ -565,6 +664,8 @@ class Ingest:
         except BaseException as exc:
             if writer is not None and not journaled:
                 writer.abandon()
+            if journaled:
+                self._poison_uncommitted(rnd, client_id, exc)
             if reserved:
                 self._refuse(rnd, client_id)
             else:
@@ -573,7 +674,7 @@ class Ingest:
                 raise _ended(rnd) from exc  # its spool went with it: not a storage fault
             raise
         blocks = self.store.spooled_blocks(rnd, ref)
-        error = await loop.run_in_executor(self._pool, self._add_blocks, rnd, acc, blocks)
+        error = await loop.run_in_executor(self._sums, self._add_blocks, rnd, acc, blocks)
         self._settle_summed(
             rnd, client_id, ShareKind.FULL, ref.digest, None, ref, body.length, error
         )
@@ -595,10 +696,12 @@ class Ingest:
         return True
 
     @staticmethod
-    def _open_spool(spool: RoundSpool, client_id: str, header: bytes) -> SpoolWriter:
-        """A new spool file for one upload, its header written (any thread)."""
+    def _open_spool(spool: RoundSpool, client_id: str, header: bytes, length: int) -> SpoolWriter:
+        """A new spool file for one upload of ``length`` bytes (reserved on disk first: a
+        full disk is StorageFailure before any value is read), its header written (any
+        thread)."""
         try:
-            writer = spool.writer(client_id)
+            writer = spool.writer(client_id, length)
         except OSError as exc:
             raise _storage_failure(exc) from exc
         try:
@@ -609,7 +712,9 @@ class Ingest:
         return writer
 
     @staticmethod
-    def _spool_block(writer: SpoolWriter, ring: Ring, data: bytearray, start: int) -> None:
+    def _spool_block(
+        writer: SpoolWriter, ring: Ring, data: bytearray | memoryview, start: int
+    ) -> None:
         """Check one block of values (coordinates ``start``...) and append it to the spool
         file (any thread); MalformedUpload or StorageFailure (the caller abandons the file)."""
         values = ring.from_wire(data, 0, len(data) // ring.itemsize)
@@ -685,6 +790,7 @@ class Ingest:
         then()
 
     def shutdown(self) -> None:
-        """Wait for the ingest and commit threads to finish (on shutdown)."""
+        """Wait for the ingest, commit and sum threads to finish (on shutdown)."""
         self._pool.shutdown(wait=True)
         self._commits.shutdown(wait=True)
+        self._sums.shutdown(wait=True)

@@ -46,7 +46,7 @@ from mpc_agg.errors import (
     UnknownRound,
 )
 from mpc_agg.storage.durable import fsync_directory
-from mpc_agg.storage.journal import JournalContents, RoundJournal
+from mpc_agg.storage.journal import JournalContents, JournalShare, RoundJournal
 from mpc_agg.storage.round_index import RoundIndex
 from mpc_agg.storage.spool import SPOOL_SUFFIX, RoundSpool, SpoolRef
 
@@ -111,7 +111,12 @@ class RoundStore:
         return max(1, self.stream_block // ring.itemsize)
 
     def spool(self, round_id: str) -> RoundSpool:
-        """The spool directory of ``round_id`` (streamed uploads of a large round)."""
+        """The spool directory of ``round_id`` (streamed uploads of a large round): its
+        journal's own object while the round is live here (so that ending the round revokes
+        the writers of uploads still arriving), else a new one."""
+        journal = self.journals.get(round_id)
+        if journal is not None:
+            return journal.spool
         return RoundSpool(
             self.journal_path(round_id).with_suffix(SPOOL_SUFFIX), fsync=self.topology.fsync
         )
@@ -478,11 +483,12 @@ class RoundStore:
         return recovered
 
     def _fail_unreplayable(self, rnd: Round, journal: RoundJournal, exc: BaseException) -> None:
-        """Recovery: a share of ``rnd`` cannot be replayed (a spool file missing or damaged,
-        a body that no longer decodes): the round fails here, nothing of it is revealed
-        (reconciliation fails it at the others), its journal and spool go."""
+        """Recovery: ``rnd`` cannot be rebuilt from its journal (a spool file missing or
+        damaged, a body that no longer decodes, a corrupt record, two different shares of
+        one client): the round fails here, nothing of it is revealed (reconciliation fails
+        it at the others), its journal and spool go."""
         reason = (
-            f"a share of round {rnd.round_id!r} could not be read back at recovery "
+            f"round {rnd.round_id!r} could not be rebuilt from its journal at recovery "
             f"({type(exc).__name__}: {exc}); nothing is revealed"
         )
         log.error("round %s failed: %s", rnd.round_id, reason)
@@ -526,10 +532,13 @@ class RoundStore:
         body in memory at a time; a streamed share (a spool file) and, in a large round, a
         seed's expansion are added block by block. Spool files no record refers to (uploads
         cut by the crash) are deleted. Raises OSError, ValueError or MalformedUpload if a
-        share cannot be read back (the caller fails the round)."""
+        share cannot be read back, a record is corrupt, or the journal holds two different
+        shares of one client (the caller fails the round)."""
         round_id, dim, ring = rnd.round_id, rnd.dim, rnd.ring
+        if contents.corrupt is not None:
+            raise ValueError(f"its journal is corrupt ({contents.corrupt})")
         large = self.streamed(dim, ring)
-        spool = self.spool(round_id)
+        spool = journal.spool
         referenced = {r.ref.name for r in contents.shares if isinstance(r.ref, SpoolRef)}
         if large or referenced:
             if not spool.directory.exists():
@@ -545,11 +554,20 @@ class RoundStore:
                 )
                 spool.remove(cut)
         for rec in contents.shares:
-            if rec.client_id in rnd.accepted:
-                # A record written whose fsync then failed (the upload was refused and
-                # retried): the first record of the client is the one acknowledged.
+            previous = rnd.accepted.get(rec.client_id)
+            if previous is not None:
+                # A record whose fsync failed (the upload was answered 507, the round
+                # poisoned), then the client's retry. The same body again: one share. A
+                # different one: which of the two the client's other shares match is
+                # unknown, so no total may be revealed (fail closed).
+                if self._record_digest(journal, rec) != previous.digest:
+                    raise ValueError(
+                        f"the journal holds two different shares of client "
+                        f"{rec.client_id!r} (a record whose commit failed, then another "
+                        "upload)"
+                    )
                 log.warning(
-                    "round %s: second journal record of client %s ignored",
+                    "round %s: second, identical journal record of client %s ignored",
                     round_id,
                     rec.client_id,
                 )
@@ -577,6 +595,14 @@ class RoundStore:
                 share.expand(round_id, rec.client_id),
                 ref=rec.ref,
             )
+
+    @staticmethod
+    def _record_digest(journal: RoundJournal, rec: JournalShare) -> bytes:
+        """The :func:`~mpc_agg.core.rounds.upload_digest` of the body ``rec`` holds (a
+        SPOOL record carries it; a SHARE record's body is read back)."""
+        if isinstance(rec.ref, SpoolRef):
+            return rec.ref.digest
+        return upload_digest(journal.read(rec.ref))
 
     def close(self) -> None:
         """Close every open journal file (on shutdown; files stay for recovery)."""

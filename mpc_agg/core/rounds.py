@@ -27,7 +27,8 @@ I/O (journal, network) and feeds decisions back in; nothing here blocks or reads
 Large vectors (docs/design.md, "Streamed uploads"): an upload may be added to the running sum
 block by block on an ingest thread (``sum.add_blocks``) before it is settled with
 :meth:`Round.accept_summed`; the reveal takes the sum in place (:meth:`Round.take_sum`), and a
-sum an addition left part-done is *poisoned*: the round refuses to agree (fails closed).
+sum an addition left part-done, or one its journal may disagree with (a record written for
+an upload then refused), is *poisoned*: the round refuses to agree (fails closed).
 """
 
 from __future__ import annotations
@@ -289,8 +290,10 @@ class Round:
         self.pending.discard(client_id)
 
     def poison(self, reason: str) -> None:
-        """Mark the running sum as wrong (a block-wise addition stopped part way): the
-        round will refuse to agree, so nothing of it is revealed. The first reason stays."""
+        """Mark the running sum as untrustworthy (a block-wise addition stopped part way,
+        or a journal record was written for an upload then refused, so the journal may
+        disagree with the sum): the round will refuse to agree, so nothing of it is
+        revealed. Legal in any state (it only marks); the first reason stays."""
         if self.poisoned is None:
             self.poisoned = reason
 

@@ -27,7 +27,10 @@ A record is valid only if it is complete and its checksum matches (XXH3-64 rathe
 CRC-32: it runs at memory speed, 20x faster than zlib's CRC-32 here, and detects torn or
 garbled tails at least as well): :func:`read_journal` stops at
 the first invalid record (a torn tail left by a crash) and reports where, so the caller can
-truncate the file there and log what was dropped.
+truncate the file there and log what was dropped. A SHARE or SPOOL record that is whole and
+has its checksum but does not parse was never torn by a crash: the journal is *corrupt*
+(:attr:`JournalContents.corrupt`), the scan goes on past it (nothing acknowledged after it
+is cut off), and the caller must fail the round rather than replay part of it.
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ class JournalShare:
 @dataclass(frozen=True)
 class JournalContents:
     """What :func:`read_journal` found: the OPEN header, shares in order, the END state if
-    any, the length of the valid prefix, why reading stopped early (None if clean), and
-    the last MARK (None if none)."""
+    any, the length of the valid prefix, why reading stopped early (None if clean), the
+    last MARK (None if none), and why the journal is corrupt (the first whole record with
+    a valid checksum that does not parse), or None."""
 
     header: dict[str, Any]
     shares: list[JournalShare]
@@ -86,6 +90,7 @@ class JournalContents:
     valid_bytes: int
     torn: str | None
     mark: str | None = None
+    corrupt: str | None = None
 
 
 def _frame(rtype: int, payload_parts: list[bytes | bytearray]) -> list[bytes | bytearray]:
@@ -112,6 +117,7 @@ def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalCont
     end_state: str | None = None
     mark: str | None = None
     torn: str | None = None
+    corrupt: str | None = None
     while pos < size:
         if size - pos < _LEN.size + 1 + _CHECK.size:
             torn = f"incomplete record header at byte {pos}"
@@ -132,17 +138,17 @@ def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalCont
             if rtype != RECORD_OPEN:
                 raise ValueError("journal does not start with an OPEN record")
             header = json.loads(bytes(payload))
-        elif rtype == RECORD_SHARE:
-            (n,) = _CID.unpack_from(payload)
-            cid = bytes(payload[_CID.size : _CID.size + n]).decode("utf-8")
-            body_start = pos + _LEN.size + 1 + _CID.size + n
-            shares.append(JournalShare(cid, (body_start, length - 1 - _CID.size - n)))
-        elif rtype == RECORD_SPOOL:
+        elif rtype in (RECORD_SHARE, RECORD_SPOOL):
             try:
-                shares.append(_spool_record(payload))
-            except (ValueError, struct.error, UnicodeDecodeError):
-                torn = f"malformed spool record at byte {pos}"
-                break
+                if rtype == RECORD_SHARE:
+                    shares.append(_share_record(payload, pos + _LEN.size + 1))
+                else:
+                    shares.append(_spool_record(payload))
+            except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError
+                # Whole, with its checksum: written so, not torn by a crash. Cutting here
+                # would drop acknowledged records after it; the round must fail instead.
+                kind = "share" if rtype == RECORD_SHARE else "spool"
+                corrupt = corrupt or f"malformed {kind} record at byte {pos}"
         elif rtype == RECORD_END:
             end_state = json.loads(bytes(payload))["state"]
         elif rtype == RECORD_MARK:
@@ -154,7 +160,17 @@ def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalCont
         pos = end
     if header is None:
         raise ValueError(f"journal has no valid OPEN record ({torn or 'empty file'})")
-    return JournalContents(header, shares, end_state, pos, torn, mark)
+    return JournalContents(header, shares, end_state, pos, torn, mark, corrupt)
+
+
+def _share_record(payload: memoryview, offset: int) -> JournalShare:
+    """A SHARE record's payload starting at file ``offset`` (see the module docstring);
+    ValueError or struct.error if malformed."""
+    (n,) = _CID.unpack_from(payload)
+    if not n or _CID.size + n > len(payload):
+        raise ValueError("share record with a client id of the wrong length")
+    cid = bytes(payload[_CID.size : _CID.size + n]).decode("utf-8")
+    return JournalShare(cid, (offset + _CID.size + n, len(payload) - _CID.size - n))
 
 
 def _spool_record(payload: memoryview) -> JournalShare:
@@ -231,6 +247,7 @@ class RoundJournal:
         self._sync = sync
         self._lock = threading.Lock()  # one record written at a time, numbered in file order
         self._commit_cond = threading.Condition(threading.Lock())
+        self._spool = RoundSpool(path.with_suffix(SPOOL_SUFFIX), fsync=fsync)
         self._written = 0  # number of the last record written whole
         self._durable = 0  # every record up to this number is durable
         self._flushes: list[_Flush] = []  # the fsyncs in progress, oldest first
@@ -389,8 +406,9 @@ class RoundJournal:
 
     @property
     def spool(self) -> RoundSpool:
-        """The round's spool directory (``round-{id}.spool`` beside this file)."""
-        return RoundSpool(self.path.with_suffix(SPOOL_SUFFIX), fsync=self.fsync)
+        """The round's spool directory (``round-{id}.spool`` beside this file): always the
+        same object, so that :meth:`discard` revokes the writers its uploads opened."""
+        return self._spool
 
     def append_end(self, state: str) -> None:
         """Record that the round ended (before the file is deleted)."""

@@ -10,14 +10,19 @@ after the last block, so a damaged file is an error, never a silent wrong sum.
 Layout: ``round-{id}.spool/`` beside ``round-{id}.journal`` (mode 0700), holding
 ``{client}-{16 hex}.body`` files (mode 0600, created exclusively). A file no journal record
 references is the remains of an upload cut by a crash: recovery deletes it. The directory
-goes with the round (:meth:`RoundSpool.discard`).
+goes with the round (:meth:`RoundSpool.discard`), also under a writer still open: one
+:class:`RoundSpool` object per round knows its open writers, revokes them when it is
+discarded and opens no new one afterwards. A writer reserves its upload's length on disk
+when it is opened (``posix_fallocate``), so a full disk is found before the body is read.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +53,15 @@ class SpoolDamaged(OSError):
     """A spool file is missing, of the wrong length, or no longer has its digest."""
 
 
+class SpoolDiscarded(OSError):
+    """The spool was discarded (its round ended): no file is opened or written in it."""
+
+
+_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS})
+"""``posix_fallocate`` errors meaning the file system cannot reserve space ahead: the
+reservation is skipped (the writes then find a full disk themselves)."""
+
+
 @dataclass(frozen=True, repr=False)
 class SpoolRef:
     """Where a streamed upload's body lies: ``name`` in the round's spool directory, its
@@ -70,31 +84,71 @@ class SpoolRef:
 class SpoolWriter:
     """One upload body being written to its spool file, in order (one thread at a time).
 
-    :meth:`write` appends; :meth:`seal` makes the file and its directory entry durable and
-    returns the :class:`SpoolRef`; :meth:`abandon` deletes the file (idempotent). Raises
-    OSError (disk full, I/O error) from :meth:`write` and :meth:`seal`; the caller then
-    abandons the file.
+    :meth:`reserve` allocates the body's length on disk; :meth:`write` appends; :meth:`seal`
+    makes the file and its directory entry durable and returns the :class:`SpoolRef`;
+    :meth:`abandon` deletes the file (idempotent). Raises OSError (disk full, I/O error;
+    :class:`SpoolDiscarded` once :meth:`revoke` was called) from :meth:`reserve`,
+    :meth:`write` and :meth:`seal`; the caller then abandons the file. ``on_done`` is
+    called once the file is sealed or abandoned (its spool stops tracking it).
     """
 
-    def __init__(self, directory: Path, name: str, *, fsync: bool) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        fsync: bool,
+        on_done: Callable[[SpoolWriter], None] | None = None,
+    ) -> None:
         self.path = directory / check_name(name)
         self.name = name
         self.fsync = fsync
         self.length = 0
+        self._reserved = 0
+        self._revoked = False
+        self._on_done = on_done
         self._digest = xxhash.xxh3_128()
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
     def __repr__(self) -> str:
         return f"SpoolWriter({self.name!r}, {self.length} bytes)"
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append ``data`` whole (and fold it into the digest), or raise OSError."""
+    def _open_fd(self) -> int:
+        if self._revoked:
+            raise SpoolDiscarded(f"spool file {self.path} was discarded with its round")
         if self._fd is None:
             raise OSError(f"spool file {self.path} is closed")
+        return self._fd
+
+    def reserve(self, length: int) -> None:
+        """Allocate ``length`` bytes (the whole upload body) on disk before anything is
+        written, so a full disk is an error now (ENOSPC), not after most of the body was
+        received. A file system that cannot reserve space ahead skips it. Raises OSError."""
+        fd = self._open_fd()
+        if length <= 0:
+            return
+        try:
+            os.posix_fallocate(fd, 0, length)
+        except OSError as exc:
+            if exc.errno not in _NO_FALLOCATE:
+                raise
+            return
+        self._reserved = length
+
+    def revoke(self) -> None:
+        """The spool is being discarded under this writer (its round ended): every later
+        :meth:`reserve`, :meth:`write` or :meth:`seal` raises :class:`SpoolDiscarded`. The
+        descriptor is closed by the writer's owner (:meth:`abandon`), never from another
+        thread while a write may be using it."""
+        self._revoked = True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` whole (and fold it into the digest), or raise OSError."""
+        fd = self._open_fd()
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
-            step = os.write(self._fd, view[done:])
+            step = os.write(fd, view[done:])
             if step <= 0:  # pragma: no cover - os.write raises rather than writing nothing
                 raise OSError(f"write to spool file {self.path} wrote nothing")
             done += step
@@ -102,18 +156,28 @@ class SpoolWriter:
         self.length += len(view)
 
     def seal(self) -> SpoolRef:
-        """fsync the file, close it, fsync its directory; the reference to journal."""
-        if self._fd is None:
-            raise OSError(f"spool file {self.path} is closed")
-        fd, self._fd = self._fd, None
+        """fsync the file, close it, fsync its directory; the reference to journal. A file
+        reserved longer than what was written is cut to its length first."""
+        fd = self._open_fd()
+        self._fd = None
         try:
+            if self._reserved > self.length:
+                os.ftruncate(fd, self.length)
             if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
+            self._done()
         if self.fsync:
             fsync_directory(self.path.parent)
+        if self._revoked:  # discarded while it was being sealed: the file is gone
+            raise SpoolDiscarded(f"spool file {self.path} was discarded with its round")
         return SpoolRef(self.name, self.length, self._digest.digest())
+
+    def _done(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(self)
 
     def abandon(self) -> None:
         """Close and delete the file; nothing of the upload remains (errors are ignored:
@@ -124,6 +188,7 @@ class SpoolWriter:
                 os.close(fd)
             except OSError:
                 pass
+        self._done()
         try:
             self.path.unlink()
         except OSError:
@@ -132,7 +197,11 @@ class SpoolWriter:
 
 class RoundSpool:
     """The spool directory of one round (see the module docstring). ``fsync``: the
-    topology's; ``token`` makes the random part of file names (tests inject one)."""
+    topology's; ``token`` makes the random part of file names (tests inject one).
+
+    The writers opened through one object are tracked, so :meth:`discard` can revoke them;
+    a round's uploads and its end must therefore use the same object (its journal's,
+    :attr:`mpc_agg.storage.journal.RoundJournal.spool`). Thread-safe."""
 
     def __init__(
         self,
@@ -144,6 +213,9 @@ class RoundSpool:
         self.directory = directory
         self.fsync = fsync
         self._token = token
+        self._lock = threading.Lock()
+        self._writers: set[SpoolWriter] = set()
+        self._discarded = False
 
     def __repr__(self) -> str:
         return f"RoundSpool({str(self.directory)!r})"
@@ -153,12 +225,38 @@ class RoundSpool:
         parent (the round's journal is created next to it, with a directory fsync)."""
         self.directory.mkdir(mode=0o700, exist_ok=True)
 
-    def writer(self, client_id: str) -> SpoolWriter:
-        """A new, exclusively created file for one upload of ``client_id``. Raises OSError
-        (FileNotFoundError once the round has ended and its spool is gone)."""
-        return SpoolWriter(
-            self.directory, f"{client_id}-{self._token(8)}{BODY_SUFFIX}", fsync=self.fsync
-        )
+    def writer(self, client_id: str, length: int = 0) -> SpoolWriter:
+        """A new, exclusively created file for one upload of ``client_id``, with ``length``
+        bytes (the whole body, if known) reserved on disk (:meth:`SpoolWriter.reserve`).
+        Raises OSError: :class:`SpoolDiscarded` once this spool was discarded,
+        FileNotFoundError if its directory is gone, ENOSPC if the length does not fit (the
+        file is then deleted)."""
+        with self._lock:  # a file is never created once discard has begun
+            if self._discarded:
+                raise SpoolDiscarded(f"spool {self.directory} was discarded with its round")
+            writer = SpoolWriter(
+                self.directory,
+                f"{client_id}-{self._token(8)}{BODY_SUFFIX}",
+                fsync=self.fsync,
+                on_done=self._forget,
+            )
+            self._writers.add(writer)
+        try:
+            writer.reserve(length)  # outside the lock: it may take a while
+        except BaseException:
+            writer.abandon()
+            raise
+        return writer
+
+    def _forget(self, writer: SpoolWriter) -> None:
+        with self._lock:
+            self._writers.discard(writer)
+
+    @property
+    def open_writers(self) -> int:
+        """Writers opened here and neither sealed nor abandoned yet."""
+        with self._lock:
+            return len(self._writers)
 
     def path(self, ref: SpoolRef) -> Path:
         return self.directory / check_name(ref.name)
@@ -187,8 +285,14 @@ class RoundSpool:
             fsync_directory(self.directory)
 
     def discard(self) -> None:
-        """Delete every file of the spool and the directory itself (the round ended).
-        Raises OSError if something remains (e.g. a file created meanwhile)."""
+        """Delete every file of the spool and the directory itself (the round ended). No
+        writer opens here afterwards, and writers still open are revoked (their next
+        write fails; their owners close them). Raises OSError if something remains."""
+        with self._lock:
+            self._discarded = True
+            writers, self._writers = self._writers, set()
+        for writer in writers:
+            writer.revoke()
         if not self.directory.exists():
             return
         for entry in self.directory.iterdir():
