@@ -25,6 +25,7 @@ from mpc_agg.errors import (
     RemoteRefusal,
     RoundFailed,
     UploadRefused,
+    VectorChanged,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Collector",
     "ConfigError",
     "EncodingError",
+    "VectorChanged",
     "LocalError",
     "MpcAggError",
     "PeerError",

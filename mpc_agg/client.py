@@ -104,7 +104,10 @@ class Client:
     coins always come from a :class:`~mpc_agg.core.xof.ClientSecret`: ``secret``, or else
     one drawn from the OS when this object is made and held by it (never ``rng`` or
     ``random_bytes``), so that this object's retries resend the same bytes without keeping
-    the body.
+    the body. Each attempt reads the vector again: if it changed since the seeds were
+    settled, the submission stops with
+    :class:`~mpc_agg.errors.VectorChanged` before any changed byte is sent, and
+    sends no seed share (submit a copy the caller's code does not write to).
 
     Connections: ``async with Client(...) as client:`` keeps one HTTP session, and so its
     connections to the aggregators (TCP and TLS handshakes done once), for every
@@ -195,7 +198,11 @@ class Client:
         full = full_share_index(self.client_id, m)
         d = _dimension(vector)
         # The vector is encoded straight into the full share's upload body, and the seeds'
-        # expansions are subtracted there: one vector-sized buffer, no copies.
+        # expansions are subtracted there: one vector-sized buffer, no copies. The vector is
+        # read once, here: the seeds are bound to what was read (the digest of ``vec``) and
+        # every retry resends these bodies, so a vector that changes later (or meanwhile)
+        # cannot make two bodies under the same seeds, unlike the streamed path, which
+        # checks each block it reads again (mpc_agg.core.share_stream).
         ring = self.topology.encoding.ring
         body, vec = codec.full_share_body(full, d, ring)
         if self._secret is None:
@@ -227,7 +234,9 @@ class Client:
         self, round_id: str, vector: npt.ArrayLike, *, block_bytes: int = DEFAULT_BLOCK_BYTES
     ) -> StreamedShard:
         """Encode and shard ``vector`` for sending the full share block by block, in O(block)
-        memory besides ``vector`` (which must not change until the submission ends).
+        memory besides ``vector`` (which must not change until the submission ends:
+        ``chunks()`` raises :class:`~mpc_agg.errors.VectorChanged` at the first
+        block that did).
 
         With a secret, ``b"".join(result.chunks())`` and ``result.seed_bodies()`` are the
         bytes of :meth:`prepare`. Without one, the seeds and coins come from this object's
@@ -273,7 +282,10 @@ class Client:
         ``secret``, so does a new ``Client`` (after a crash, in another process).
 
         A full share of more than ``stream_above_bytes`` is streamed (class docstring);
-        ``vector`` must not change until this returns (each retry reads it again).
+        ``vector`` must not change until this returns (each retry reads it again): if it
+        does, :class:`~mpc_agg.errors.VectorChanged` (an
+        :class:`~mpc_agg.errors.EncodingError`, code ``vector_changed``) is raised, not
+        retried, after nothing of the changed part and no seed share was sent.
         """
         codec.check_id("round", round_id)
         full_bytes = codec.share_body_length(
@@ -300,7 +312,8 @@ class Client:
         """:meth:`submit_async` for a large vector: the full share streamed, then the seeds.
 
         Nothing here holds a body: each attempt of the full share's upload makes it again
-        from ``vector`` (identical bytes), and ``_prepared`` is not used.
+        from ``vector`` (identical bytes, each block checked against the digests the seeds
+        were settled with), and ``_prepared`` is not used.
         """
         # The passes that settle the seeds (O(d) numpy and AES work) run off the loop.
         shard = await asyncio.to_thread(self.prepare_streamed, round_id, vector)
@@ -313,7 +326,8 @@ class Client:
         # share refused or cut (409, 413, a lost connection, a crash) leaves no seed share at
         # the other aggregators either: nothing of the submission is held anywhere, and a
         # retry starts from a clean slate. The seed uploads are tiny: the order costs one
-        # round trip.
+        # round trip. A vector that changed under a retry (VectorChanged, raised by the
+        # producer and never retried) ends the first phase, so no seed share goes either.
         return await self._send(round_id, [{shard.full_index: full}, shard.seed_bodies()])
 
     async def upload(

@@ -17,7 +17,9 @@ name next to ``out``, its ring elements into an unnamed temporary file in the sa
 directory. Only once every statement verifies is the ``.npy`` renamed to ``out``; any
 failure (a refused or cut stream, a digest that does not match) deletes both, so no
 half-written file is ever presented as a result. The collector's memory stays flat: a few
-slices, whatever d is.
+slices, whatever d is. The hidden name is created exclusively (never an existing file, nor
+the target of a symlink planted there); one left by a collector that was killed is deleted
+by the next one writing the same ``out`` (:func:`_sweep_partials`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import json
 import mmap
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -124,9 +127,9 @@ class AggregateResult:
         target = Path(path)
         if target.suffix != ".npz":
             target = target.with_name(target.name + ".npz")
-        partial = _partial_name(target)
+        partial, fd = _create_partial(target)
         try:
-            with open(partial, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 np.savez(
                     f,
                     round_id=np.array(self.round_id),
@@ -510,6 +513,97 @@ def _partial_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
 
 
+_LOADED_AT = time.time()
+"""When this process loaded the collector (wall clock, as file times): a partial file last
+written before it was made by an earlier process."""
+
+_PARTIAL_NAMES = 3
+"""Names drawn for a partial file before giving up (each a fresh random one)."""
+
+_MADE: set[tuple[int, int]] = set()
+"""The partial files this process created, as (device, inode): one per collection or save,
+never deleted by :func:`_sweep_partials` whatever their times say."""
+
+
+def _create_partial(target: Path) -> tuple[Path, int]:
+    """A new file at a hidden name next to ``target`` (:func:`_partial_name`), created
+    exclusively, mode 0666 less the umask, as ``(path, read-write descriptor)``: an
+    existing name, a symlink planted there included, is never opened (another name is
+    drawn). Stale partial files of ``target`` are deleted first (:func:`_sweep_partials`)."""
+    _sweep_partials(target)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    drawn = 0
+    while True:
+        partial = _partial_name(target)
+        drawn += 1
+        try:
+            fd = os.open(partial, flags, 0o666)
+        except FileExistsError:
+            if drawn == _PARTIAL_NAMES:
+                raise
+            continue
+        made = os.fstat(fd)
+        _MADE.add((made.st_dev, made.st_ino))
+        return partial, fd
+
+
+def _process_gone(pid: int) -> bool:
+    """True when no process ``pid`` exists here (one we may not signal exists; off POSIX,
+    where signal 0 is no probe, every process is taken to exist)."""
+    if os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return False
+
+
+def _sweep_partials(target: Path) -> None:
+    """Delete the partial files of ``target`` a collector left when it was killed (SIGKILL,
+    power loss) before it could delete them itself: names of exactly the pattern of
+    :func:`_partial_name` for ``target``, last modified before this process loaded the
+    collector, whose process is gone, or that carry this process's id but were not made by
+    it (an earlier process had the same id). A symlink of that name is deleted, never
+    followed; a file that cannot be deleted is left."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.([0-9]{{1,10}})-[0-9a-f]{{8}}\.partial")
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None:
+            continue
+        pid = int(found.group(1))
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if st.st_mtime >= _LOADED_AT or (st.st_dev, st.st_ino) in _MADE:
+                continue  # this process's own, or written since it started
+            if pid == os.getpid() or _process_gone(pid):
+                os.unlink(entry.path)
+        except OSError:
+            continue
+
+
+def _npy_memmap(file: IO[bytes], dim: int) -> np.memmap[Any, Any]:
+    """``file`` (new, empty) made a ``.npy`` of ``dim`` float64 values, mapped read-write:
+    the header of :func:`numpy.lib.format.open_memmap`, then the values (zeros)."""
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)),
+        "fortran_order": False,
+        "shape": (dim,),
+    }
+    np.lib.format.write_array_header_1_0(file, header)
+    offset = file.tell()
+    file.truncate(offset + dim * 8)
+    file.flush()
+    return np.memmap(file, dtype=np.float64, mode="r+", offset=offset, shape=(dim,))
+
+
 _RELEASE_BYTES = 16 << 20
 """Bytes written to a memory map between two hand-backs of its pages to the kernel."""
 
@@ -555,12 +649,13 @@ class _StreamedTotal:
         self.ring: Ring = encoding.ring
         self.dim = dim
         self.digest = TotalDigest(self.ring, dim)
-        self.partial = _partial_name(target)
+        self.partial: Path | None = None
+        self._file: IO[bytes] | None = None
         self._ring_file: IO[bytes] | None = None
         try:
-            self._floats = _MappedVector(
-                np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float64, shape=(dim,))
-            )
+            self.partial, fd = _create_partial(target)
+            self._file = os.fdopen(fd, "r+b")
+            self._floats = _MappedVector(_npy_memmap(self._file, dim))
             self._ring_file = tempfile.TemporaryFile(dir=target.parent)
             self._ring_file.truncate(dim * self.ring.itemsize)
             self._ring = _MappedVector(
@@ -585,12 +680,14 @@ class _StreamedTotal:
         maps of it and of the ring elements."""
         if self.digest.done != self.dim:
             raise EncodingError(f"the total has {self.dim} elements, {self.digest.done} written")
-        assert self._ring_file is not None
+        assert self._ring_file is not None and self._file is not None
+        assert self.partial is not None
         self._floats.array.flush()
         self._ring.array.flush()
         del self._floats, self._ring  # unmapped before the rename
-        with open(self.partial, "rb+") as f:
-            os.fsync(f.fileno())
+        os.fsync(self._file.fileno())  # the file created, never one reopened by its name
+        self._file.close()
+        self._file = None
         os.replace(self.partial, self.target)
         fsync_directory(self.target.parent)
         total = np.load(self.target, mmap_mode="r")
@@ -606,7 +703,11 @@ class _StreamedTotal:
         if self._ring_file is not None:
             self._ring_file.close()
             self._ring_file = None
-        self.partial.unlink(missing_ok=True)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.partial is not None:
+            self.partial.unlink(missing_ok=True)
 
 
 async def _read_exactly(content: aiohttp.StreamReader, n: int, what: str) -> bytes:

@@ -55,6 +55,22 @@ class EncodingError(LocalError, ValueError):
     """A vector cannot be encoded (wrong shape, NaN/inf, ...)."""
 
 
+class VectorChanged(EncodingError):
+    """The vector changed while its full share was being made for sending (code
+    ``vector_changed``): nothing of the changed block was made, so nothing more was sent,
+    and the seed shares are not sent either. Final, never retried; submit a copy of the
+    vector (``x.copy()``) that nothing else writes to."""
+
+    code = "vector_changed"
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        super().__init__(
+            f"the vector changed while it was being submitted (in the block from coordinate "
+            f"{start}); nothing more was sent; submit a copy of it"
+        )
+
+
 class UsageError(LocalError):
     """The API was used in a way it does not support."""
 

@@ -3,7 +3,9 @@
 First against in-process stand-ins for the aggregators (plain HTTP, so every byte and
 header can be checked): the streamed upload carries its exact ``Content-Length`` and no
 chunked encoding, holds prepare's bytes, goes before the seed shares (which are not sent if
-it is refused), and a connection dropped in the middle of it is retried with the same bytes.
+it is refused), and a connection dropped in the middle of it is retried with the same bytes;
+a vector changed before that retry stops it before the changed block (and sends no seed
+share), and a body whose producer fails is never retried.
 The blocking ``submit`` keeps its connections between calls; small vectors are prepared on
 the event loop. Then real aggregator processes: a 3-party round whose clients all stream
 reveals the exact total, and an upload cut by a proxy is retried, the aggregator keeping
@@ -20,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
@@ -29,7 +32,9 @@ from mpc_agg import client as client_module
 from mpc_agg.core import codec
 from mpc_agg.core.share_stream import StreamedShard
 from mpc_agg.core.sharing import full_share_index
+from mpc_agg.errors import EncodingError, VectorChanged
 from mpc_agg.launcher import LocalFederation
+from mpc_agg.transport.http_client import AggregatorAPI, StreamedBody
 
 from .conftest import topology_doc, write_topology
 
@@ -49,7 +54,8 @@ class Upload:
 class FakeAggregators:
     """``m`` HTTP servers on loopback that take share uploads, run in a thread of their own
     (so blocking client calls can reach them). ``drop_first[i]`` bytes into the first upload
-    to aggregator ``i``, the connection is closed; ``refuse[i]`` is a status to answer."""
+    to aggregator ``i``, ``on_cut[i]()`` is called and the connection closed; ``refuse[i]``
+    is a status to answer. An upload the client broke off is kept, incomplete."""
 
     def __init__(self, m: int) -> None:
         self.m = m
@@ -57,6 +63,7 @@ class FakeAggregators:
         self.drop_first: dict[int, int] = {}
         self.refuse: dict[int, int] = {}
         self.delay_s: dict[int, float] = {}
+        self.on_cut: dict[int, Any] = {}
         self._loop = asyncio.new_event_loop()
         self._runners: list[web.AppRunner] = []
         self.ports: list[int] = []
@@ -91,9 +98,22 @@ class FakeAggregators:
             if cut is not None:
                 part = await request.content.readexactly(cut)
                 self.uploads.append(Upload(i, client_id, headers, part, port, False))
+                hook = self.on_cut.pop(i, None)
+                if hook is not None:
+                    hook()
                 request.transport.close()  # type: ignore[union-attr]
                 return web.Response(status=500)  # never reaches the client
-            body = await request.read()
+            parts: list[bytes] = []
+            try:
+                while chunk := await request.content.readany():
+                    parts.append(chunk)
+            except BaseException:
+                self.uploads.append(Upload(i, client_id, headers, b"".join(parts), port, False))
+                raise
+            body = b"".join(parts)
+            if len(body) != request.content_length:
+                self.uploads.append(Upload(i, client_id, headers, body, port, False))
+                return web.Response(status=400)
             await asyncio.sleep(self.delay_s.get(i, 0.0))
             self.uploads.append(Upload(i, client_id, headers, body, port, True))
             status = self.refuse.get(i)
@@ -222,6 +242,77 @@ def test_a_dropped_connection_is_retried_with_identical_bytes(fakes):
     assert receipt.retries == ()
     assert client.submit("r", x).retries == (0, 1, 2)  # the same bytes once more
     client.close()
+
+
+def wait_for(condition: Any) -> None:
+    """Until ``condition()`` (what the fake aggregators' thread records after the client
+    has returned); not a timing assertion, a bounded wait."""
+    for _ in range(2000):
+        if condition():
+            return
+        threading.Event().wait(0.005)
+    raise AssertionError("the fake aggregators never recorded it")
+
+
+@pytest.mark.parametrize("secret", [SECRET, None], ids=["secret", "own-secret"])
+def test_a_vector_changed_before_a_retry_stops_it_before_the_changed_block(fakes, secret):
+    """The first attempt is cut 2.5 MB in (blocks 0 and 1 sent); the caller's array then
+    changes in block 1. The retry reads it again under the same seeds: it sends the header
+    and block 0 (the first attempt's bytes), then raises VectorChanged, not retried; no
+    seed share is sent."""
+    topo = fakes.topology(f"stream-changed-{secret is None}", **GF)
+    d = 400_000  # 3.2 MB: four 1 MiB blocks, one check block each
+    x = big_vector(d, 5)
+    block = (1 << 20) // 8
+    full = full_share_index("gina", 3)
+    fakes.drop_first[full] = 2_500_000
+
+    def training_step() -> None:  # the caller's code updates its buffer meanwhile
+        x[block + 10 : block + 20] += 0.25
+
+    fakes.on_cut[full] = training_step
+    client = Client(topo, "gina", secret=secret, stream_above_bytes=1 << 20)
+    with pytest.raises(VectorChanged) as caught:
+        client.submit("r", x)
+    client.close()
+    assert caught.value.code == "vector_changed" and caught.value.start == block
+    wait_for(lambda: len(fakes.received(full)) == 2)
+    cut, retry = fakes.received(full)
+    assert not cut.complete and not retry.complete
+    header = codec.SHARE_HEADER.size
+    assert len(cut.body) == 2_500_000
+    assert len(retry.body) <= header + 8 * block  # nothing of block 1 or after
+    assert retry.body == cut.body[: len(retry.body)]  # what was sent was sent before
+    assert [u.aggregator for u in fakes.uploads] == [full, full]  # no seed share
+
+
+def test_a_body_whose_producer_fails_is_not_retried(fakes):
+    """aiohttp wraps a failing body in a ClientConnectionError, which would be retried:
+    the producer's own exception is raised instead, after one attempt."""
+    topo = fakes.topology("stream-producer", **GF)
+    opened: list[int] = []
+
+    def body(error: Exception) -> StreamedBody:
+        def open_() -> Any:
+            async def chunks() -> Any:
+                opened.append(1)
+                yield b"x" * 1000
+                raise error
+
+            return chunks()
+
+        return StreamedBody(100_000, open_)
+
+    async def main(error: Exception) -> None:
+        async with aiohttp.ClientSession() as session:
+            api = AggregatorAPI(session, topo.aggregators[0], retries=3, backoff_s=0.0)
+            await api.request("PUT", "/v1/rounds/r/shares/hal", stream=body(error))
+
+    for error in (VectorChanged(0), EncodingError("boom"), RuntimeError("bug")):
+        opened.clear()
+        with pytest.raises(type(error)) as caught:
+            asyncio.run(main(error))
+        assert caught.value is error and opened == [1]
 
 
 def test_a_streamed_attempt_may_take_as_long_as_an_aggregator_allows_a_body(fakes):

@@ -5,7 +5,9 @@ Properties over random dimensions (1, below a block, not a multiple of it), bloc
 both rings, with and without ``l2_clip``, with a client secret and with injected
 rng/random_bytes; seekable streams (a stream started at word ``k`` is the tail of the one
 started at 0); the block encoder; a seed whose stream holds the rejected word p is replaced
-(attempt + 1) before the first byte of the body exists.
+(attempt + 1) before the first byte of the body exists; a vector that changes between two
+bodies (a retry) stops the second one before the first changed block, having yielded only
+bytes the first body held.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from mpc_agg.core.ring import GF_P61, Z2_32, Ring
 from mpc_agg.core.share_stream import shard_streamed
 from mpc_agg.core.sharing import full_share_index
 from mpc_agg.core.xof import BlockStream, ClientSecret, CoinStream, WordStream
-from mpc_agg.errors import EncodingError
+from mpc_agg.errors import EncodingError, VectorChanged
 
 from .conftest import topology_doc
 
@@ -200,6 +202,98 @@ def test_repr_shows_sizes_only():
     assert "10 elements of gf_p61" in text and "2 seed shares" in text
     for s in shard.seed_shares:
         assert s.seed is not None and s.seed.hex() not in text
+
+
+# --------------------------------------------------------------------------- changed vectors
+
+
+def changed_value(v: float) -> float:
+    """A value whose encoding differs from ``v``'s in every test encoding (another sign,
+    half a unit or more away, inside every clip)."""
+    return 0.5 if v < 0 else -0.5
+
+
+def body_until_refused(shard) -> tuple[list[bytes], VectorChanged]:
+    """The chunks a body yields before it raises :class:`VectorChanged`."""
+    got: list[bytes] = []
+    with pytest.raises(VectorChanged) as caught:
+        for chunk in shard.chunks():
+            got.append(chunk)
+    return got, caught.value
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    d=st.integers(1, 3 * field.BLOCK + 7),
+    block=st.one_of(st.integers(1, 600), st.integers(field.BLOCK - 3, field.BLOCK + 3)),
+    ring=st.sampled_from(sorted(RINGS)),
+    encoding=st.sampled_from(sorted(ENCODINGS)),
+    seed=st.integers(0, 2**32 - 1),
+    where=st.floats(0.0, 1.0, exclude_max=True),
+    secret=st.booleans(),
+)
+def test_a_vector_changed_between_two_bodies_stops_before_the_changed_block(
+    d, block, ring, encoding, seed, where, secret
+):
+    """A retry reads the vector again under the same seeds: the block holding the first
+    changed coordinate (and all after it) is never yielded; what is yielded before it is
+    the first body's bytes. With a secret and with the object's own (no secret)."""
+    topo = topology(ring, encoding)
+    x = vector(d, seed)
+    client = Client(topo, "alice", secret=seed.to_bytes(4, "little") * 8 if secret else None)
+    itemsize = RINGS[ring].itemsize
+    shard = client.prepare_streamed("r", x, block_bytes=block * itemsize)
+    first = list(shard.chunks())
+    i = int(where * d)
+    old = x[i]
+    x[i] = changed_value(old)
+    got, refused = body_until_refused(shard)
+    assert refused.code == "vector_changed" and isinstance(refused, EncodingError)
+    assert got == first[: len(got)]  # the header, then whole unchanged blocks, as before
+    sent = (sum(map(len, got)) - codec.SHARE_HEADER.size) // itemsize
+    assert sent <= i and refused.start == sent  # nothing of the changed block
+    assert sent == i // shard.check * shard.check  # and everything before its check block
+    # The same vector again: the same body, whole.
+    x[i] = old
+    assert list(shard.chunks()) == first
+
+
+@pytest.mark.parametrize("ring", sorted(RINGS))
+def test_a_vector_changed_after_its_seeds_were_settled_sends_only_the_header(ring):
+    topo = topology(ring, "l2")
+    x = vector(5_000, 7)
+    shard = Client(topo, "bob", secret=bytes(16)).prepare_streamed("r", x, block_bytes=800)
+    x[4_999] += 1.0  # the last coordinate, in the only check block
+    got, refused = body_until_refused(shard)
+    assert got == [codec.full_share_header(shard.full_index, 5_000, RINGS[ring])]
+    assert refused.start == 0 and "submit a copy" in str(refused)
+
+
+def test_a_value_made_non_finite_after_settling_is_refused_before_its_block():
+    topo = topology("gf_p61", "coord")
+    x = vector(3 * field.BLOCK, 8)
+    shard = Client(topo, "carol", secret=bytes(16)).prepare_streamed("r", x)
+    first = list(shard.chunks())
+    x[2 * field.BLOCK + 5] = np.nan
+    got: list[bytes] = []
+    with pytest.raises(EncodingError, match="at index"):
+        for chunk in shard.chunks():
+            got.append(chunk)
+    assert got == first[: len(got)] and len(got) < len(first)
+
+
+def test_prefix_digests_are_32_bytes_per_check_block_and_end_with_the_vector_digest():
+    topo = topology("gf_p61", "coord")
+    x = vector(1_000_003, 9)
+    secret = ClientSecret(bytes(range(32)))
+    client = Client(topo, "dave", secret=bytes(range(32)))
+    shard = client.prepare_streamed("r", x)  # 1 MiB blocks: one check block each
+    assert shard.check == shard.block == (1 << 20) // 8
+    assert len(shard.prefixes) == math.ceil(x.size / shard.check)
+    assert all(len(p) == 32 for p in shard.prefixes)
+    encoded = topo.encoding.encode(x, secret.coins(client.fingerprint, "r", "dave"))
+    assert shard.prefixes[-1] == xof.vector_digest(encoded)
+    assert shard.prefixes[0] == xof.vector_digest(encoded[: shard.check])
 
 
 # --------------------------------------------------------------------------- encoding blocks

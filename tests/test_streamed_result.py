@@ -2,7 +2,9 @@
 ones, noise added in place block by block, the reveal written into the share's own
 buffer, and the collector's ``out=`` path over HTTPS in this process (real aggregators,
 real HTTP server and collector, in-memory party network): a total streamed into a
-memory-mapped ``.npy``, a lying leader refused with no file left behind.
+memory-mapped ``.npy``, a lying leader refused with no file left behind; the hidden partial
+file is created exclusively (a symlink planted at its name is never followed) and one left
+by a collector killed with SIGKILL is deleted by the next one writing the same file.
 
 Real processes and ``mpc-agg collect --out`` are in tests/test_streamed_result_processes.py.
 """
@@ -13,7 +15,11 @@ import asyncio
 import hashlib
 import math
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -25,11 +31,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from mpc_agg import collector as collector_module
 from mpc_agg.aggregator import privacy as privacy_module
 from mpc_agg.aggregator.privacy import DiscreteGaussianNoise
-from mpc_agg.collector import load_and_verify, verify_saved
+from mpc_agg.collector import AggregateResult, load_and_verify, verify_saved
 from mpc_agg.core import codec, field
 from mpc_agg.core import statement as statement_module
+from mpc_agg.core.encoding import FixedPointEncoding
 from mpc_agg.core.ring import GF_P61, Z2_32, Ring
 from mpc_agg.core.rounds import RoundState
 from mpc_agg.core.sharing import unshard
@@ -533,3 +541,147 @@ def test_out_must_name_an_npy_in_an_existing_directory(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         collector.aggregate("r", out=tmp_path / "nowhere" / "total.npy")
     assert not os.path.exists(tmp_path / "total.csv")
+
+
+# --------------------------------------------------------------------------- partial files
+
+ENCODING = FixedPointEncoding(frac_bits=16, coord_clip=1000.0)
+
+
+def names_then_fresh(planted: Path):
+    """A ``_partial_name`` that first returns ``planted``, then fresh names."""
+    real = collector_module._partial_name
+    calls = {"n": 0}
+
+    def name(target: Path) -> Path:
+        calls["n"] += 1
+        return planted if calls["n"] == 1 else real(target)
+
+    return name
+
+
+def test_a_symlink_planted_at_the_partial_name_is_never_followed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours to overwrite")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "total.npy"
+    planted = out / f".total.npy.{os.getpid()}-deadbeef.partial"
+    planted.symlink_to(victim)
+    monkeypatch.setattr(collector_module, "_partial_name", names_then_fresh(planted))
+    values = np.arange(1000, dtype=np.uint64)
+    streamed = collector_module._StreamedTotal(target, ENCODING, 1000)
+    streamed.write(values)
+    total, _ = streamed.publish()
+    assert victim.read_bytes() == b"not yours to overwrite"
+    assert streamed.partial != planted  # another name was drawn
+    assert planted.is_symlink() and planted.readlink() == victim
+    assert np.array_equal(np.load(target), ENCODING.decode(values))
+    assert np.array_equal(total, ENCODING.decode(values))
+    # The header is the one numpy's open_memmap writes.
+    reference = tmp_path / "reference.npy"
+    np.lib.format.open_memmap(reference, mode="w+", dtype=np.float64, shape=(1000,))
+    head = len(target.read_bytes()) - 8000
+    assert target.read_bytes()[:head] == reference.read_bytes()[:head]
+
+    # AggregateResult.save writes through a partial file of its own the same way.
+    saved = out / "result.npz"
+    planted_npz = out / f".result.npz.{os.getpid()}-deadbeef.partial"
+    planted_npz.symlink_to(victim)
+    monkeypatch.setattr(collector_module, "_partial_name", names_then_fresh(planted_npz))
+    AggregateResult("r", total, values, 2, 0, None, None).save(saved)
+    assert victim.read_bytes() == b"not yours to overwrite"
+    with np.load(saved) as data:
+        assert np.array_equal(data["field_total"], values)
+
+    # Every name drawn taken: refused, nothing written anywhere.
+    monkeypatch.setattr(collector_module, "_partial_name", lambda target: planted)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError):
+        collector_module._StreamedTotal(out / "again.npy", ENCODING, 10)
+    assert victim.read_bytes() == b"not yours to overwrite"
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+KILLED_COLLECTOR = """
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from mpc_agg.collector import _StreamedTotal
+from mpc_agg.core.encoding import FixedPointEncoding
+streamed = _StreamedTotal(Path(sys.argv[1]), FixedPointEncoding(frac_bits=16), 1000)
+streamed.write(np.arange(500, dtype=np.uint64))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+NEXT_COLLECTOR = """
+import sys
+from pathlib import Path
+from mpc_agg.collector import _StreamedTotal
+from mpc_agg.core.encoding import FixedPointEncoding
+_StreamedTotal(Path(sys.argv[1]), FixedPointEncoding(frac_bits=16), 10).discard()
+"""
+
+
+def partials(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".partial"))
+
+
+def test_a_partial_file_left_by_a_killed_collector_is_deleted_by_the_next(tmp_path: Path) -> None:
+    target = tmp_path / "total.npy"
+    killed = subprocess.run([sys.executable, "-c", KILLED_COLLECTOR, str(target)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = partials(tmp_path)
+    assert left.startswith(".total.npy.") and not target.exists()
+    gone = int(left.split(".")[3].split("-")[0])  # the killed collector's pid
+    # Not stale, or not this target's: a live process's (this test's), another file's, names
+    # that only look alike.
+    hour_ago = time.time() - 3600
+    kept = [
+        f".total.npy.{os.getpid()}-0123abcd.partial",
+        f".other.npy.{gone}-0123abcd.partial",
+        f"total.npy.{gone}-0123abcd.partial",
+        f".total.npy.{gone}-0123abcd.partial.keep",
+        f".total.npy.{gone}-0123ABCD.partial",
+    ]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (hour_ago, hour_ago))
+    subprocess.run([sys.executable, "-c", NEXT_COLLECTOR, str(target)], check=True)
+    assert partials(tmp_path) == sorted(n for n in kept if n.endswith(".partial"))
+    assert (tmp_path / f".total.npy.{gone}-0123abcd.partial.keep").exists()
+
+
+def test_the_sweep_spares_this_processs_own_partials_and_recent_ones(tmp_path: Path) -> None:
+    """In process: a stale name with this process's id that it did not make (an earlier
+    process had the id) is deleted, as is one of a dead process; one it made itself, or any
+    written since it loaded the collector, is not, whatever its pid."""
+    target = tmp_path / "total.npy"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        check=True,
+        text=True,
+    )
+    gone = int(dead.stdout)
+    hour_ago = time.time() - 3600
+    mine, fd = collector_module._create_partial(target)
+    os.close(fd)
+    earlier = tmp_path / f".total.npy.{os.getpid()}-0123abcd.partial"
+    stale = tmp_path / f".total.npy.{gone}-0123abcd.partial"
+    fresh = tmp_path / f".total.npy.{gone}-0123abce.partial"
+    link = tmp_path / f".total.npy.{gone}-0123abcf.partial"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"x")
+    for p in (earlier, stale, fresh):
+        p.write_bytes(b"")
+    link.symlink_to(victim)
+    for p in (mine, earlier, stale):
+        os.utime(p, (hour_ago, hour_ago))
+    os.utime(link, (hour_ago, hour_ago), follow_symlinks=False)
+    collector_module._sweep_partials(target)
+    assert mine.exists() and fresh.exists()
+    assert not earlier.exists() and not stale.exists() and not link.is_symlink()
+    assert victim.read_bytes() == b"x"  # the symlink went, not what it pointed to

@@ -4,7 +4,8 @@ docs/design.md, "Cryptographic core" (additive sharing with seed compression, cl
 secrets). :func:`shard_streamed` gives the very bytes of
 :func:`~mpc_agg.core.sharing.shard_in_place` followed by
 :func:`~mpc_agg.core.codec.full_share_body` for the same coins and seeds, but holds only
-O(block) memory besides the caller's input vector, so a client can send a share of
+O(block) memory (a *check* block: whole blocks, at least 65,536 values) besides the
+caller's input vector and 32 bytes per check block, so a client can send a share of
 ``d = 1e8 .. 1e9`` coordinates as it is produced. Everything random is settled before the
 first byte of any body exists:
 
@@ -12,7 +13,9 @@ first byte of any body exists:
    (:meth:`~mpc_agg.core.encoding.FixedPointEncoding.l2_factor`, one pass over the input);
 2. the SHA-256 of the encoded vector, which the seeds are bound to
    (:func:`~mpc_agg.core.xof.vector_digest`): one pass encoding block by block with the
-   coins, hashing and discarding each block;
+   coins, hashing and discarding each block, and keeping the SHA-256 of each prefix of
+   the encoded vector that ends at a *check* block's end (32 bytes per check block of
+   at least 65,536 values: 244 KB at ``d = 1e9`` in GF(p) with 1 MiB blocks);
 3. the ``m - 1`` seeds, ``seed_for(aggregator, attempt, digest)``; in a ring whose words
    can be rejected (GF(p): the word p), each seed's stream is read once over its first
    ``d`` words, and a seed whose stream holds the rejected word is replaced by attempt + 1,
@@ -23,6 +26,15 @@ first byte of any body exists:
 block encoded again with a fresh coin stream, minus each seed's expansion of the block's
 coordinates. Each call starts over and yields identical bytes, which is what an upload
 retry needs. The core does no I/O: the caller sends the chunks.
+
+The body is made from the caller's vector again at every call, with the seeds settled
+once. Were the vector changed in between (a view of a tensor that training updates, a
+memory map), a retry would send ``enc(x') - S`` with the same seeds ``S`` as the cut
+attempt's ``enc(x) - S``, and the full share's aggregator would learn ``enc(x) - enc(x')``.
+So each check block is encoded, and the SHA-256 of the prefix it ends checked against the
+one kept in step 2, before any of its bytes exist minus a seed stream: a changed block
+raises :class:`VectorChanged`, and what was yielded before it is what the first call
+yielded, byte for byte.
 """
 
 from __future__ import annotations
@@ -41,10 +53,11 @@ from mpc_agg.core.encoding import FixedPointEncoding, UniformSource
 from mpc_agg.core.ring import Ring, RingArray
 from mpc_agg.core.sharing import Share, ShareKind, full_share_index
 from mpc_agg.core.xof import share_context
-from mpc_agg.errors import EncodingError
+from mpc_agg.errors import EncodingError, VectorChanged
 
 DEFAULT_BLOCK_BYTES = 1 << 20
 """Bytes of share values per chunk of a streamed body (1 MiB: 131,072 GF(p) coordinates)."""
+
 
 SeedSource = Callable[[int, int, bytes], bytes]
 """``seed_for(aggregator, attempt, vector_digest)``: the 16-byte seed of ``aggregator``'s
@@ -64,8 +77,12 @@ class StreamedShard:
     """A client's shares of one vector: ``seed_shares`` (tiny, whole) and the full share as
     an upload body produced block by block (:meth:`chunks`).
 
-    Holds a reference to the caller's ``x``, not a copy: ``x`` must not change while the
-    body may still be produced (each retry reads it again). The repr shows sizes only.
+    Holds a reference to the caller's ``x``, not a copy, and reads it again at every
+    :meth:`chunks`: ``x`` must not change while the body may still be made, and if it does,
+    :meth:`chunks` raises :class:`VectorChanged` before the first changed block. ``check``
+    (a multiple of ``block``) is the number of values per check block, ``prefixes`` the
+    SHA-256 of the encoded vector's first ``check * (k + 1)`` values (or all of them), for
+    each check block ``k``. The repr shows sizes only.
     """
 
     x: npt.NDArray[Any]
@@ -77,6 +94,8 @@ class StreamedShard:
     factor: float | None
     coins: Callable[[], UniformSource]
     block: int
+    check: int
+    prefixes: tuple[bytes, ...]
 
     def __repr__(self) -> str:
         return (
@@ -107,38 +126,52 @@ class StreamedShard:
         """The full share's upload body: the header, then blocks of at most ``block``
         values (the last one shorter), from the start at every call, identical each time.
 
-        Per block: encode it with the next coins of a fresh coin stream, subtract every
-        seed's expansion of the same coordinates, reduce to canonical, yield its wire bytes.
-        Memory: one block of values, one of each seed's stream, the encoder's scratch.
+        Per check block: encode it with the next coins of a fresh coin stream, check the
+        SHA-256 of the encoded prefix it ends (:class:`VectorChanged` if it is not the one
+        the seeds were settled with), subtract every seed's expansion of the same
+        coordinates, reduce to canonical, yield its wire bytes a block at a time. Memory:
+        one check block of values, one of each seed's stream, the encoder's scratch.
         """
-        ring, d = self.ring, self.dim
+        ring, d, check = self.ring, self.dim, self.check
         yield codec.full_share_header(self.full_index, d, ring)
         coins = self.coins()
         streams = []
         for share in self.seed_shares:
             assert share.seed is not None  # a SEED share always carries its seed
             context = share_context(self.round_id, self.client_id, share.aggregator)
-            streams.append(ring.blocks(share.seed, context, min(d, self.block)))
-        acc = ring.empty(min(d, self.block))
+            streams.append(ring.blocks(share.seed, context, min(d, check)))
+        acc = ring.empty(min(d, check))
         last = len(streams) - 1
-        for start in range(0, d, self.block):
-            stop = min(start + self.block, d)
+        h = hashlib.sha256()
+        for k, start in enumerate(range(0, d, check)):
+            stop = min(start + check, d)
             a = acc[: stop - start]
             self.encoding.encode_block(self.x[start:stop], coins, self.factor, a, start=start)
-            for k, stream in enumerate(streams):
+            # Checked before a seed stream touches the block: a retry sends nothing that
+            # differs from what an earlier attempt may have sent under the same seeds.
+            h.update(_le_bytes(ring, a))
+            if h.copy().digest() != self.prefixes[k]:
+                raise VectorChanged(start)
+            for n, stream in enumerate(streams):
                 words = stream.next_block(stop - start)
                 if words is None:  # the seed's stream was read in full when it was chosen
                     raise RuntimeError(
-                        f"the stream of seed share {self.seed_shares[k].aggregator} changed "
+                        f"the stream of seed share {self.seed_shares[n].aggregator} changed "
                         f"at coordinate {start}: seeds are settled before the body is made"
                     )
                 ring.lazy_neg(words, out=words)  # congruent to -v, <= modulus
                 a += words
-                if k == last:
+                if n == last:
                     ring.canonical(a, out=a)
                 else:
                     ring.reduce(a, out=a)
-            yield ring.to_wire(a)
+            for i in range(0, stop - start, self.block):
+                yield ring.to_wire(a[i : i + self.block])
+
+
+def _le_bytes(ring: Ring, a: RingArray) -> Any:
+    """The little-endian bytes of ``a`` (a view where the machine is little-endian)."""
+    return a.data if sys.byteorder == "little" else ring.to_wire(a)
 
 
 def _encoded_blocks(
@@ -208,12 +241,16 @@ def shard_streamed(
         raise EncodingError(f"vector has {d} coordinates, more than {codec.MAX_DIM}")
     block = block_bytes // ring.itemsize
     # The passes below give the same result for any block size: a large one costs fewer
-    # Python steps, and is still O(1) memory (512 KiB of GF(p) values).
-    pass_block = max(block, field.BLOCK)
+    # Python steps, and is still O(1) memory (512 KiB of GF(p) values). The check block,
+    # the unit chunks() verifies before sending any of it, is that pass block rounded up
+    # to whole chunks: 32 bytes of prefix digest per 65,536 values at least.
+    check = block * -(-field.BLOCK // block)
     factor = encoding.l2_factor(x)
     h = hashlib.sha256()
-    for encoded in _encoded_blocks(x, encoding, factor, coins(), pass_block):
-        h.update(encoded.data if sys.byteorder == "little" else ring.to_wire(encoded))
+    prefixes = []
+    for encoded in _encoded_blocks(x, encoding, factor, coins(), check):
+        h.update(_le_bytes(ring, encoded))
+        prefixes.append(h.copy().digest())
     digest = h.digest()  # == vector_digest(encoding.encode(x, coins()))
     rejects = _rejects_words(ring)
     seeds = []
@@ -225,7 +262,19 @@ def shard_streamed(
         while True:
             seed = seed_for(j, attempt, digest)
             attempt += 1
-            if not rejects or _stream_kept(ring, seed, context, d, pass_block):
+            if not rejects or _stream_kept(ring, seed, context, d, check):
                 break
         seeds.append(Share(j, ShareKind.SEED, d, seed=seed, ring=ring))
-    return StreamedShard(x, encoding, round_id, client_id, full, tuple(seeds), factor, coins, block)
+    return StreamedShard(
+        x,
+        encoding,
+        round_id,
+        client_id,
+        full,
+        tuple(seeds),
+        factor,
+        coins,
+        block,
+        check,
+        tuple(prefixes),
+    )

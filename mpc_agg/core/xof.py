@@ -184,6 +184,7 @@ class BlockStream:
     ``start`` seeks: the first block begins at word ``start`` of the stream (AES-CTR from
     counter block ``start // 2``), which is element ``start`` when no earlier word was
     rejected. ``block`` bounds ``n`` only for the scratch buffer, which grows if needed.
+    No caller in the package seeks (a retried upload makes its body again from word 0).
     """
 
     def __init__(self, key: bytes, block: int, start: int = 0) -> None:
@@ -228,6 +229,7 @@ class WordStream:
     :meth:`next_block` returns the next ``n`` words (never None: no word is rejected), a
     view into this object's scratch buffer, valid until the next call. ``start`` seeks: the
     first block begins at element ``start`` (AES-CTR from counter block ``start // 4``).
+    No caller in the package seeks (a retried upload makes its body again from word 0).
     """
 
     def __init__(self, key: bytes, block: int, start: int = 0) -> None:
@@ -369,7 +371,8 @@ class CoinStream:
     the stream. Only :meth:`random` is offered: what
     :meth:`~mpc_agg.core.encoding.FixedPointEncoding.encode` draws its coins with.
     ``start`` seeks: the first double is the one of word ``start`` (the coin of coordinate
-    ``start``), from AES-CTR counter block ``start // 2``.
+    ``start``), from AES-CTR counter block ``start // 2``. No caller in the package seeks
+    (a retried upload draws its coins again from word 0).
     """
 
     __slots__ = ("_enc", "_words")

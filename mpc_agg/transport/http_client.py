@@ -19,7 +19,9 @@ Every other answer (4xx, 507 ``storage_failure``) is final and raises
 A large upload may be sent as it is produced (:class:`StreamedBody`): with its exact
 ``Content-Length`` (aggregators refuse an upload without one), its chunks made in a worker
 thread one ahead of the one being sent (:func:`produce_ahead`), and made again from the
-start for each retry.
+start for each retry. A body that cannot be made (its producer raises, e.g.
+:class:`~mpc_agg.errors.VectorChanged`) ends the request with that very
+exception, whatever the aggregator answered to the cut attempt: it is never retried.
 """
 
 from __future__ import annotations
@@ -121,6 +123,35 @@ async def produce_ahead(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
         pending.cancel()
 
 
+class _Producer:
+    """The chunks of one attempt's streamed body, remembering the exception that ended
+    them (aiohttp would wrap it in a ``ClientConnectionError``, which is retried)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self.error: Exception | None = None
+
+    def __aiter__(self) -> _Producer:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    async def aclose(self) -> None:
+        """Close the producer (an attempt cut short leaves none behind). One still being
+        stepped (aiohttp's writer, cancelled with the attempt, is awaiting it) is ended by
+        that cancellation instead: an async generator cannot be closed while it runs."""
+        close = getattr(self._chunks, "aclose", None)
+        if close is not None and not getattr(self._chunks, "ag_running", False):
+            await close()
+
+
 def in_pieces(body: bytes | bytearray) -> StreamedBody:
     """``body`` as a :class:`StreamedBody` of :data:`SEND_CHUNK`-byte views (no copy)."""
     view = memoryview(body)
@@ -177,7 +208,8 @@ class AggregatorAPI:
 
         ``deadline`` (``time.monotonic()`` seconds) bounds all attempts together; past it,
         :class:`AggregationTimeout` is raised. ``stream`` (instead of ``data``) is a body
-        sent as it is produced, with its ``Content-Length``, opened anew for each attempt.
+        sent as it is produced, with its ``Content-Length``, opened anew for each attempt;
+        an exception raised by its producer is raised as is, without another attempt.
         """
         if stream is not None and (data is not None or json_body is not None):
             raise UsageError("pass a request body as data, json_body or stream, not two")
@@ -216,7 +248,8 @@ class AggregatorAPI:
                 timeout = aiohttp.ClientTimeout(
                     total=min(remaining, per_attempt.total or remaining)
                 )
-            body: Any = data if stream is None else stream.open()
+            producer = None if stream is None else _Producer(stream.open())
+            body: Any = data if producer is None else producer
             try:
                 async with self.session.request(
                     method,
@@ -272,9 +305,12 @@ class AggregatorAPI:
                     break
                 delay = self.backoff_s * 2 ** (failures - 1)
             finally:
-                close = getattr(body, "aclose", None) if stream is not None else None
-                if close is not None:
-                    await close()  # an attempt cut short leaves no producer behind
+                if producer is not None:
+                    await producer.aclose()  # an attempt cut short leaves no producer behind
+                    if producer.error is not None:
+                        # The body could not be made (the vector changed under it, say):
+                        # final, whatever the aggregator answered to the cut attempt.
+                        raise producer.error from None
         raise AggregatorUnavailable(self.address.index, url, f"{last} (after {attempts} attempts)")
 
     def _busy_delay(self, busy: int, retry_after: float | None) -> float:
