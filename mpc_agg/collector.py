@@ -545,7 +545,46 @@ def _create_partial(target: Path) -> tuple[Path, int]:
             continue
         made = os.fstat(fd)
         _MADE.add((made.st_dev, made.st_ino))
+        _hold(fd)  # while it is open, no other collector's sweep deletes it
         return partial, fd
+
+
+def _hold(fd: int) -> None:
+    """Take an exclusive ``flock`` on the partial file ``fd`` for as long as it is open: the
+    proof of life :func:`_sweep_partials` asks for, which holds across PID namespaces (two
+    containers sharing a volume, each collector pid 1) where a pid proves nothing. Off POSIX,
+    nothing (and nothing is swept there either)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # pragma: no cover - a new file nobody else has opened yet
+        pass
+
+
+def _unlink_if_abandoned(path: str, st: os.stat_result) -> None:
+    """Delete the partial file ``path`` (lstat ``st``) unless a live collector holds its
+    lock (:func:`_hold`); a symlink is deleted, never followed."""
+    import stat
+
+    if stat.S_ISLNK(st.st_mode):
+        os.unlink(path)
+        return
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # its collector is alive (perhaps in another PID namespace)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 def _process_gone(pid: int) -> bool:
@@ -567,8 +606,9 @@ def _sweep_partials(target: Path) -> None:
     power loss) before it could delete them itself: names of exactly the pattern of
     :func:`_partial_name` for ``target``, last modified before this process loaded the
     collector, whose process is gone, or that carry this process's id but were not made by
-    it (an earlier process had the same id). A symlink of that name is deleted, never
-    followed; a file that cannot be deleted is left."""
+    it (an earlier process had the same id), and whose lock no live collector holds
+    (:func:`_hold`: a pid proves nothing across PID namespaces). A symlink of that name is
+    deleted, never followed; a file that cannot be deleted is left."""
     pattern = re.compile(rf"\.{re.escape(target.name)}\.([0-9]{{1,10}})-[0-9a-f]{{8}}\.partial")
     try:
         entries = list(os.scandir(target.parent))
@@ -584,7 +624,7 @@ def _sweep_partials(target: Path) -> None:
             if st.st_mtime >= _LOADED_AT or (st.st_dev, st.st_ino) in _MADE:
                 continue  # this process's own, or written since it started
             if pid == os.getpid() or _process_gone(pid):
-                os.unlink(entry.path)
+                _unlink_if_abandoned(entry.path, st)
         except OSError:
             continue
 

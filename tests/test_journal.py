@@ -49,7 +49,10 @@ def test_a_torn_tail_is_reported_and_truncated(tmp_path: Path, cut: int) -> None
     assert path.stat().st_size == contents.valid_bytes < size - cut
 
 
-def test_a_flipped_byte_stops_the_scan_at_its_record(tmp_path: Path) -> None:
+def test_a_flipped_byte_in_the_middle_is_corruption_not_a_torn_tail(tmp_path: Path) -> None:
+    # Whole records follow the damaged one (pages lost after a failed fsync, a bad disk):
+    # cutting there would drop them, acknowledged ones included. The journal is reported
+    # corrupt (the round must fail) and nothing is truncated.
     path = tmp_path / "round-r.journal"
     refs = write(path, {"alice": b"A" * 50, "bob": b"B" * 50, "carol": b"C" * 50})
     data = bytearray(path.read_bytes())
@@ -58,7 +61,22 @@ def test_a_flipped_byte_stops_the_scan_at_its_record(tmp_path: Path) -> None:
     journal, contents = RoundJournal.recover(path, fsync=False)
     journal.close()
     assert [s.client_id for s in contents.shares] == ["alice"]
-    assert "checksum mismatch" in (contents.torn or "")
+    assert contents.torn is None
+    assert "checksum mismatch" in (contents.corrupt or "")
+    assert "whole records after it" in (contents.corrupt or "")
+    assert path.read_bytes() == bytes(data)
+
+
+def test_a_flipped_byte_in_the_last_record_is_a_torn_tail(tmp_path: Path) -> None:
+    path = tmp_path / "round-r.journal"
+    refs = write(path, {"alice": b"A" * 50, "bob": b"B" * 50})
+    data = bytearray(path.read_bytes())
+    data[refs["bob"][0] + 10] ^= 0x01
+    path.write_bytes(bytes(data))
+    journal, contents = RoundJournal.recover(path, fsync=False)
+    journal.close()
+    assert [s.client_id for s in contents.shares] == ["alice"]
+    assert "checksum mismatch" in (contents.torn or "") and contents.corrupt is None
 
 
 def test_a_journal_without_a_valid_open_record_is_refused(tmp_path: Path) -> None:

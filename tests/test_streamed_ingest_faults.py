@@ -534,3 +534,46 @@ def test_sum_additions_never_take_the_ingest_threads_from_spool_writes(
             close_all(aggs)
 
     run(go(), 20)
+
+
+def test_a_reserved_stream_still_being_summed_holds_one_seat_not_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed upload whose body is whole is reserved (in the round's occupancy) while
+    it is still being added to the sum, and still marked arriving until its task ends: it
+    must count once, so with max_clients = 2 a second client still gets its seat."""
+    d = 1000
+    release, entered = threading.Event(), threading.Event()
+    real_add = Accumulator.add_blocks
+
+    def held(self: Accumulator, blocks: Any, *, subtract: bool = False) -> Any:
+        entered.set()
+        release.wait(20)
+        return real_add(self, blocks, subtract=subtract)
+
+    monkeypatch.setattr(Accumulator, "add_blocks", held)
+
+    async def go() -> None:
+        aggs = await large_round(tmp_path, d, max_clients=2)
+        agg = aggs[0]
+        try:
+            topo = agg.topology
+            streamed = full_client(0)
+            body = Client(topo, streamed).prepare("r", np.ones(d))[0]
+            stream = asyncio.ensure_future(agg.receive_stream_async("r", streamed, Body(body)))
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            assert agg.rounds["r"].occupancy == 1  # reserved, and still arriving
+            other = seed_client(0)
+            seed_body = Client(topo, other).prepare("r", np.ones(d))[0]
+            second = asyncio.ensure_future(agg.receive_share_async("r", other, seed_body))
+            await asyncio.sleep(0.2)  # refused at once if it were counted twice
+            assert not second.done() or second.exception() is None
+            release.set()
+            assert await stream is True and await second is True
+            assert agg.rounds["r"].occupancy == 2
+        finally:
+            release.set()
+            close_all(aggs)
+
+    run(go())

@@ -685,3 +685,34 @@ def test_the_sweep_spares_this_processs_own_partials_and_recent_ones(tmp_path: P
     assert mine.exists() and fresh.exists()
     assert not earlier.exists() and not stale.exists() and not link.is_symlink()
     assert victim.read_bytes() == b"x"  # the symlink went, not what it pointed to
+
+
+def test_the_sweep_spares_a_partial_whose_collector_holds_its_lock(tmp_path: Path) -> None:
+    """Across PID namespaces (containers sharing a volume) a pid proves nothing: a stale-
+    looking partial whose pid is unknown here is kept while another process holds its lock
+    (as a live collector does for its own partial), and swept once that process is gone."""
+    target = tmp_path / "total.npy"
+    held = tmp_path / ".total.npy.4194300-0123abcd.partial"  # a pid absent here
+    held.write_bytes(b"another collector's total")
+    hour_ago = time.time() - 3600
+    os.utime(held, (hour_ago, hour_ago))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(held),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        collector_module._sweep_partials(target)
+        assert held.read_bytes() == b"another collector's total"
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+    collector_module._sweep_partials(target)
+    assert not held.exists()

@@ -349,7 +349,7 @@ class Ingest:
             self._check_not_arriving(rnd, client_id)
             # A streamed body took its seat when its header was admitted: count it, or it
             # could be refused RoundFull after its whole body arrived.
-            arriving = len(self._arriving.get(round_id, ()))
+            arriving = self._arriving_seats(rnd)
             if rnd.occupancy + arriving >= max_clients:
                 raise RoundFull(
                     f"round {round_id!r} already holds max_clients = {max_clients} clients "
@@ -519,6 +519,12 @@ class Ingest:
                 "nothing"
             )
 
+    def _arriving_seats(self, rnd: Round) -> int:
+        """Seats held by streamed bodies still arriving in ``rnd``: once reserved (the body
+        is whole), a client counts in ``rnd.occupancy`` instead, not twice."""
+        arriving = self._arriving.get(rnd.round_id, ())
+        return sum(1 for c in arriving if c not in rnd.pending and c not in rnd.accepted)
+
     def _check_not_arriving(self, rnd: Round, client_id: str) -> None:
         if client_id in self._arriving.get(rnd.round_id, ()):
             raise UploadInProgress(
@@ -566,7 +572,7 @@ class Ingest:
             if not rnd.check_arrival(client_id, rnd.dim, None):
                 return rnd, False
             self._check_not_arriving(rnd, client_id)
-            arriving = len(self._arriving.get(round_id, ()))
+            arriving = self._arriving_seats(rnd)
             if rnd.occupancy + arriving >= max_clients:
                 raise RoundFull(
                     f"round {round_id!r} already holds max_clients = {max_clients} clients "

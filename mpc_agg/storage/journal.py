@@ -107,6 +107,18 @@ def read_journal(data: bytes) -> JournalContents:
     return scan_journal(lambda offset, n: data[offset : offset + n], len(data))
 
 
+def _whole_record_at(read_at: Callable[[int, int], bytes], pos: int, size: int) -> bool:
+    """True if a whole record with a valid checksum starts at ``pos``."""
+    if size - pos < _LEN.size + 1 + _CHECK.size:
+        return False
+    (length,) = _LEN.unpack(read_at(pos, _LEN.size))
+    if length < 1 or length > MAX_RECORD or pos + _LEN.size + length + _CHECK.size > size:
+        return False
+    framed = read_at(pos + _LEN.size, length + _CHECK.size)
+    (check,) = _CHECK.unpack_from(framed, length)
+    return bool(xxhash.xxh3_64_intdigest(memoryview(framed)[:length]) == check)
+
+
 def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalContents:
     """Parse a journal of ``size`` bytes read through ``read_at(offset, n)``, one record at a
     time (a record is checked whole, then dropped). Raises ValueError if even the OPEN
@@ -131,7 +143,16 @@ def scan_journal(read_at: Callable[[int, int], bytes], size: int) -> JournalCont
         record = memoryview(framed)[:length]
         (check,) = _CHECK.unpack_from(framed, length)
         if xxhash.xxh3_64_intdigest(record) != check:
-            torn = f"checksum mismatch in the record at byte {pos}"
+            if _whole_record_at(read_at, end, size):
+                # Whole records follow: not a tail torn by a crash but damage in the middle
+                # (lost pages after a failed fsync, a bad disk). Cutting here would drop
+                # them, acknowledged ones included; the round must fail instead.
+                corrupt = (
+                    corrupt
+                    or f"checksum mismatch in the record at byte {pos}, with whole records after it"
+                )
+            else:
+                torn = f"checksum mismatch in the record at byte {pos}"
             break
         rtype, payload = record[0], record[1:]
         if header is None:
