@@ -213,9 +213,7 @@ class Ingest:
                 raise _ended(rnd)
             acc = rnd.sum
         except BaseException as exc:
-            if written:
-                self._poison_uncommitted(rnd, client_id, exc)
-            self._refuse(rnd, client_id)
+            self._undo(rnd, client_id, exc, written=written)
             raise
         if vector is not None:
             self._settle(rnd, client_id, share, digest, vector, ref, len(body))
@@ -250,11 +248,7 @@ class Ingest:
                 raise _ended(rnd)
             acc = rnd.sum
         except BaseException as exc:
-            if writer is not None and not written:
-                writer.abandon()
-            if written:
-                self._poison_uncommitted(rnd, client_id, exc)
-            self._refuse(rnd, client_id)
+            self._undo(rnd, client_id, exc, written=written, writer=writer)
             raise
         error = self._add_blocks(rnd, acc, self.store.spooled_blocks(rnd, ref))
         self._settle_summed(rnd, client_id, ShareKind.FULL, ref.digest, None, ref, len(body), error)
@@ -305,9 +299,7 @@ class Ingest:
                     raise _ended(rnd)
                 acc = rnd.sum
             except BaseException as exc:
-                if written:
-                    self._poison_uncommitted(rnd, client_id, exc)
-                self._refuse(rnd, client_id)
+                self._undo(rnd, client_id, exc, written=written)
                 raise
             if vector is not None:
                 self._settle(rnd, client_id, share, digest, vector, ref, len(body))
@@ -405,6 +397,31 @@ class Ingest:
             journal.commit(seq)
         except OSError as exc:
             raise _commit_failure(exc) from exc
+
+    def _undo(
+        self,
+        rnd: Round,
+        client_id: str,
+        exc: BaseException,
+        *,
+        written: bool,
+        writer: SpoolWriter | None = None,
+        reserved: bool = True,
+    ) -> None:
+        """What every upload path does when ``client_id``'s upload is refused by ``exc``
+        (on the loop, or the thread of the blocking API): a spool ``writer`` whose record
+        was not ``written`` is abandoned (its file goes); a ``written`` journal record may
+        be durable, so the round is poisoned (:meth:`_poison_uncommitted`); the reservation,
+        if ``reserved`` (a streamed body arriving has none yet), is released; the refusal
+        is counted."""
+        if writer is not None and not written:
+            writer.abandon()
+        if written:
+            self._poison_uncommitted(rnd, client_id, exc)
+        if reserved:
+            self._refuse(rnd, client_id)
+        else:
+            self.counters["uploads_refused"] += 1
 
     def _poison_uncommitted(self, rnd: Round, client_id: str, exc: BaseException) -> None:
         """``client_id``'s upload is refused after its journal record was written (its
@@ -668,14 +685,7 @@ class Ingest:
                 raise _ended(rnd)
             acc = rnd.sum
         except BaseException as exc:
-            if writer is not None and not journaled:
-                writer.abandon()
-            if journaled:
-                self._poison_uncommitted(rnd, client_id, exc)
-            if reserved:
-                self._refuse(rnd, client_id)
-            else:
-                self.counters["uploads_refused"] += 1
+            self._undo(rnd, client_id, exc, written=journaled, writer=writer, reserved=reserved)
             if isinstance(exc, StorageFailure) and rnd.state in _ENDED:
                 raise _ended(rnd) from exc  # its spool went with it: not a storage fault
             raise
